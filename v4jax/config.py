@@ -1,0 +1,241 @@
+"""Model configuration for DeepSeek-V4 (spec §2).
+
+`ModelConfig` uses the field names of the official `inference/model.py` ModelArgs, so an official
+`inference/config.json` loads field for field; `from_hf_config` maps the HF `config.json` names. A few fields
+are ours (marked below): numerics (`qat`, dtypes) and implementation switches. Presets: `flash`, `pro`
+(the released models) and `tiny` (every V4 feature at toy size, for tests and the demo).
+
+`compress_ratios` has n_layers + n_mtp_layers entries, as in the released configs: 0 = sliding window only,
+4 = CSA (overlapping compressor + lightning indexer), 128 = HCA. The MTP entry is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot describe a V4 model; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # --- official ModelArgs fields (inference/model.py) ---
+    vocab_size: int = 129280
+    dim: int = 4096
+    moe_inter_dim: int = 2048
+    n_layers: int = 43
+    n_hash_layers: int = 3
+    n_mtp_layers: int = 1
+    n_heads: int = 64
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 6
+    score_func: str = "sqrtsoftplus"
+    route_scale: float = 1.5
+    swiglu_limit: float = 10.0
+    q_lora_rank: int = 1024
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    norm_eps: float = 1e-6
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    window_size: int = 128
+    compress_ratios: tuple[int, ...] = (0, 0) + (4, 128) * 20 + (4, 0)
+    compress_rope_theta: float = 160000.0
+    original_seq_len: int = 65536
+    rope_theta: float = 10000.0
+    rope_factor: float = 16.0
+    beta_fast: int = 32
+    beta_slow: int = 1
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # checkpoint storage format (official names; they describe the released files, see spec §5)
+    dtype: str = "fp8"
+    scale_fmt: str | None = "ue8m0"
+    expert_dtype: str | None = "fp4"
+    # --- v4jax fields ---
+    qat: bool = False  # reproduce the official inference code's quantization simulation (spec §3.8)
+    compute_dtype: str = "bfloat16"  # activations; "float32" for parity tests
+    param_dtype: str = "float32"  # master weights
+    moe_impl: str = "ragged"  # "ragged": dropless grouped matmul; "dense": every expert on every token (tests)
+    attn_chunk: int = 256  # queries per chunk in compressed attention: bounds memory to O(chunk * T)
+
+    def __post_init__(self):
+        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        self.validate()
+
+    # ---- derived ----
+    @property
+    def hash_layers(self) -> range:
+        return range(self.n_hash_layers)
+
+    def layer_ratio(self, layer: int) -> int:
+        """Compression ratio of layer `layer` (the MTP block is layer n_layers)."""
+        return self.compress_ratios[layer]
+
+    @property
+    def nope_head_dim(self) -> int:
+        return self.head_dim - self.rope_head_dim
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- validation ----
+    def validate(self) -> None:
+        def bad(field, problem, fix):
+            raise ConfigError(f"ModelConfig.{field}: {problem}. {fix}")
+
+        n_ratios = self.n_layers + self.n_mtp_layers
+        if len(self.compress_ratios) != n_ratios:
+            bad("compress_ratios", f"has {len(self.compress_ratios)} entries but n_layers + n_mtp_layers = {n_ratios}",
+                "Give one ratio per layer plus one per MTP layer (the released configs end with 0 for MTP)")
+        for i, r in enumerate(self.compress_ratios):
+            if r not in (0, 4, 128):
+                bad("compress_ratios", f"entry {i} is {r}", "Use 0 (window only), 4 (CSA) or 128 (HCA)")
+        for i in range(self.n_layers, n_ratios):
+            if self.compress_ratios[i] != 0:
+                bad("compress_ratios", f"MTP entry {i} is {self.compress_ratios[i]}", "The MTP block is window-only: use 0")
+        if self.n_mtp_layers not in (0, 1):
+            bad("n_mtp_layers", f"is {self.n_mtp_layers}", "V4 has MTP depth 1; use 0 or 1")
+        if self.n_heads % self.o_groups:
+            bad("o_groups", f"{self.o_groups} does not divide n_heads = {self.n_heads}",
+                "Choose o_groups so that n_heads is a multiple of it")
+        if not 0 < self.rope_head_dim < self.head_dim or self.rope_head_dim % 2:
+            bad("rope_head_dim", f"is {self.rope_head_dim} with head_dim {self.head_dim}",
+                "Use an even rope_head_dim smaller than head_dim")
+        if self.index_head_dim < self.rope_head_dim:
+            bad("index_head_dim", f"{self.index_head_dim} < rope_head_dim {self.rope_head_dim}",
+                "The indexer ropes its last rope_head_dim dims: make index_head_dim at least rope_head_dim")
+        if not 0 < self.n_activated_experts <= self.n_routed_experts:
+            bad("n_activated_experts", f"is {self.n_activated_experts} with {self.n_routed_experts} routed experts",
+                "Activate between 1 and n_routed_experts experts")
+        if not 0 <= self.n_hash_layers <= self.n_layers:
+            bad("n_hash_layers", f"is {self.n_hash_layers} with n_layers {self.n_layers}", "Use 0..n_layers")
+        if self.n_shared_experts not in (0, 1):
+            bad("n_shared_experts", f"is {self.n_shared_experts}", "V4 has one shared expert; use 0 or 1")
+        if self.score_func not in ("sqrtsoftplus", "sigmoid", "softmax"):
+            bad("score_func", f"is {self.score_func!r}", "Use 'sqrtsoftplus' (V4), 'sigmoid' or 'softmax'")
+        if self.window_size < 1 or self.index_topk < 1 or self.hc_mult < 1 or self.hc_sinkhorn_iters < 1:
+            bad("window_size/index_topk/hc_mult/hc_sinkhorn_iters", "must all be positive", "Fix the non-positive one")
+        if self.moe_impl not in ("ragged", "dense"):
+            bad("moe_impl", f"is {self.moe_impl!r}", "Use 'ragged' or 'dense'")
+        for f in ("compute_dtype", "param_dtype"):
+            if getattr(self, f) not in ("float32", "bfloat16"):
+                bad(f, f"is {getattr(self, f)!r}", "Use 'float32' or 'bfloat16'")
+        if self.attn_chunk < 1:
+            bad("attn_chunk", f"is {self.attn_chunk}", "Use a positive query chunk size")
+        if self.qat:
+            # The simulation quantizes in fixed blocks (spec §3.8): the dims must split into whole blocks.
+            for f, v, b in (("dim", self.dim, 128), ("q_lora_rank", self.q_lora_rank, 128),
+                            ("moe_inter_dim", self.moe_inter_dim, 128),
+                            ("head_dim - rope_head_dim", self.nope_head_dim, 64)):
+                if v % b:
+                    bad(f, f"{v} is not a multiple of {b}", "qat=True quantizes in blocks of that size; resize or use qat=False")
+            if self.index_head_dim & (self.index_head_dim - 1) or self.index_head_dim < 32:
+                bad("index_head_dim", f"{self.index_head_dim} is not a power of two >= 32",
+                    "qat=True applies a Hadamard transform and MXFP4 blocks of 32 to the indexer")
+
+    # ---- loaders ----
+    @classmethod
+    def from_official_config(cls, source: dict | str | Path, **overrides) -> "ModelConfig":
+        """Load an official `inference/config.json` (ModelArgs names). Runtime knobs (max_batch_size,
+        max_seq_len) are ignored: caches are sized at call time."""
+        d = _read(source)
+        known = {f.name for f in dataclasses.fields(cls)}
+        ignored = {"max_batch_size", "max_seq_len", "scale_dtype"}
+        unknown = sorted(set(d) - known - ignored)
+        if unknown:
+            raise ConfigError(f"official config: unknown fields {unknown}. Check the file is an inference/config.json")
+        kw = {k: v for k, v in d.items() if k in known}
+        return cls(**{**kw, **overrides})
+
+    @classmethod
+    def from_hf_config(cls, source: dict | str | Path, **overrides) -> "ModelConfig":
+        """Load an HF transformers `config.json` (model_type deepseek_v4)."""
+        d = _read(source)
+        if d.get("model_type", "deepseek_v4") != "deepseek_v4":
+            raise ConfigError(f"HF config: model_type is {d.get('model_type')!r}, expected 'deepseek_v4'")
+        if d.get("num_key_value_heads", 1) != 1:
+            raise ConfigError("HF config: num_key_value_heads must be 1 (V4 shares one K=V head)")
+        rs = d.get("rope_scaling") or {}
+        kw: dict[str, Any] = {}
+        for hf, ours in _HF_NAMES.items():
+            if hf in d:
+                kw[ours] = d[hf]
+        for hf, ours in (("original_max_position_embeddings", "original_seq_len"), ("factor", "rope_factor"),
+                         ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
+            if hf in rs:
+                kw[ours] = rs[hf]
+        if not rs:
+            kw["original_seq_len"] = 0  # no YaRN
+        qc = d.get("quantization_config") or {}
+        kw["dtype"] = "fp8" if qc.get("quant_method") == "fp8" else "bf16"
+        kw["scale_fmt"] = qc.get("scale_fmt")
+        kw["expert_dtype"] = d.get("expert_dtype")
+        return cls(**{**kw, **overrides})
+
+    def to_official_dict(self) -> dict:
+        """The official inference/config.json fields (what configs/model/*.json hold)."""
+        ours = {"qat", "compute_dtype", "param_dtype", "moe_impl", "attn_chunk"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ours}
+        d["compress_ratios"] = list(self.compress_ratios)
+        return d
+
+    # ---- presets ----
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_HF_NAMES = {
+    "vocab_size": "vocab_size", "hidden_size": "dim", "moe_intermediate_size": "moe_inter_dim",
+    "num_hidden_layers": "n_layers", "num_hash_layers": "n_hash_layers", "num_nextn_predict_layers": "n_mtp_layers",
+    "num_attention_heads": "n_heads", "n_routed_experts": "n_routed_experts", "n_shared_experts": "n_shared_experts",
+    "num_experts_per_tok": "n_activated_experts", "scoring_func": "score_func",
+    "routed_scaling_factor": "route_scale", "swiglu_limit": "swiglu_limit", "q_lora_rank": "q_lora_rank",
+    "head_dim": "head_dim", "qk_rope_head_dim": "rope_head_dim", "rms_norm_eps": "norm_eps",
+    "o_groups": "o_groups", "o_lora_rank": "o_lora_rank", "sliding_window": "window_size",
+    "compress_ratios": "compress_ratios", "compress_rope_theta": "compress_rope_theta", "rope_theta": "rope_theta",
+    "index_n_heads": "index_n_heads", "index_head_dim": "index_head_dim", "index_topk": "index_topk",
+    "hc_mult": "hc_mult", "hc_sinkhorn_iters": "hc_sinkhorn_iters", "hc_eps": "hc_eps",
+}
+
+
+def _read(source) -> dict:
+    if isinstance(source, dict):
+        return dict(source)
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    return json.loads(path.read_text())
+
+
+# Spec §2.1/§2.2. Flash and Pro differ in width, depth, experts, top-k and the first two layers' type.
+PRESETS: dict[str, dict] = {
+    "flash": dict(),
+    "pro": dict(
+        dim=7168, moe_inter_dim=3072, n_layers=61, n_heads=128, n_routed_experts=384, route_scale=2.5,
+        q_lora_rank=1536, o_groups=16, index_topk=1024, compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0),
+    ),
+    # Every V4 feature at toy size: window-only (layer 0 and MTP), CSA (1, 3, 5), HCA (2, 4), two hash layers,
+    # 4 output groups, top-k 8 < the 16+ compressed entries visible at test lengths; YaRN active from 256.
+    "tiny": dict(
+        vocab_size=1024, dim=128, moe_inter_dim=128, n_layers=6, n_hash_layers=2, n_heads=8, n_routed_experts=16,
+        n_activated_experts=3, q_lora_rank=128, head_dim=128, o_groups=4, o_lora_rank=32, window_size=16,
+        compress_ratios=(0, 4, 128, 4, 128, 4, 0), original_seq_len=256, index_n_heads=16, index_head_dim=128,
+        index_topk=8, attn_chunk=128,
+    ),
+}
+

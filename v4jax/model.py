@@ -1,0 +1,124 @@
+"""The DeepSeek-V4 model: embedding, mHC blocks, final head and the MTP block (spec §3).
+
+    tokens -> embed -> copy into hc_mult streams X [b, s, hc, d]
+           -> for each layer: X = hc_post(attn(attn_norm(hc_pre(X)))); X = hc_post(moe(ffn_norm(hc_pre(X))))
+           -> hc_head collapse -> norm -> head -> logits (fp32)
+    MTP (depth 1): X_mtp = e_proj(enorm(embed(next tokens))) + h_proj(hnorm(X)) per stream -> one more block
+           (window-only, score routed) -> its own hc_head -> its own norm -> the shared head.
+
+Layers differ (window / CSA / HCA attention, hash or score routing), so they are a Python list.
+Einsum letters used across v4jax: b batch, s query positions, t key positions, d model, h heads, k head dim,
+e experts, f expert hidden, g output groups, r o_lora rank, i indexer heads, c hyper-connection streams.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax.attention import Attention
+from v4jax.config import ModelConfig
+from v4jax.hyper_connection import hc_head, hc_post, hc_pre
+from v4jax.layers import param, rms_norm
+from v4jax.moe import MoE
+from v4jax.quant import linear
+
+
+class HCSite(nnx.Module):
+    """The parameters of one mHC site (fn, base, scale) or, with `head=True`, of a head collapse."""
+
+    def __init__(self, cfg: ModelConfig, head: bool, *, rngs: nnx.Rngs):
+        hc = cfg.hc_mult
+        n_mix = hc if head else (2 + hc) * hc
+        self.fn = param(rngs, (n_mix, hc * cfg.dim), ("hc_mix", "hc_embed"), jnp.float32)
+        self.base = param(rngs, (n_mix,), ("hc_mix",), jnp.float32, "const", 0.0)
+        self.scale = param(rngs, (1 if head else 3,), ("hc_gate",), jnp.float32, "const", 0.01)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.attn_norm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
+        self.ffn_norm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
+        self.hc_attn = HCSite(cfg, False, rngs=rngs)
+        self.hc_ffn = HCSite(cfg, False, rngs=rngs)
+        self.attn = Attention(cfg, layer, rngs=rngs)
+        self.ffn = MoE(cfg, layer, rngs=rngs)
+
+    def _site(self, x, site: HCSite, norm, sublayer):
+        cfg = self.cfg
+        u, post, comb = hc_pre(x, site.fn[...], site.scale[...], site.base[...], hc=cfg.hc_mult,
+                               iters=cfg.hc_sinkhorn_iters, eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
+        return hc_post(sublayer(rms_norm(u, norm[...], cfg.norm_eps)), x, post, comb)
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
+        """x [b, s, hc, d] streams, token_ids [b, s] (hash routing) -> [b, s, hc, d]."""
+        x = self._site(x, self.hc_attn, self.attn_norm, self.attn)
+        return self._site(x, self.hc_ffn, self.ffn_norm, lambda y: self.ffn(y, token_ids))
+
+
+class MTPBlock(Block):
+    """Multi-token prediction, depth 1 (spec §3.7). Shares the embedding and head with the main model."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, cfg.n_layers, rngs=rngs)
+        pd = jnp.dtype(cfg.param_dtype)
+        self.e_proj = param(rngs, (cfg.dim, cfg.dim), ("mtp", "embed"), pd)
+        self.h_proj = param(rngs, (cfg.dim, cfg.dim), ("mtp", "embed"), pd)
+        self.enorm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
+        self.hnorm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
+        self.norm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
+        self.hc_head = HCSite(cfg, True, rngs=rngs)
+
+    def __call__(self, x: jax.Array, emb: jax.Array, token_ids: jax.Array) -> jax.Array:
+        """x: the main model's final streams [b, s, hc, d]; emb: embeddings of `token_ids` [b, s, d]
+        (the tokens one step ahead in training) -> this block's output streams."""
+        cfg = self.cfg
+        e = linear(rms_norm(emb, self.enorm[...], cfg.norm_eps), self.e_proj[...], quantized=True, qat=cfg.qat)
+        h = linear(rms_norm(x, self.hnorm[...], cfg.norm_eps), self.h_proj[...], quantized=True, qat=cfg.qat)
+        return super().__call__(e[:, :, None, :] + h, token_ids)
+
+
+class Transformer(nnx.Module):
+    """DeepSeek-V4 for causal LM. `__call__` returns fp32 logits; `mtp_logits` runs the MTP head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pd)
+        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.norm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
+        self.hc_head = HCSite(cfg, True, rngs=rngs)
+        self.head = param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pd)
+        self.mtp = MTPBlock(cfg, rngs=rngs) if cfg.n_mtp_layers else None
+
+    def embed_tokens(self, token_ids: jax.Array) -> jax.Array:
+        return self.embed[...][token_ids].astype(self.cfg.compute_dtype)
+
+    def hidden(self, token_ids: jax.Array) -> jax.Array:
+        """token_ids [b, s] -> final residual streams [b, s, hc, d] (before the head collapse)."""
+        h = self.embed_tokens(token_ids)
+        x = jnp.broadcast_to(h[:, :, None, :], h.shape[:2] + (self.cfg.hc_mult, h.shape[-1]))
+        for block in self.layers:
+            x = block(x, token_ids)
+        return x
+
+    def logits(self, x: jax.Array, site: HCSite, norm) -> jax.Array:
+        """Collapse streams x [b, s, hc, d], normalise, project with the (shared) head in fp32 -> [b, s, vocab]."""
+        cfg = self.cfg
+        z = hc_head(x, site.fn[...], site.scale[...], site.base[...], eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
+        z = rms_norm(z, norm[...], cfg.norm_eps)
+        return linear(z.astype(jnp.float32), self.head[...].astype(jnp.float32))
+
+    def __call__(self, token_ids: jax.Array) -> jax.Array:
+        return self.logits(self.hidden(token_ids), self.hc_head, self.norm)
+
+    def mtp_logits(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
+        """MTP head on the main streams x [b, s, hc, d] and the tokens it is fed (in training, the input
+        shifted left by one, so that position i predicts token i + 2) -> [b, s, vocab]."""
+        if self.mtp is None:
+            raise ValueError("this config has n_mtp_layers = 0: there is no MTP block")
+        y = self.mtp(x, self.embed_tokens(token_ids), token_ids)
+        return self.logits(y, self.mtp.hc_head, self.mtp.norm)

@@ -1,0 +1,145 @@
+"""DeepSeek-V4 mixture of experts (spec §3.5): the Gate, routed experts and the shared expert.
+
+Gate: s = sqrt(softplus(y . W_g)) in fp32. Score-routed layers pick the top-k of s + bias (the
+auxiliary-loss-free bias steers selection only); the first n_hash_layers take their k experts from a fixed
+token-id table tid2eid. Either way the weights are the *unbiased* s at the chosen experts, normalised to sum 1
+and scaled by route_scale. Experts are SwiGLU with the clamp; the routing weight multiplies the hidden
+activation before the down projection, as the official code does (it matters under qat's FP8 rounding).
+
+Two implementations of the routed sum, selected by cfg.moe_impl: "ragged" sorts the (token, slot) pairs by
+expert and runs dropless grouped matmuls (`jax.lax.ragged_dot`); "dense" runs every expert on every token
+(a plain reference for tests). Letters: n tokens, k slots, e experts, f expert hidden, d model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax.config import ModelConfig
+from v4jax.layers import param, swiglu
+from v4jax.quant import fp8_fake_quant, linear
+
+
+class RouterBias(nnx.Variable):
+    """The aux-loss-free routing bias: updated by the training loop from expert loads, never by gradients."""
+
+
+class HashTable(nnx.Variable):
+    """tid2eid: frozen token-id -> expert-ids table of hash-routed layers."""
+
+
+def balanced_hash_table(key: jax.Array, vocab: int, n_experts: int, k: int) -> jax.Array:
+    """A tid2eid for training from scratch (the real hash is unpublished, spec §7.2): every token gets k
+    distinct experts and every expert the same number of (token, slot) pairs, +-1, in a random token order."""
+    order = jax.random.permutation(key, vocab)
+    slots = (jnp.arange(vocab)[:, None] * k + jnp.arange(k)) % n_experts
+    return jnp.zeros((vocab, k), jnp.int32).at[order].set(slots.astype(jnp.int32))
+
+
+class Gate(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.hash = layer < cfg.n_hash_layers
+        self.weight = param(rngs, (cfg.n_routed_experts, cfg.dim), ("router", "embed"), jnp.dtype(cfg.param_dtype))
+        if self.hash:
+            table = balanced_hash_table(rngs.params(), cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts)
+            self.tid2eid = HashTable(table, sharding_names=("vocab", None), eager_sharding=False)
+        else:
+            self.bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), sharding_names=("router",),
+                                   eager_sharding=False)
+
+    def __call__(self, y: jax.Array, token_ids: jax.Array):
+        """y [n, d], token_ids [n] -> (weights [n, k] fp32, expert ids [n, k] int32, scores [n, e] fp32)."""
+        cfg = self.cfg
+        logits = linear(y.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        if cfg.score_func == "softmax":
+            scores = jax.nn.softmax(logits, axis=-1)
+        elif cfg.score_func == "sigmoid":
+            scores = jax.nn.sigmoid(logits)
+        else:
+            scores = jnp.sqrt(jax.nn.softplus(logits))
+        if self.hash:
+            ids = self.tid2eid[...][token_ids].astype(jnp.int32)
+        else:
+            ids = jax.lax.top_k(scores + self.bias[...], cfg.n_activated_experts)[1]
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
+        if cfg.score_func != "softmax":
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        return weights * cfg.route_scale, ids, scores
+
+
+def expert_ffn(x, w1, w2, w3, limit: float, qat: bool, route_w=None):
+    """One SwiGLU expert on x [n, d] with [out, in] weights; route_w [n] scales the hidden before w2."""
+    hid = swiglu(linear(x, w1, quantized=True, qat=qat, out_dtype=jnp.float32),
+                 linear(x, w3, quantized=True, qat=qat, out_dtype=jnp.float32), limit)
+    if route_w is not None:
+        hid = hid * route_w[:, None]
+    return linear(hid.astype(x.dtype), w2, quantized=True, qat=qat, out_dtype=jnp.float32)
+
+
+class Experts(nnx.Module):
+    """SwiGLU weights w1 (gate), w3 (up) [.., f, d] and w2 (down) [.., d, f]; `n` stacks routed experts."""
+
+    def __init__(self, cfg: ModelConfig, n: int | None, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        lead, lead_axes = ((n,), ("experts",)) if n else ((), ())
+        f_axis = "expert_ffw" if n else "ffw"
+        f, d = cfg.moe_inter_dim, cfg.dim
+        self.w1 = param(rngs, lead + (f, d), lead_axes + (f_axis, "embed"), pd)
+        self.w2 = param(rngs, lead + (d, f), lead_axes + ("embed", f_axis), pd)
+        self.w3 = param(rngs, lead + (f, d), lead_axes + (f_axis, "embed"), pd)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.gate = Gate(cfg, layer, rngs=rngs)
+        self.experts = Experts(cfg, cfg.n_routed_experts, rngs=rngs)
+        self.shared_experts = Experts(cfg, None, rngs=rngs) if cfg.n_shared_experts else None
+
+    def __call__(self, y: jax.Array, token_ids: jax.Array) -> jax.Array:
+        """y [b, s, d] (ffn-normed), token_ids [b, s] -> [b, s, d]."""
+        cfg = self.cfg
+        shape = y.shape
+        x = y.reshape(-1, shape[-1])
+        weights, ids, _ = self.gate(x, token_ids.reshape(-1))
+        routed = (self._ragged if cfg.moe_impl == "ragged" else self._dense)(x, weights, ids)
+        if self.shared_experts is not None:
+            se = self.shared_experts
+            routed = routed + expert_ffn(x, se.w1[...], se.w2[...], se.w3[...], cfg.swiglu_limit, cfg.qat)
+        return routed.astype(y.dtype).reshape(shape)
+
+    def _dense(self, x, weights, ids):
+        """Every expert on every token; the routing weight is zero for experts a token did not pick."""
+        cfg = self.cfg
+        ex = self.experts
+        dense_w = jnp.sum(jax.nn.one_hot(ids, cfg.n_routed_experts, dtype=jnp.float32) * weights[..., None], axis=1)
+        out = jax.vmap(lambda w1, w2, w3, rw: expert_ffn(x, w1, w2, w3, cfg.swiglu_limit, cfg.qat, rw),
+                       in_axes=(0, 0, 0, 1))(ex.w1[...], ex.w2[...], ex.w3[...], dense_w)
+        return jnp.sum(out, axis=0)
+
+    def _ragged(self, x, weights, ids):
+        """Dropless grouped matmul: sort the n*k (token, expert) pairs by expert, one ragged_dot per weight."""
+        cfg = self.cfg
+        n, k = ids.shape
+        flat = ids.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        token = order // k
+        sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
+        xs = x[token]
+        if cfg.qat:
+            xs = fp8_fake_quant(xs, 128)
+
+        def grouped(a, w):  # a [m, in], w [e, out, in] -> [m, out], fp32 accumulation
+            return jax.lax.ragged_dot(a, jnp.swapaxes(w.astype(a.dtype), 1, 2), sizes,
+                                      preferred_element_type=jnp.float32)
+
+        ex = self.experts
+        hid = swiglu(grouped(xs, ex.w1[...]), grouped(xs, ex.w3[...]), cfg.swiglu_limit)
+        hid = (hid * weights.reshape(-1)[order][:, None]).astype(x.dtype)
+        if cfg.qat:
+            hid = fp8_fake_quant(hid, 128)
+        out = grouped(hid, ex.w2[...])
+        return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out)

@@ -1,0 +1,84 @@
+"""The quantization simulation of DeepSeek-V4's official inference code (spec §3.8, [OFF] kernel.py).
+
+With `qat=True` the model reproduces what the released inference code computes: FP8 e4m3 activations (1x128
+blocks) into every FP8/FP4 matmul, FP8 fake-quant of the KV non-RoPE dims in 1x64 blocks, and a Hadamard
+rotation plus MXFP4 fake-quant (1x32 blocks) of the indexer queries and keys. All scales are UE8M0 powers of
+two. Each function returns the dequantized value in the input dtype (the "fake quant" / in-place mode of the
+official `act_quant` and `fp4_act_quant`).
+
+Upstream ops: act_quant(inplace=True) -> fp8_fake_quant; fp4_act_quant(inplace=True) -> mxfp4_fake_quant;
+rotate_activation -> hadamard; linear() -> linear.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+
+
+def pow2_ceil(v: jax.Array) -> jax.Array:
+    """2 ** ceil(log2(v)) for positive normal fp32 v, exactly (the kernel's exponent-bit trick)."""
+    m, e = jnp.frexp(v)  # v = m * 2**e with m in [0.5, 1); m == 0.5 means v is already a power of two
+    return jnp.ldexp(jnp.ones_like(v), e - (m == 0.5).astype(e.dtype))
+
+
+def _block_fake_quant(x, block, qmax, amin, qdtype):
+    shape = x.shape
+    xb = x.astype(jnp.float32).reshape(*shape[:-1], shape[-1] // block, block)
+    amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), amin)
+    # The kernel multiplies by the fp32 constant 1/qmax (it does not divide): keep that rounding.
+    s = pow2_ceil(amax * jnp.float32(1.0 / qmax))
+    q = jnp.clip(xb / s, -qmax, qmax).astype(qdtype).astype(jnp.float32)
+    return (q * s).reshape(shape).astype(x.dtype)
+
+
+def fp8_fake_quant(x: jax.Array, block: int = 128) -> jax.Array:
+    """FP8 e4m3 quantize-dequantize along the last dim in 1 x `block` blocks (official act_quant, inplace)."""
+    return _block_fake_quant(x, block, FP8_MAX, 1e-4, jnp.float8_e4m3fn)
+
+
+def mxfp4_fake_quant(x: jax.Array, block: int = 32) -> jax.Array:
+    """MXFP4 (e2m1 values, UE8M0 scale per 32) quantize-dequantize (official fp4_act_quant, inplace)."""
+    return _block_fake_quant(x, block, FP4_MAX, FP4_MAX * 2.0**-126, jnp.float4_e2m1fn)
+
+
+@functools.lru_cache(maxsize=8)
+def _hadamard_matrix(n: int) -> np.ndarray:
+    """Sylvester-ordered Walsh-Hadamard matrix scaled by 1/sqrt(n) (orthogonal and symmetric)."""
+    if n & (n - 1):
+        raise ValueError(f"Hadamard transform needs a power-of-two size, got {n}")
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)
+
+
+def hadamard(x: jax.Array) -> jax.Array:
+    """Normalized Walsh-Hadamard transform over the last dim (official rotate_activation)."""
+    h = jnp.asarray(_hadamard_matrix(x.shape[-1]))
+    y = jnp.einsum("...i,ij->...j", x.astype(jnp.float32), h, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array, *, quantized: bool = False, qat: bool = False,
+           out_dtype=None) -> jax.Array:
+    """y = x @ w.T with w in the checkpoint's [out, in] layout, fp32 accumulation.
+
+    `quantized` marks weights that are FP8 / FP4 in the released checkpoint: under `qat` their input is
+    rounded to FP8 in 1x128 blocks first, as the official fp8_gemm / fp4_gemm path does.
+    """
+    if quantized and qat:
+        x = fp8_fake_quant(x, 128)
+    return einsum("...i,oi->...o", x, w.astype(x.dtype)).astype(out_dtype or x.dtype)
+
+
+def einsum(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum with fp32 accumulation; full fp32 precision for fp32 inputs (TPUs otherwise use bf16 passes)."""
+    prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32, precision=prec)
