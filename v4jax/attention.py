@@ -54,6 +54,8 @@ class Compressor(nnx.Module):
         cfg, m, d = self.cfg, self.ratio, self.head_dim
         b, T, _ = x.shape
         n = T // m
+        if n == 0:  # no complete window yet
+            return jnp.zeros((b, 0, d), x.dtype)
         # The official code runs the compressor projections and the pooling in fp32.
         xf = x[:, : n * m].astype(jnp.float32)
         kv = linear(xf, self.wkv[...].astype(jnp.float32)).reshape(b, n, m, -1)
@@ -96,6 +98,19 @@ class Indexer(nnx.Module):
         w = linear(x, self.weights_proj[...], out_dtype=jnp.float32)
         w = w * (cfg.index_head_dim**-0.5 * cfg.index_n_heads**-0.5)
         return q, w, self.compressor(x)
+
+
+def window_indices(t: jax.Array, window: int, T: int) -> jax.Array:
+    """Key positions max(0, t - window + 1) .. t of each query t [q] -> [q, window], -1 where absent
+    (before 0, or past the T real tokens for padded queries)."""
+    win = t[:, None] - window + 1 + jnp.arange(window)
+    return jnp.where((win >= 0) & (win <= t[:, None]) & (win < T), win, -1)
+
+
+def visible_entries(t: jax.Array, n_comp: int, ratio: int) -> jax.Array:
+    """[q, n_comp] bool: query t may use compressed entry i iff its whole window ends by t,
+    (i + 1) * ratio <= t + 1 (the official rule; the report's floor(t / m) is off by one, spec §3.4.4)."""
+    return (jnp.arange(n_comp)[None, :] + 1) * ratio <= (t + 1)[:, None]
 
 
 def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array, dtype) -> jax.Array:
@@ -175,11 +190,10 @@ class Attention(nnx.Module):
 
         def one_chunk(c):
             t = c["t"]  # [chunk] query positions
-            win = t[:, None] - cfg.window_size + 1 + jnp.arange(cfg.window_size)  # [chunk, window]
-            win = jnp.where((win >= 0) & (win <= t[:, None]) & (win < T), win, -1)
+            win = window_indices(t, cfg.window_size, T)
             idx = jnp.broadcast_to(win, (b,) + win.shape)
             if n_comp:
-                visible = jnp.arange(n_comp)[None, :] < ((t + 1) // self.ratio)[:, None]  # (i+1)*m <= t+1
+                visible = visible_entries(t, n_comp, self.ratio)
                 if index is None:  # HCA: every visible entry
                     comp = jnp.broadcast_to(jnp.where(visible, T + jnp.arange(n_comp), -1), (b, chunk, n_comp))
                 else:  # CSA: the indexer's top-k of the visible entries
