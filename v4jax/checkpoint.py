@@ -100,7 +100,7 @@ def load_hub_state(model: nnx.Module, state: dict[str, np.ndarray]) -> None:
         raise CheckpointMismatch("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
     for path, arr in plain.items():  # the flat state holds the model's own Variable objects
         var = variables[path]
-        var.value = jnp.asarray(arr, dtype=var.value.dtype)
+        var.set_value(jnp.asarray(arr, dtype=var.value.dtype))
 
 
 def export_hub_state(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -13,6 +13,8 @@ e experts, f expert hidden, g output groups, r o_lora rank, i indexer heads, c h
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -122,3 +124,24 @@ class Transformer(nnx.Module):
             raise ValueError("this config has n_mtp_layers = 0: there is no MTP block")
         y = self.mtp(x, self.embed_tokens(token_ids), token_ids)
         return self.logits(y, self.mtp.hc_head, self.mtp.norm)
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Logical parameter counts from the real (abstract) parameter tree, without allocating it.
+
+    total: every floating-point weight incl. the router biases and MTP (the released checkpoint's count;
+    FP4 elements counted unpacked, block scales and the integer tid2eid table not counted).
+    activated: what one token uses in the main model: everything but MTP, the embedding table and the
+    routed experts it does not pick (the LM head counts, as in DeepSeek's 13B / 49B figures).
+    """
+    from v4jax.checkpoint import model_variables
+    from v4jax.moe import HashTable
+
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    sizes = {p: math.prod(v.shape) for p, v in model_variables(model).items() if not isinstance(v, HashTable)}
+    total = sum(sizes.values())
+    mtp = sum(n for p, n in sizes.items() if p.startswith("mtp."))
+    per_expert = 3 * cfg.dim * cfg.moe_inter_dim
+    unused = cfg.n_layers * (cfg.n_routed_experts - cfg.n_activated_experts) * per_expert
+    return {"total": total, "total_without_mtp": total - mtp,
+            "activated": total - mtp - sizes["embed"] - unused}

@@ -1,0 +1,59 @@
+"""Shared test helpers: the released-layout fixture checkpoint and per-position relative errors."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from v4jax.checkpoint import load_hub_state
+from v4jax.config import ModelConfig
+from v4jax.hub import dequantize_hub_state, load_hub_checkpoint
+from v4jax.model import Transformer
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO.parent / "shared" / "fixtures" / "v4-tiny-flashlike"
+
+
+def rel_err(a, b) -> np.ndarray:
+    """||a - b|| / ||b|| over the last axis (per position)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _fixture_state():
+    return dequantize_hub_state(load_hub_checkpoint(FIXTURE))
+
+
+def fixture_model(**overrides) -> Transformer:
+    """The v4-tiny-flashlike checkpoint loaded into a fresh model (fp32 compute unless overridden)."""
+    if not FIXTURE.exists():
+        pytest.fail(f"fixture checkpoint missing at {FIXTURE}: shared/ must sit beside the repository")
+    cfg = ModelConfig.from_hf_config(FIXTURE / "config.json", **{"compute_dtype": "float32", **overrides})
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    load_hub_state(model, _fixture_state())
+    return model
+
+
+@nnx.jit
+def forward_hidden(model, ids):
+    return model.hidden(ids)
+
+
+@nnx.jit
+def head_logits(model, x):
+    return model.logits(x, model.hc_head, model.norm)
+
+
+@nnx.jit
+def mtp_logits(model, x, ids):
+    return model.mtp_logits(x, ids)
+
+
+def random_ids(shape, vocab, seed=0):
+    return jax.numpy.asarray(np.random.default_rng(seed).integers(0, vocab, shape))
