@@ -21,10 +21,6 @@ from v4jax.layers import apply_rope, param, rms_norm, rope_frequencies
 from v4jax.quant import einsum, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant
 
 
-def _dtypes(cfg: ModelConfig):
-    return jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
-
-
 def kv_fake_quant(kv: jax.Array, rope_dim: int) -> jax.Array:
     """QAT of a KV entry: FP8 in 1x64 blocks on the non-rope dims; rope dims untouched (spec §3.4.2)."""
     return jnp.concatenate([fp8_fake_quant(kv[..., :-rope_dim], 64), kv[..., -rope_dim:]], axis=-1)
@@ -40,7 +36,7 @@ class Compressor(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, ratio: int, head_dim: int, rotate: bool, *, rngs: nnx.Rngs):
-        pd, _ = _dtypes(cfg)
+        pd = jnp.dtype(cfg.param_dtype)
         self.cfg, self.ratio, self.head_dim, self.rotate = cfg, ratio, head_dim, rotate
         self.overlap = ratio == 4
         width = (2 if self.overlap else 1) * head_dim
@@ -81,7 +77,7 @@ class Indexer(nnx.Module):
     over its own compressed keys and picks the top index_topk visible entries per query."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        pd, _ = _dtypes(cfg)
+        pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.wq_b = param(rngs, (cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank), ("index_heads", "q_lora"), pd)
         self.weights_proj = param(rngs, (cfg.index_n_heads, cfg.dim), ("index_heads", "embed"), pd)
@@ -124,7 +120,7 @@ class Attention(nnx.Module):
     """One V4 attention layer (window-only, CSA or HCA by compress_ratios[layer])."""
 
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
-        pd, _ = _dtypes(cfg)
+        pd = jnp.dtype(cfg.param_dtype)
         self.cfg, self.layer = cfg, layer
         self.ratio = cfg.compress_ratios[layer]
         h, hd = cfg.n_heads, cfg.head_dim

@@ -100,14 +100,14 @@ def load_hub_state(model: nnx.Module, state: dict[str, np.ndarray]) -> None:
         raise CheckpointMismatch("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
     for path, arr in plain.items():  # the flat state holds the model's own Variable objects
         var = variables[path]
-        var.set_value(jnp.asarray(arr, dtype=var.value.dtype))
+        var.set_value(jnp.asarray(arr, dtype=var[...].dtype))
 
 
 def export_hub_state(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's weights as an unquantized hub-named state dict (fp32 / int), experts unstacked."""
     out = {}
     for path, var in model_variables(model).items():
-        arr = np.asarray(jax.device_get(var.value))
+        arr = np.asarray(jax.device_get(var[...]))
         if arr.dtype != np.int32:
             arr = arr.astype(np.float32)
         if re.search(r"\.experts\.w[123]$", path) and arr.ndim == 3:

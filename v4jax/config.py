@@ -74,14 +74,6 @@ class ModelConfig:
 
     # ---- derived ----
     @property
-    def hash_layers(self) -> range:
-        return range(self.n_hash_layers)
-
-    def layer_ratio(self, layer: int) -> int:
-        """Compression ratio of layer `layer` (the MTP block is layer n_layers)."""
-        return self.compress_ratios[layer]
-
-    @property
     def nope_head_dim(self) -> int:
         return self.head_dim - self.rope_head_dim
 

@@ -94,4 +94,4 @@ def param(rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, ini
         v = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
     else:  # "const"
         v = jnp.full(shape, value, jnp.float32)
-    return nnx.Param(v.astype(dtype), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(v.astype(dtype), out_sharding=axes, eager_sharding=False)

@@ -45,9 +45,9 @@ class Gate(nnx.Module):
         self.weight = param(rngs, (cfg.n_routed_experts, cfg.dim), ("router", "embed"), jnp.dtype(cfg.param_dtype))
         if self.hash:
             table = balanced_hash_table(rngs.params(), cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts)
-            self.tid2eid = HashTable(table, sharding_names=("vocab", None), eager_sharding=False)
+            self.tid2eid = HashTable(table, out_sharding=("vocab", None), eager_sharding=False)
         else:
-            self.bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), sharding_names=("router",),
+            self.bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), out_sharding=("router",),
                                    eager_sharding=False)
 
     def __call__(self, y: jax.Array, token_ids: jax.Array):

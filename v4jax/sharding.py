@@ -45,7 +45,7 @@ def logical_to_spec(axes: tuple[str | None, ...], rules: dict[str, str | None]) 
 
 
 def model_specs(model: nnx.Module, rules: dict[str, str | None]):
-    """The PartitionSpec pytree of the model's state, from each variable's logical `sharding_names`."""
+    """The PartitionSpec pytree of the model's state, from each variable's logical axis names."""
     def spec(var):
         md = var.get_metadata()  # flax renamed the key across versions
         names = md.get("out_sharding") or md.get("sharding_names") or md.get("sharding")

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: bootstrap .venv (Python 3.12), then pytest on 2 workers (CI has 2 cores).
+# Extra arguments go to pytest, e.g. `bash test.sh -k config` or `bash test.sh -x`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+bash scripts/bootstrap.sh
+rc=0
+.venv/bin/python -m pytest -n 2 tests "$@" || rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "test.sh: pytest collected no tests (exit code 5); treating that as a failure. Check the -k / path arguments." >&2
+  exit 1
+fi
+exit "$rc"
