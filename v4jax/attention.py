@@ -18,7 +18,7 @@ from flax import nnx
 from kernels.sparse_attention import sparse_attention
 from v4jax.config import ModelConfig
 from v4jax.layers import apply_rope, param, rms_norm, rope_frequencies
-from v4jax.quant import einsum, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant
+from v4jax.quant import dense, einsum, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant
 
 
 def kv_fake_quant(kv: jax.Array, rope_dim: int) -> jax.Array:
@@ -87,7 +87,7 @@ class Indexer(nnx.Module):
         """-> (queries [b, T, i, d], head weights [b, T, i] fp32, keys [b, T // 4, d])."""
         cfg = self.cfg
         b, T, _ = x.shape
-        q = linear(qr, self.wq_b[...], quantized=True, qat=cfg.qat).reshape(b, T, cfg.index_n_heads, -1)
+        q = linear(qr, dense(self.wq_b), quantized=True, qat=cfg.qat).reshape(b, T, cfg.index_n_heads, -1)
         q = apply_rope(q, positions, rope_frequencies(cfg, compressed=True))
         if cfg.qat:
             q = mxfp4_fake_quant(hadamard(q), 32)
@@ -143,11 +143,11 @@ class Attention(nnx.Module):
         positions = jnp.arange(T)[None]
         freqs = rope_frequencies(cfg, compressed=bool(ratio))
 
-        qr = rms_norm(linear(x, self.wq_a[...], quantized=True, qat=qat), self.q_norm[...], cfg.norm_eps)
-        q = linear(qr, self.wq_b[...], quantized=True, qat=qat).reshape(b, T, h, hd)
+        qr = rms_norm(linear(x, dense(self.wq_a), quantized=True, qat=qat), self.q_norm[...], cfg.norm_eps)
+        q = linear(qr, dense(self.wq_b), quantized=True, qat=qat).reshape(b, T, h, hd)
         q = apply_rope(rms_norm(q, None, cfg.norm_eps), positions, freqs)  # per-head weightless RMS, then rope
 
-        kv = rms_norm(linear(x, self.wkv[...], quantized=True, qat=qat), self.kv_norm[...], cfg.norm_eps)
+        kv = rms_norm(linear(x, dense(self.wkv), quantized=True, qat=qat), self.kv_norm[...], cfg.norm_eps)
         kv = apply_rope(kv, positions, freqs)
         if qat:
             kv = kv_fake_quant(kv, rd)
@@ -164,8 +164,8 @@ class Attention(nnx.Module):
         # Grouped low-rank output: heads split into o_groups contiguous groups, each with its own A_g.
         g, r = cfg.o_groups, cfg.o_lora_rank
         o = o.reshape(b, T, g, -1)
-        o = einsum("bsgk,grk->bsgr", o, self.wo_a[...].astype(o.dtype).reshape(g, r, -1)).astype(x.dtype)
-        return linear(o.reshape(b, T, g * r), self.wo_b[...], quantized=True, qat=qat)
+        o = einsum("bsgk,grk->bsgr", o, dense(self.wo_a).astype(o.dtype).reshape(g, r, -1)).astype(x.dtype)
+        return linear(o.reshape(b, T, g * r), dense(self.wo_b), quantized=True, qat=qat)
 
     def _attend(self, q, kv, index, T: int, n_comp: int) -> jax.Array:
         """Attention over [window ; compressed] for all T queries, `attn_chunk` queries at a time."""

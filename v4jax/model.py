@@ -24,7 +24,7 @@ from v4jax.config import ModelConfig
 from v4jax.hyper_connection import hc_head, hc_post, hc_pre
 from v4jax.layers import param, rms_norm
 from v4jax.moe import MoE
-from v4jax.quant import linear
+from v4jax.quant import dense, linear
 
 
 class HCSite(nnx.Module):
@@ -78,8 +78,8 @@ class MTPBlock(Block):
         """x: the main model's final streams [b, s, hc, d]; emb: embeddings of `token_ids` [b, s, d]
         (the tokens one step ahead in training) -> this block's output streams."""
         cfg = self.cfg
-        e = linear(rms_norm(emb, self.enorm[...], cfg.norm_eps), self.e_proj[...], quantized=True, qat=cfg.qat)
-        h = linear(rms_norm(x, self.hnorm[...], cfg.norm_eps), self.h_proj[...], quantized=True, qat=cfg.qat)
+        e = linear(rms_norm(emb, self.enorm[...], cfg.norm_eps), dense(self.e_proj), quantized=True, qat=cfg.qat)
+        h = linear(rms_norm(x, self.hnorm[...], cfg.norm_eps), dense(self.h_proj), quantized=True, qat=cfg.qat)
         return super().__call__(e[:, :, None, :] + h, token_ids)
 
 

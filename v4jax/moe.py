@@ -19,7 +19,7 @@ from flax import nnx
 
 from v4jax.config import ModelConfig
 from v4jax.layers import param, swiglu
-from v4jax.quant import fp8_fake_quant, linear
+from v4jax.quant import dense, fp8_fake_quant, linear
 
 
 class RouterBias(nnx.Variable):
@@ -108,7 +108,7 @@ class MoE(nnx.Module):
         routed = (self._ragged if cfg.moe_impl == "ragged" else self._dense)(x, weights, ids)
         if self.shared_experts is not None:
             se = self.shared_experts
-            routed = routed + expert_ffn(x, se.w1[...], se.w2[...], se.w3[...], cfg.swiglu_limit, cfg.qat)
+            routed = routed + expert_ffn(x, dense(se.w1), dense(se.w2), dense(se.w3), cfg.swiglu_limit, cfg.qat)
         return routed.astype(y.dtype).reshape(shape)
 
     def _dense(self, x, weights, ids):
@@ -117,7 +117,7 @@ class MoE(nnx.Module):
         ex = self.experts
         dense_w = jnp.sum(jax.nn.one_hot(ids, cfg.n_routed_experts, dtype=jnp.float32) * weights[..., None], axis=1)
         out = jax.vmap(lambda w1, w2, w3, rw: expert_ffn(x, w1, w2, w3, cfg.swiglu_limit, cfg.qat, rw),
-                       in_axes=(0, 0, 0, 1))(ex.w1[...], ex.w2[...], ex.w3[...], dense_w)
+                       in_axes=(0, 0, 0, 1))(dense(ex.w1), dense(ex.w2), dense(ex.w3), dense_w)
         return jnp.sum(out, axis=0)
 
     def _ragged(self, x, weights, ids):
@@ -137,9 +137,9 @@ class MoE(nnx.Module):
                                       preferred_element_type=jnp.float32)
 
         ex = self.experts
-        hid = swiglu(grouped(xs, ex.w1[...]), grouped(xs, ex.w3[...]), cfg.swiglu_limit)
+        hid = swiglu(grouped(xs, dense(ex.w1)), grouped(xs, dense(ex.w3)), cfg.swiglu_limit)
         hid = (hid * weights.reshape(-1)[order][:, None]).astype(x.dtype)
         if cfg.qat:
             hid = fp8_fake_quant(hid, 128)
-        out = grouped(hid, ex.w2[...])
+        out = grouped(hid, dense(ex.w2))
         return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out)

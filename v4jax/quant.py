@@ -82,3 +82,22 @@ def einsum(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """einsum with fp32 accumulation; full fp32 precision for fp32 inputs (TPUs otherwise use bf16 passes)."""
     prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32, precision=prec)
+
+
+class QuantizedWeight:
+    """Base of weights kept in a released storage format (FP8 blocks, MXFP4) inside an nnx.Param.
+
+    Subclasses are pytrees with `shape` (the logical [.., out, in]) and `dequantize(dtype)`; the model reads
+    every weight through `dense`, so a quantized tree runs unchanged (dequantized at the point of use).
+    """
+
+    shape: tuple[int, ...]
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        raise NotImplementedError
+
+
+def dense(var) -> jax.Array:
+    """The value of a weight Variable as a dense array (quantized storage is dequantized to fp32)."""
+    value = var.get_value()
+    return value.dequantize(jnp.float32) if isinstance(value, QuantizedWeight) else value
