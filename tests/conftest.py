@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
-import jax
-import numpy as np
-import pytest
-from flax import nnx
+# Eight CPU devices in every test process (before jax is imported): sharding tests build meshes over them;
+# everything else runs on device 0 as usual.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 
-from v4jax.checkpoint import load_hub_state
-from v4jax.config import ModelConfig
-from v4jax.hub import dequantize_hub_state, load_hub_checkpoint
-from v4jax.model import Transformer
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from v4jax.checkpoint import load_hub_state  # noqa: E402
+from v4jax.config import ModelConfig  # noqa: E402
+from v4jax.hub import dequantize_hub_state, load_hub_checkpoint  # noqa: E402
+from v4jax.model import Transformer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "v4-tiny-flashlike"

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from conftest import random_ids
-from v4jax.attention import Attention, Compressor, visible_entries, window_indices
+from v4jax.attention import (Attention, Compressor, entry_layout, token_layout, visible_entries,
+                             window_indices)
 from v4jax.config import ModelConfig
 from v4jax.layers import rope_frequencies
 
@@ -17,15 +18,37 @@ TINY = ModelConfig.preset("tiny", compute_dtype="float32")
 
 
 def test_window_indices():
-    got = np.asarray(window_indices(jnp.asarray([0, 3, 20, 21]), 4, 21))
-    np.testing.assert_array_equal(got, [[-1, -1, -1, 0], [0, 1, 2, 3], [17, 18, 19, 20], [18, 19, 20, -1]])
+    doc = jnp.zeros((1, 21), jnp.int32)
+    doc_q = jnp.asarray([[0, 0, 0, -1]])  # the last query is chunk padding (t = 21 >= T): no keys
+    got = np.asarray(window_indices(jnp.asarray([0, 3, 20, 21]), 4, doc, doc_q))[0]
+    np.testing.assert_array_equal(got, [[-1, -1, -1, 0], [0, 1, 2, 3], [17, 18, 19, 20], [-1, -1, -1, -1]])
+    packed = jnp.asarray([[0, 0, 0, 1, 1, 1]])  # the window stops at the document start
+    got = np.asarray(window_indices(jnp.asarray([4]), 4, packed, jnp.asarray([[1]])))[0]
+    np.testing.assert_array_equal(got, [[-1, -1, 3, 4]])
 
 
 def test_visibility_rule_is_the_codes():
     """(i + 1) * m <= t + 1: a query sees the entry whose window ends at itself (the report's floor(t/m) would not)."""
-    vis = np.asarray(visible_entries(jnp.arange(9), 3, 4))
+    lay = token_layout(None, 1, 12)
+    ent = entry_layout(lay, 4)
+    vis = np.asarray(visible_entries(lay.pos[:, :9], lay.doc[:, :9], ent, 4))[0]
     assert [int(v.sum()) for v in vis] == [0, 0, 0, 1, 1, 1, 1, 2, 2]
-    assert np.asarray(visible_entries(jnp.asarray([255, 256]), 3, 128)).sum(-1).tolist() == [2, 2]
+    lay = token_layout(None, 1, 384)
+    vis = visible_entries(jnp.asarray([[255, 256]]), jnp.zeros((1, 2), jnp.int32), entry_layout(lay, 128), 128)
+    assert np.asarray(vis).sum(-1).tolist() == [[2, 2]]
+
+
+def test_packed_documents_layout():
+    """Documents of 6 and 9 tokens, ratio 4: positions restart; windows align to each document's start; the
+    1-token tail of the second document makes no entry."""
+    lay = token_layout(jnp.asarray([[7] * 6 + [3] * 9]), 1, 15)
+    np.testing.assert_array_equal(np.asarray(lay.pos)[0], list(range(6)) + list(range(9)))
+    ent = entry_layout(lay, 4)
+    np.testing.assert_array_equal(np.asarray(ent.start)[0], [0, 6, 10])
+    np.testing.assert_array_equal(np.asarray(ent.doc)[0], [0, 1, 1])
+    np.testing.assert_array_equal(np.asarray(ent.win)[0], [0, 0, 1])
+    ent = entry_layout(token_layout(jnp.asarray([[0] * 5 + [1] * 3 + [2] * 7]), 1, 15), 4)
+    np.testing.assert_array_equal(np.asarray(ent.doc)[0], [0, 2, -1])  # doc 1 is too short; one slot unused
 
 
 def _randomize(module, seed):
@@ -67,7 +90,7 @@ def test_compressor_matches_spec_equations(ratio):
     comp = Compressor(TINY, ratio, 128, rotate=False, rngs=nnx.Rngs(0))
     _randomize(comp, ratio)
     x = np.random.default_rng(1).standard_normal((1, 2 * ratio + 3, TINY.dim)).astype(np.float32)
-    got = np.asarray(comp(jnp.asarray(x)))[0]
+    got = np.asarray(comp(jnp.asarray(x), entry_layout(token_layout(None, 1, x.shape[1]), ratio)))[0]
     want = compressor_reference(x, *(np.asarray(v[...]) for v in (comp.wkv, comp.wgate, comp.ape, comp.norm)),
                                 ratio, TINY)
     assert got.shape == (2, 128)  # only complete windows produce entries
@@ -116,3 +139,46 @@ def test_compressed_attention_memory_grows_linearly(layer):
     small, large = _temp_bytes(layer, 8192, cfg), _temp_bytes(layer, 16384, cfg)
     assert large < 2.2 * small, (small, large)
     assert large < 16384 * 16384 * 4, large
+
+
+def test_csa_dense_mode_attends_every_visible_entry():
+    """csa_dense: a CSA layer attends all visible compressed entries, i.e. the result of a top-k at least as large
+    as the number of entries."""
+    attn = Attention(TINY.replace(csa_dense=True), 1, rngs=nnx.Rngs(0))
+    _randomize(attn, 4)
+    x = jax.random.normal(jax.random.key(3), (1, 100, TINY.dim))
+    dense = attn(x)
+    attn.cfg = TINY.replace(index_topk=25)  # 25 = all of T // 4
+    np.testing.assert_allclose(np.asarray(attn(x)), np.asarray(dense), rtol=1e-5, atol=1e-6)
+    attn.cfg = TINY  # top-8: a different (sparse) result
+    assert np.abs(np.asarray(attn(x)) - np.asarray(dense)).max() > 1e-4
+
+
+@pytest.mark.parametrize("csa_dense", [True, False])
+def test_indexer_loss_trains_only_the_indexer(csa_dense):
+    """The indexer KL (V3.2 recipe) is finite and >= 0; its gradient reaches the indexer's weights and nothing
+    of the main path (the indexer input is detached), while the attention output gives the indexer none."""
+    cfg = TINY.replace(indexer_loss=True, csa_dense=csa_dense)
+    attn = Attention(cfg, 1, rngs=nnx.Rngs(0))
+    _randomize(attn, 5)
+    x = jax.random.normal(jax.random.key(4), (1, 96, cfg.dim))
+
+    def kl(m):
+        m(x)
+        return nnx.pop(m, nnx.Intermediate)["indexer_kl"][-1]
+
+    value, g_kl = nnx.value_and_grad(kl)(attn)
+    assert np.isfinite(float(value)) and float(value) >= 0
+    assert float(jnp.abs(g_kl.indexer.wq_b[...]).max()) > 0
+    assert float(jnp.abs(g_kl.indexer.compressor.wkv[...]).max()) > 0
+    for name in ("wq_a", "wkv", "wq_b", "wo_b"):
+        assert float(jnp.abs(getattr(g_kl, name)[...]).max()) == 0, name
+
+    def out(m):
+        y = jnp.sum(jnp.sin(m(x)))
+        nnx.pop(m, nnx.Intermediate)
+        return y
+
+    g_out = nnx.grad(out)(attn)
+    assert float(jnp.abs(g_out.indexer.wq_b[...]).max()) == 0
+    assert float(jnp.abs(g_out.wq_a[...]).max()) > 0

@@ -94,7 +94,7 @@ def test_qat_blocks_match_official_simulation():
 
 def test_qat_routes_and_topk_match_official():
     """The MoE routes and the indexer's selections of the qat run equal the official ones for >= 98% of tokens."""
-    from v4jax.attention import index_scores, visible_entries
+    from v4jax.attention import entry_layout, index_scores, token_layout, visible_entries
     from v4jax.layers import rms_norm
     from v4jax.hyper_connection import hc_pre
     from v4jax.quant import linear
@@ -110,9 +110,11 @@ def test_qat_routes_and_topk_match_official():
                          iters=cfg.hc_sinkhorn_iters, eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
         xn = rms_norm(u, blk.attn_norm[...], cfg.norm_eps)
         qr = rms_norm(linear(xn, blk.attn.wq_a[...], quantized=True, qat=True), blk.attn.q_norm[...], cfg.norm_eps)
-        q, w, keys = blk.attn.indexer(xn, qr, jnp.arange(320)[None])
-        t = jnp.arange(320)
-        scores = jnp.where(visible_entries(t, keys.shape[1], 4)[None], index_scores(q, w, keys, q.dtype), -jnp.inf)
+        lay = token_layout(None, 1, 320)
+        ent = entry_layout(lay, 4)
+        q, w, keys = blk.attn.indexer(xn, qr, lay.pos, ent)
+        visible = visible_entries(lay.pos, lay.doc, ent, 4)
+        scores = jnp.where(visible, index_scores(q, w, keys, q.dtype), -jnp.inf)
         top = np.asarray(jnp.argsort(-scores, axis=-1)[..., : cfg.index_topk])[0]
         ref = blocks[f"index_topk_{i}"][0]
         agree = [set(top[s][ref[s] >= 0]) == set(ref[s][ref[s] >= 0] - 320) for s in range(320)]
@@ -179,3 +181,39 @@ def test_init_starts_uniform_and_fits_a_batch():
     losses = [float(step(model, opt)) for _ in range(25)]
     assert abs(losses[0] - np.log(cfg.vocab_size)) < 0.01
     assert np.isfinite(losses).all() and losses[-1] < 0.6 * losses[0], losses
+
+
+def test_packed_documents_equal_separate_runs():
+    """Two documents packed in one row (segment_ids) give, position by position, the logits of each document
+    run alone: positions and compression windows restart and nothing attends across (lengths cross many
+    4-token windows and a 128-token one, and are not multiples of either)."""
+    cfg = ModelConfig.preset("tiny", compute_dtype="float32")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    a = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 141)))
+    b = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 170)))
+    fwd = nnx.jit(lambda m, i, s: m(i, s))
+    packed = fwd(model, jnp.concatenate([a, b], 1), jnp.asarray([[5] * 141 + [9] * 170]))
+    alone_a, alone_b = fwd(model, a, None), fwd(model, b, None)
+    assert rel_err(packed[:, :141], alone_a).max() < 1e-5
+    assert rel_err(packed[:, 141:], alone_b).max() < 1e-5
+    assert rel_err(fwd(model, jnp.concatenate([a, b], 1), None)[:, 141:], alone_b).min() > 1e-3  # unpacked differs
+
+
+def test_training_stats_and_config_switch():
+    """hidden(with_stats=True) returns each MoE layer's expert load (all token-slots counted) and the balance
+    loss of score-routed layers; with_config keeps the weights under a new config; the model keeps no stats."""
+    from v4jax.model import with_config
+
+    cfg = ModelConfig.preset("tiny", compute_dtype="float32")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40)))
+    x, stats = nnx.jit(lambda m, i: m.hidden(i, with_stats=True))(model, ids)
+    loads = {k: v for k, v in stats.items() if k.endswith("expert_load")}
+    assert len(loads) == cfg.n_layers and all(float(v.sum()) == 80 * cfg.n_activated_experts for v in loads.values())
+    assert sorted(k for k in stats if k.endswith("balance_loss")) == [f"layers.{i}.ffn.balance_loss" for i in (2, 3, 4, 5)]
+    dense = with_config(model, csa_dense=True, indexer_loss=True)
+    assert dense.cfg.csa_dense and dense.layers[1].attn.cfg.indexer_loss
+    np.testing.assert_array_equal(np.asarray(dense.embed[...]), np.asarray(model.embed[...]))
+    _, stats = nnx.jit(lambda m, i: m.hidden(i, with_stats=True))(dense, ids)
+    assert sorted(k for k in stats if k.endswith("indexer_kl")) == [f"layers.{i}.attn.indexer_kl" for i in (1, 3, 5)]
+    assert not nnx.state(model, nnx.Intermediate)

@@ -67,6 +67,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     moe_impl: str = "ragged"  # "ragged": dropless grouped matmul; "dense": every expert on every token (tests)
     attn_chunk: int = 256  # queries per chunk in compressed attention: bounds memory to O(chunk * T)
+    csa_dense: bool = False  # CSA attends every visible compressed entry (the dense training phase, spec §6.2)
+    indexer_loss: bool = False  # CSA layers sow the V3.2 indexer KL loss; the indexer's inputs are detached
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -176,7 +178,7 @@ class ModelConfig:
 
     def to_official_dict(self) -> dict:
         """The official inference/config.json fields (what configs/model/*.json hold)."""
-        ours = {"qat", "compute_dtype", "param_dtype", "moe_impl", "attn_chunk"}
+        ours = {"qat", "compute_dtype", "param_dtype", "moe_impl", "attn_chunk", "csa_dense", "indexer_loss"}
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ours}
         d["compress_ratios"] = list(self.compress_ratios)
         return d

@@ -55,9 +55,10 @@ class Block(nnx.Module):
                                iters=cfg.hc_sinkhorn_iters, eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
         return hc_post(sublayer(rms_norm(u, norm[...], cfg.norm_eps)), x, post, comb)
 
-    def __call__(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
-        """x [b, s, hc, d] streams, token_ids [b, s] (hash routing) -> [b, s, hc, d]."""
-        x = self._site(x, self.hc_attn, self.attn_norm, self.attn)
+    def __call__(self, x: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x [b, s, hc, d] streams, token_ids [b, s] (hash routing), segment_ids [b, s] packed documents
+        (None: one per row) -> [b, s, hc, d]."""
+        x = self._site(x, self.hc_attn, self.attn_norm, lambda y: self.attn(y, segment_ids))
         return self._site(x, self.hc_ffn, self.ffn_norm, lambda y: self.ffn(y, token_ids))
 
 
@@ -74,13 +75,14 @@ class MTPBlock(Block):
         self.norm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
         self.hc_head = HCSite(cfg, True, rngs=rngs)
 
-    def __call__(self, x: jax.Array, emb: jax.Array, token_ids: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array, token_ids: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
         """x: the main model's final streams [b, s, hc, d]; emb: embeddings of `token_ids` [b, s, d]
         (the tokens one step ahead in training) -> this block's output streams."""
         cfg = self.cfg
         e = linear(rms_norm(emb, self.enorm[...], cfg.norm_eps), dense(self.e_proj), quantized=True, qat=cfg.qat)
         h = linear(rms_norm(x, self.hnorm[...], cfg.norm_eps), dense(self.h_proj), quantized=True, qat=cfg.qat)
-        return super().__call__(e[:, :, None, :] + h, token_ids)
+        return super().__call__(e[:, :, None, :] + h, token_ids, segment_ids)
 
 
 class Transformer(nnx.Module):
@@ -99,13 +101,20 @@ class Transformer(nnx.Module):
     def embed_tokens(self, token_ids: jax.Array) -> jax.Array:
         return self.embed[...][token_ids].astype(self.cfg.compute_dtype)
 
-    def hidden(self, token_ids: jax.Array) -> jax.Array:
-        """token_ids [b, s] -> final residual streams [b, s, hc, d] (before the head collapse)."""
+    def hidden(self, token_ids: jax.Array, segment_ids: jax.Array | None = None, with_stats: bool = False):
+        """token_ids [b, s] -> final residual streams [b, s, hc, d] (before the head collapse).
+
+        segment_ids [b, s] marks packed documents (runs of equal ids): RoPE positions and compression windows
+        restart at each document and no attention crosses documents. with_stats also returns what the layers
+        sowed, {path: value}: `...ffn.expert_load` [experts] (token-slot counts), `...ffn.balance_loss` (score-
+        routed layers) and, with cfg.indexer_loss, `...attn.indexer_kl` (CSA layers).
+        """
         h = self.embed_tokens(token_ids)
         x = jnp.broadcast_to(h[:, :, None, :], h.shape[:2] + (self.cfg.hc_mult, h.shape[-1]))
         for block in self.layers:
-            x = block(x, token_ids)
-        return x
+            x = block(x, token_ids, segment_ids)
+        stats = pop_stats(self)
+        return (x, stats) if with_stats else x
 
     def logits(self, x: jax.Array, site: HCSite, norm) -> jax.Array:
         """Collapse streams x [b, s, hc, d], normalise, project with the (shared) head in fp32 -> [b, s, vocab]."""
@@ -114,16 +123,33 @@ class Transformer(nnx.Module):
         z = rms_norm(z, norm[...], cfg.norm_eps)
         return linear(z.astype(jnp.float32), self.head[...].astype(jnp.float32))
 
-    def __call__(self, token_ids: jax.Array) -> jax.Array:
-        return self.logits(self.hidden(token_ids), self.hc_head, self.norm)
+    def __call__(self, token_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.hidden(token_ids, segment_ids), self.hc_head, self.norm)
 
-    def mtp_logits(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
+    def mtp_logits(self, x: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None,
+                   with_stats: bool = False):
         """MTP head on the main streams x [b, s, hc, d] and the tokens it is fed (in training, the input
-        shifted left by one, so that position i predicts token i + 2) -> [b, s, vocab]."""
+        shifted left by one, so that position i predicts token i + 2) -> [b, s, vocab] (and its stats)."""
         if self.mtp is None:
             raise ValueError("this config has n_mtp_layers = 0: there is no MTP block")
-        y = self.mtp(x, self.embed_tokens(token_ids), token_ids)
-        return self.logits(y, self.mtp.hc_head, self.mtp.norm)
+        y = self.mtp(x, self.embed_tokens(token_ids), token_ids, segment_ids)
+        stats = pop_stats(self)
+        logits = self.logits(y, self.mtp.hc_head, self.mtp.norm)
+        return (logits, stats) if with_stats else logits
+
+
+def pop_stats(model: nnx.Module) -> dict[str, jax.Array]:
+    """Remove what the layers sowed during a forward (nnx.Intermediate) and return it as {dotted path: value},
+    so the module keeps no per-call state (repeated jitted calls see the same graph)."""
+    flat = nnx.to_flat_state(nnx.pop(model, nnx.Intermediate))
+    return {".".join(map(str, path)): var.get_value()[-1] for path, var in flat}
+
+
+def with_config(model: Transformer, **changes) -> Transformer:
+    """The same weights under a changed config (e.g. a training stage switching csa_dense / indexer_loss)."""
+    new = nnx.eval_shape(lambda: Transformer(model.cfg.replace(**changes), rngs=nnx.Rngs(0)))
+    nnx.update(new, nnx.state(model))
+    return new
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:

@@ -79,6 +79,20 @@ def expert_ffn(x, w1, w2, w3, limit: float, qat: bool, route_w=None):
     return linear(hid.astype(x.dtype), w2, quantized=True, qat=qat, out_dtype=jnp.float32)
 
 
+def balance_loss(scores: jax.Array, ids: jax.Array) -> jax.Array:
+    """DeepSeek-V3's sequence-wise balance loss sum_e f_e P_e, averaged over rows (spec §6.1; unweighted).
+
+    scores [b, s, e] (unbiased router scores), ids [b, s, k]: f_e = e / (k s) * (tokens routed to e) carries no
+    gradient; P_e = mean over tokens of s_e / sum_j s_j.
+    """
+    b, s, e = scores.shape
+    k = ids.shape[-1]
+    counts = jnp.sum(jax.nn.one_hot(ids, e, dtype=jnp.float32), axis=(1, 2))  # [b, e]
+    f = jax.lax.stop_gradient(counts * (e / (k * s)))
+    p = jnp.mean(scores / jnp.sum(scores, axis=-1, keepdims=True), axis=1)
+    return jnp.mean(jnp.sum(f * p, axis=-1))
+
+
 class Experts(nnx.Module):
     """SwiGLU weights w1 (gate), w3 (up) [.., f, d] and w2 (down) [.., d, f]; `n` stacks routed experts."""
 
@@ -100,11 +114,17 @@ class MoE(nnx.Module):
         self.shared_experts = Experts(cfg, None, rngs=rngs) if cfg.n_shared_experts else None
 
     def __call__(self, y: jax.Array, token_ids: jax.Array) -> jax.Array:
-        """y [b, s, d] (ffn-normed), token_ids [b, s] -> [b, s, d]."""
+        """y [b, s, d] (ffn-normed), token_ids [b, s] -> [b, s, d]. Sows the training statistics
+        `expert_load` (and `balance_loss` in score-routed layers); Transformer.hidden collects them."""
         cfg = self.cfg
         shape = y.shape
         x = y.reshape(-1, shape[-1])
-        weights, ids, _ = self.gate(x, token_ids.reshape(-1))
+        weights, ids, scores = self.gate(x, token_ids.reshape(-1))
+        self.sow(nnx.Intermediate, "expert_load", jnp.zeros(cfg.n_routed_experts).at[ids.reshape(-1)].add(1.0))
+        if not self.gate.hash:
+            e, k = cfg.n_routed_experts, cfg.n_activated_experts
+            self.sow(nnx.Intermediate, "balance_loss",
+                     balance_loss(scores.reshape(shape[0], -1, e), ids.reshape(shape[0], -1, k)))
         routed = (self._ragged if cfg.moe_impl == "ragged" else self._dense)(x, weights, ids)
         if self.shared_experts is not None:
             se = self.shared_experts

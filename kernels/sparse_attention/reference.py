@@ -20,8 +20,10 @@ import jax.numpy as jnp
 from v4jax.quant import einsum
 
 
-def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Array, scale: float) -> jax.Array:
-    """q [b, s, h, d], kv [b, n, d], sink [h] (fp32 logits), idx [b, s, k] int (-1 = unused) -> [b, s, h, d]."""
+def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Array, scale: float,
+                     return_lse: bool = False):
+    """q [b, s, h, d], kv [b, n, d], sink [h] (fp32 logits), idx [b, s, k] int (-1 = unused) -> o [b, s, h, d]
+    and, with return_lse, the fp32 log of the softmax denominator (sink included) [b, s, h]."""
     valid = idx >= 0
     keys = jax.vmap(lambda kv_b, i_b: kv_b[i_b])(kv, jnp.where(valid, idx, 0))  # [b, s, k, d]
     z = einsum("bshd,bskd->bshk", q, keys) * scale
@@ -31,5 +33,5 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Arra
     p = jnp.exp(z - m)
     denom = jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink - m)
     # The official kernel multiplies bf16 probabilities with bf16 values (fp32 accumulation): same here.
-    o = einsum("bshk,bskd->bshd", p.astype(kv.dtype), keys) / denom
-    return o.astype(q.dtype)
+    o = (einsum("bshk,bskd->bshd", p.astype(kv.dtype), keys) / denom).astype(q.dtype)
+    return (o, (m + jnp.log(denom))[..., 0]) if return_lse else o
