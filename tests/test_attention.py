@@ -90,7 +90,8 @@ def test_compressor_matches_spec_equations(ratio):
     comp = Compressor(TINY, ratio, 128, rotate=False, rngs=nnx.Rngs(0))
     _randomize(comp, ratio)
     x = np.random.default_rng(1).standard_normal((1, 2 * ratio + 3, TINY.dim)).astype(np.float32)
-    got = np.asarray(comp(jnp.asarray(x), entry_layout(token_layout(None, 1, x.shape[1]), ratio)))[0]
+    lay = token_layout(None, 1, x.shape[1])
+    got = np.asarray(comp(jnp.asarray(x), lay, entry_layout(lay, ratio)))[0]
     want = compressor_reference(x, *(np.asarray(v[...]) for v in (comp.wkv, comp.wgate, comp.ape, comp.norm)),
                                 ratio, TINY)
     assert got.shape == (2, 128)  # only complete windows produce entries

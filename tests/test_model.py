@@ -112,7 +112,7 @@ def test_qat_routes_and_topk_match_official():
         qr = rms_norm(linear(xn, blk.attn.wq_a[...], quantized=True, qat=True), blk.attn.q_norm[...], cfg.norm_eps)
         lay = token_layout(None, 1, 320)
         ent = entry_layout(lay, 4)
-        q, w, keys = blk.attn.indexer(xn, qr, lay.pos, ent)
+        q, w, keys = blk.attn.indexer(xn, qr, lay, ent)
         visible = visible_entries(lay.pos, lay.doc, ent, 4)
         scores = jnp.where(visible, index_scores(q, w, keys, q.dtype), -jnp.inf)
         top = np.asarray(jnp.argsort(-scores, axis=-1)[..., : cfg.index_topk])[0]

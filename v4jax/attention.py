@@ -91,33 +91,97 @@ class Compressor(nnx.Module):
         self.wgate = param(rngs, (width, cfg.dim), ("compress_kv", "embed"), pd)
         self.norm = param(rngs, (head_dim,), ("norm",), pd, "const", 1.0)
 
-    def __call__(self, x: jax.Array, ent: Entries) -> jax.Array:
-        """x [b, T, dim] -> the entries [b, n, head_dim] of the complete windows listed in `ent`."""
-        cfg, m, d = self.cfg, self.ratio, self.head_dim
-        b, n = ent.start.shape
-        if n == 0:  # no complete window yet
-            return jnp.zeros((b, 0, d), x.dtype)
-        # The official code runs the compressor projections and the pooling in fp32.
+    def project(self, x: jax.Array, positions: jax.Array):
+        """Per-token values and gate logits [b, s, width] in fp32 (the official code pools in fp32); the gate
+        includes ape at each token's offset in its window."""
         xf = x.astype(jnp.float32)
-        tokens = ent.start[..., None] + jnp.arange(m)  # [b, n, m]
-        gather = jax.vmap(lambda a, i: a[i])
-        kv = gather(linear(xf, self.wkv[...].astype(jnp.float32)), tokens)  # [b, n, m, width]
-        score = gather(linear(xf, self.wgate[...].astype(jnp.float32)), tokens) + self.ape[...]
-        if self.overlap:
-            # candidates of entry i: window i-1's first halves (absent at a document's first window), then
-            # window i's second halves. A document's windows sit in consecutive slots.
-            def prev(a, fill):
-                a = jnp.pad(a[:, :-1, :, :d], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=fill)
-                return jnp.where((ent.win > 0)[..., None, None], a, fill)
+        kv = linear(xf, self.wkv[...].astype(jnp.float32))
+        score = linear(xf, self.wgate[...].astype(jnp.float32)) + self.ape[...][positions % self.ratio]
+        return kv, score
 
-            kv = jnp.concatenate([prev(kv, 0.0), kv[..., d:]], axis=2)
-            score = jnp.concatenate([prev(score, -jnp.inf), score[..., d:]], axis=2)
-        pooled = jnp.sum(kv * jax.nn.softmax(score, axis=2), axis=2)  # [b, n, d]
-        entry = rms_norm(pooled.astype(x.dtype), self.norm[...], cfg.norm_eps)
-        entry = apply_rope(entry, ent.win * m, rope_frequencies(cfg, compressed=True))
+    def pool(self, kv, score, prev_kv, prev_score, has_prev, win, dtype) -> jax.Array:
+        """Windows kv / score [.., ratio, width] (and, for the overlap, the previous window's rows, used where
+        has_prev [..]) -> finished entries [.., head_dim] for window indices `win` [..]."""
+        cfg, m, d = self.cfg, self.ratio, self.head_dim
+        if self.overlap:  # 8 candidates: the previous window's first halves, then this window's second halves
+            keep = has_prev[..., None, None]
+            kv = jnp.concatenate([jnp.where(keep, prev_kv[..., :d], 0.0), kv[..., d:]], axis=-2)
+            score = jnp.concatenate([jnp.where(keep, prev_score[..., :d], -jnp.inf), score[..., d:]], axis=-2)
+        pooled = jnp.sum(kv * jax.nn.softmax(score, axis=-2), axis=-2)
+        entry = rms_norm(pooled.astype(dtype), self.norm[...], cfg.norm_eps)
+        entry = apply_rope(entry, win * m, rope_frequencies(cfg, compressed=True))
         if cfg.qat:
             entry = mxfp4_fake_quant(hadamard(entry), 32) if self.rotate else kv_fake_quant(entry, cfg.rope_head_dim)
         return entry
+
+    def __call__(self, x: jax.Array, lay: Layout, ent: Entries) -> jax.Array:
+        """x [b, T, dim] -> the entries [b, n, head_dim] of the complete windows listed in `ent`."""
+        b, n = ent.start.shape
+        if n == 0:  # no complete window yet
+            return jnp.zeros((b, 0, self.head_dim), x.dtype)
+        tokens = ent.start[..., None] + jnp.arange(self.ratio)  # [b, n, m]
+        gather = jax.vmap(lambda a, i: a[i])
+        kv, score = (gather(a, tokens) for a in self.project(x, lay.pos))  # [b, n, m, width]
+        # a document's windows sit in consecutive slots: the previous window is the previous slot
+        prev_kv, prev_score = (jnp.pad(a[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0))) for a in (kv, score))
+        return self.pool(kv, score, prev_kv, prev_score, ent.win > 0, ent.win, x.dtype)
+
+    def init_state(self, batch: int) -> "CompressorState":
+        rows = (2 if self.overlap else 1) * self.ratio
+        width = self.wkv.shape[0]
+        return CompressorState(jnp.zeros((batch, rows, width), jnp.float32),
+                               jnp.full((batch, rows, width), -jnp.inf, jnp.float32))
+
+    def step(self, x: jax.Array, start: jax.Array, n_new: jax.Array, state: "CompressorState"):
+        """Compress the next tokens of each sequence: x [b, C, dim] at positions start + j, of which the first
+        n_new [b] are real. The state holds the projections of the current (incomplete) window, slot = position
+        mod ratio, preceded for the overlap by the last complete window. -> (entries [b, K, head_dim], their
+        indices [b, K] (-1: none), new state); K = C // ratio + 2 windows are examined."""
+        m = self.ratio
+        b, C, _ = x.shape
+        off, w0 = start % m, start // m
+        kv, score = self.project(x, start[:, None] + jnp.arange(C))
+        # rows r of the buffer hold positions w0 * m + r: the state's partial window, then the new tokens
+        n_win = C // m + 2
+        r = jnp.arange(n_win * m)[None, :]
+        j = jnp.clip(r - off[:, None], 0, C - 1)
+        from_state = r < off[:, None]
+        cur = (state.kv[:, -m:], state.score[:, -m:])
+
+        def buffer(old, new):
+            rows = jnp.where(from_state[..., None], jnp.take_along_axis(old, jnp.minimum(r, m - 1)[..., None], 1),
+                             jnp.take_along_axis(new, j[..., None], 1))
+            return rows.reshape(b, n_win, m, -1)
+
+        win_kv, win_score = buffer(cur[0], kv), buffer(cur[1], score)
+        win = w0[:, None] + jnp.arange(n_win)
+        done = (off + n_new) // m  # complete windows in the buffer
+        if self.overlap:
+            prev_kv = jnp.concatenate([state.kv[:, None, :m], win_kv[:, :-1]], axis=1)
+            prev_score = jnp.concatenate([state.score[:, None, :m], win_score[:, :-1]], axis=1)
+        else:
+            prev_kv, prev_score = win_kv, win_score  # unused without overlap
+        entries = self.pool(win_kv, win_score, prev_kv, prev_score, win > 0, win, x.dtype)
+        index = jnp.where(jnp.arange(n_win)[None] < done[:, None], win, -1)
+
+        def pick(a, k):  # window k [b] of a [b, n_win, m, width]
+            return jnp.take_along_axis(a, k[:, None, None, None], 1)[:, 0]
+
+        new_cur = [pick(a, done) for a in (win_kv, win_score)]
+        if self.overlap:  # the last complete window becomes "previous" (unchanged if none completed)
+            last = jnp.maximum(done - 1, 0)
+            new_prev = [jnp.where((done > 0)[:, None, None], pick(a, last), old[:, :m])
+                        for a, old in ((win_kv, state.kv), (win_score, state.score))]
+            new_cur = [jnp.concatenate([p_, c_], axis=1) for p_, c_ in zip(new_prev, new_cur)]
+        return entries, index, CompressorState(*new_cur)
+
+
+class CompressorState(NamedTuple):
+    """A compressor's partial-window state (fp32 values and gate logits incl. ape): [b, rows, width], rows =
+    ratio (HCA) or 2 * ratio (CSA: the previous complete window, then the current one)."""
+
+    kv: jax.Array
+    score: jax.Array
 
 
 class Indexer(nnx.Module):
@@ -131,8 +195,8 @@ class Indexer(nnx.Module):
         self.weights_proj = param(rngs, (cfg.index_n_heads, cfg.dim), ("index_heads", "embed"), pd)
         self.compressor = Compressor(cfg, 4, cfg.index_head_dim, rotate=True, rngs=rngs)
 
-    def __call__(self, x: jax.Array, qr: jax.Array, positions: jax.Array, ent: Entries):
-        """-> (queries [b, T, i, d], head weights [b, T, i] fp32, keys [b, n, d])."""
+    def queries(self, x: jax.Array, qr: jax.Array, positions: jax.Array):
+        """-> (queries [b, T, i, d], head weights [b, T, i] fp32)."""
         cfg = self.cfg
         b, T, _ = x.shape
         q = linear(qr, dense(self.wq_b), quantized=True, qat=cfg.qat).reshape(b, T, cfg.index_n_heads, -1)
@@ -140,8 +204,11 @@ class Indexer(nnx.Module):
         if cfg.qat:
             q = mxfp4_fake_quant(hadamard(q), 32)
         w = linear(x, self.weights_proj[...], out_dtype=jnp.float32)
-        w = w * (cfg.index_head_dim**-0.5 * cfg.index_n_heads**-0.5)
-        return q, w, self.compressor(x, ent)
+        return q, w * (cfg.index_head_dim**-0.5 * cfg.index_n_heads**-0.5)
+
+    def __call__(self, x: jax.Array, qr: jax.Array, lay: Layout, ent: Entries):
+        """-> (queries [b, T, i, d], head weights [b, T, i] fp32, keys [b, n, d])."""
+        return (*self.queries(x, qr, lay.pos), self.compressor(x, lay, ent))
 
 
 def window_indices(t: jax.Array, window: int, doc: jax.Array, doc_q: jax.Array) -> jax.Array:
@@ -204,84 +271,169 @@ class Attention(nnx.Module):
         self.compressor = Compressor(cfg, self.ratio, hd, rotate=False, rngs=rngs) if self.ratio else None
         self.indexer = Indexer(cfg, rngs=rngs) if self.ratio == 4 else None
 
+    def _project(self, x: jax.Array, positions: jax.Array):
+        """-> q [b, s, h, d] (per-head RMS, roped), the window kv [b, s, d] (roped, fake-quantized under qat)
+        and the query latent qr [b, s, q_lora] that the indexer shares."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        freqs = rope_frequencies(cfg, compressed=bool(self.ratio))
+        qr = rms_norm(linear(x, dense(self.wq_a), quantized=True, qat=cfg.qat), self.q_norm[...], cfg.norm_eps)
+        q = linear(qr, dense(self.wq_b), quantized=True, qat=cfg.qat).reshape(b, s, cfg.n_heads, cfg.head_dim)
+        q = apply_rope(rms_norm(q, None, cfg.norm_eps), positions, freqs)  # weightless per-head RMS, then rope
+        kv = rms_norm(linear(x, dense(self.wkv), quantized=True, qat=cfg.qat), self.kv_norm[...], cfg.norm_eps)
+        kv = apply_rope(kv, positions, freqs)
+        return q, (kv_fake_quant(kv, cfg.rope_head_dim) if cfg.qat else kv), qr
+
+    def _output(self, o: jax.Array, positions: jax.Array, dtype) -> jax.Array:
+        """Inverse rope of the outputs, then the grouped low-rank projection (heads in o_groups contiguous
+        groups, each with its own A_g, then wo_b)."""
+        cfg = self.cfg
+        b, s = o.shape[:2]
+        o = apply_rope(o, positions, rope_frequencies(cfg, compressed=bool(self.ratio)), inverse=True)
+        g, r = cfg.o_groups, cfg.o_lora_rank
+        o = o.reshape(b, s, g, -1)
+        o = einsum("bsgk,grk->bsgr", o, dense(self.wo_a).astype(o.dtype).reshape(g, r, -1)).astype(dtype)
+        return linear(o.reshape(b, s, g * r), dense(self.wo_b), quantized=True, qat=cfg.qat)
+
+    def _index_inputs(self, x, qr):
+        """With the indexer loss on, the indexer learns from it alone: its inputs carry no gradient (V3.2)."""
+        stop = jax.lax.stop_gradient
+        return (stop(x), stop(qr)) if self.cfg.indexer_loss else (x, qr)
+
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [b, T, dim] (attn-normed block input) -> [b, T, dim]. segment_ids [b, T] marks packed documents:
         positions and compression windows restart at each document and nothing attends across documents."""
-        cfg, ratio = self.cfg, self.ratio
+        ratio = self.ratio
         b, T, _ = x.shape
-        h, hd, rd, qat = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim, cfg.qat
         lay = token_layout(segment_ids, b, T)
-        freqs = rope_frequencies(cfg, compressed=bool(ratio))
-
-        qr = rms_norm(linear(x, dense(self.wq_a), quantized=True, qat=qat), self.q_norm[...], cfg.norm_eps)
-        q = linear(qr, dense(self.wq_b), quantized=True, qat=qat).reshape(b, T, h, hd)
-        q = apply_rope(rms_norm(q, None, cfg.norm_eps), lay.pos, freqs)  # per-head weightless RMS, then rope
-
-        kv = rms_norm(linear(x, dense(self.wkv), quantized=True, qat=qat), self.kv_norm[...], cfg.norm_eps)
-        kv = apply_rope(kv, lay.pos, freqs)
-        if qat:
-            kv = kv_fake_quant(kv, rd)
-
+        q, kv, qr = self._project(x, lay.pos)
         # Keys: [window kv (T rows) ; compressed entries (T // ratio slots)], as the official prefill lays them out.
         ent = entry_layout(lay, ratio) if ratio else None
-        if ratio:
-            kv = jnp.concatenate([kv, self.compressor(x, ent)], axis=1)
         index = None
+        if ratio:
+            kv = jnp.concatenate([kv, self.compressor(x, lay, ent)], axis=1)
         if self.indexer is not None:
-            # With the indexer loss on, the indexer learns from it alone: its inputs carry no gradient (V3.2).
-            xi, qri = (jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr)) if cfg.indexer_loss else (x, qr)
-            index = self.indexer(xi, qri, lay.pos, ent)
+            index = self.indexer(*self._index_inputs(x, qr), lay, ent)
+        t = jnp.broadcast_to(jnp.arange(T), (b, T))
 
-        o = self._attend(q, kv, index, lay, ent)
-        o = apply_rope(o, lay.pos, freqs, inverse=True)
+        def keys(c):  # window key rows and the visibility of each entry slot, for one chunk of queries
+            win = window_indices(c["t"][0], self.cfg.window_size, lay.doc, c["doc"])
+            return win, (visible_entries(c["pos"], c["doc"], ent, ratio) if ratio else None)
 
-        # Grouped low-rank output: heads split into o_groups contiguous groups, each with its own A_g.
-        g, r = cfg.o_groups, cfg.o_lora_rank
-        o = o.reshape(b, T, g, -1)
-        o = einsum("bsgk,grk->bsgr", o, dense(self.wo_a).astype(o.dtype).reshape(g, r, -1)).astype(x.dtype)
-        return linear(o.reshape(b, T, g * r), dense(self.wo_b), quantized=True, qat=qat)
+        o = self._attend(q, kv, index, {"doc": (lay.doc, -1), "pos": (lay.pos, 0), "t": (t, 0)}, keys, T, True)
+        return self._output(o, lay.pos, x.dtype)
 
-    def _attend(self, q, kv, index, lay: Layout, ent: Entries | None) -> jax.Array:
-        """Attention over [window ; compressed] for all T queries, `attn_chunk` queries at a time."""
+    def _attend(self, q, kv, index, query_info, keys, comp_offset: int, sow_stats: bool) -> jax.Array:
+        """Sparse attention of q [b, s, h, d] over kv rows, `attn_chunk` queries at a time. Per chunk, keys(c)
+        gives the window rows [b, chunk, window] and the visible entry slots [b, chunk, n] (entry slot j is kv
+        row comp_offset + j). query_info: {name: ([b, s] array, value for padded queries)} passed to keys.
+        With cfg.indexer_loss and sow_stats, sows the indexer KL (training)."""
         cfg, ratio = self.cfg, self.ratio
-        b, T, h, hd = q.shape
-        n_comp = ent.start.shape[1] if ent is not None else 0
-        chunk = min(cfg.attn_chunk, T)
-        n_chunks = -(-T // chunk)
-        pad = n_chunks * chunk - T
+        b, S, h, hd = q.shape
+        n_comp = kv.shape[1] - comp_offset if ratio else 0
+        chunk = min(cfg.attn_chunk, S)
+        n_chunks = -(-S // chunk)
+        pad = n_chunks * chunk - S
 
-        def split(a, fill=0):  # [b, T, ...] -> [n_chunks, b, chunk, ...]; padded queries see no keys (doc -1)
+        def split(a, fill=0):  # [b, S, ...] -> [n_chunks, b, chunk, ...]
             a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
             return jnp.moveaxis(a.reshape(b, n_chunks, chunk, *a.shape[2:]), 1, 0)
 
-        xs = {"q": split(q), "doc": split(lay.doc, -1), "pos": split(lay.pos),
-              "t": jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)}
+        xs = {k: split(a, fill) for k, (a, fill) in query_info.items()}
+        xs["q"] = split(q)
         if index is not None:
             xs["iq"], xs["iw"] = split(index[0]), split(index[1])
         sink, scale = self.attn_sink[...], hd**-0.5
-        kl_on = index is not None and cfg.indexer_loss and n_comp > 0
+        kl_on = index is not None and cfg.indexer_loss and n_comp > 0 and sow_stats
         use_indexer = index is not None and (kl_on or not cfg.csa_dense)
 
         def one_chunk(c):
-            idx = window_indices(c["t"], cfg.window_size, lay.doc, c["doc"])
+            idx, visible = keys(c)
             comp = None
             if n_comp:
-                visible = visible_entries(c["pos"], c["doc"], ent, ratio)
-                all_visible = jnp.where(visible, T + jnp.arange(n_comp), -1)
                 if use_indexer:
                     scores = jnp.where(visible, index_scores(c["iq"], c["iw"], index[2], q.dtype), -jnp.inf)
                 if index is None or cfg.csa_dense:  # HCA, or CSA's dense phase: every visible entry
-                    comp = all_visible
+                    comp = jnp.where(visible, comp_offset + jnp.arange(n_comp), -1)
                 else:  # CSA: the indexer's top-k of the visible entries
                     top = jax.lax.top_k(scores, min(cfg.index_topk, n_comp))[1]
-                    comp = jnp.where(jnp.take_along_axis(visible, top, axis=-1), T + top, -1)
+                    comp = jnp.where(jnp.take_along_axis(visible, top, axis=-1), comp_offset + top, -1)
                 idx = jnp.concatenate([idx, comp], axis=-1)
             o, lse = sparse_attention(c["q"], kv, sink, idx, scale, return_lse=True)
             if kl_on:
-                return o, indexer_kl(c["q"], kv, lse, comp, scores, T, scale)
+                return o, indexer_kl(c["q"], kv, lse, comp, scores, comp_offset, scale)
             return o, (jnp.zeros(()), jnp.zeros((), jnp.int32))
 
         o, (kl_sum, kl_count) = jax.lax.map(one_chunk, xs)  # o: [n_chunks, b, chunk, h, hd]
         if kl_on:
             self.sow(nnx.Intermediate, "indexer_kl", jnp.sum(kl_sum) / jnp.maximum(jnp.sum(kl_count), 1))
-        return jnp.moveaxis(o, 0, 1).reshape(b, n_chunks * chunk, h, hd)[:, :T]
+        return jnp.moveaxis(o, 0, 1).reshape(b, n_chunks * chunk, h, hd)[:, :S]
+
+    # ---- inference: the same layer over a cache ------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, dtype) -> "AttentionCache":
+        """An empty cache for sequences of up to max_len tokens (spec §4.1)."""
+        cfg, m = self.cfg, self.ratio
+        zeros = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
+        cache = AttentionCache(window=zeros(batch, cfg.window_size, cfg.head_dim))
+        if m:
+            cache = cache._replace(entries=zeros(batch, max_len // m, cfg.head_dim),
+                                   state=self.compressor.init_state(batch))
+        if self.indexer is not None:
+            cache = cache._replace(index_keys=zeros(batch, max_len // m, cfg.index_head_dim),
+                                   index_state=self.indexer.compressor.init_state(batch))
+        return cache
+
+    def step(self, x: jax.Array, cache: "AttentionCache", start: jax.Array, n_new: jax.Array):
+        """The next tokens of each sequence, x [b, C, dim] at positions start [b] + j (the first n_new [b] real;
+        any C, 1 for decoding) -> ([b, C, dim], the updated cache). Keys are the rows of
+        [window ring (W) ; these tokens (C) ; compressed entries (max_len // ratio)]."""
+        cfg, m, W = self.cfg, self.ratio, self.cfg.window_size
+        b, C, _ = x.shape
+        pos = start[:, None] + jnp.arange(C)
+        q, kv, qr = self._project(x, pos)
+
+        def store(buf, new, idx):  # entries new [b, K, d] at slots idx [b, K] (-1: skip)
+            rows = jnp.arange(b)[:, None]
+            return buf.at[rows, jnp.where(idx >= 0, idx, buf.shape[1])].set(new.astype(buf.dtype), mode="drop")
+
+        new_cache = cache
+        if m:
+            ent, slot, state = self.compressor.step(x, start, n_new, cache.state)
+            new_cache = new_cache._replace(entries=store(cache.entries, ent, slot), state=state)
+        index = None
+        if self.indexer is not None:
+            xi, qri = self._index_inputs(x, qr)
+            keys_new, slot, state = self.indexer.compressor.step(xi, start, n_new, cache.index_state)
+            new_cache = new_cache._replace(index_keys=store(cache.index_keys, keys_new, slot), index_state=state)
+            index = (*self.indexer.queries(xi, qri, pos), new_cache.index_keys)
+        kv_all = jnp.concatenate([cache.window.astype(kv.dtype), kv] + ([new_cache.entries.astype(kv.dtype)] if m else []),
+                                 axis=1)
+
+        def keys(c):
+            p, s0 = c["pos"], c["start"]  # [b, chunk]
+            k = p[..., None] - W + 1 + jnp.arange(W)  # key positions
+            win = jnp.where(k < 0, -1, jnp.where(k >= s0[..., None], W + k - s0[..., None], k % W))
+            n = new_cache.entries.shape[1] if m else 0
+            return win, ((jnp.arange(n) + 1) * m <= (p + 1)[..., None] if m else None)
+
+        o = self._attend(q, kv_all, index, {"pos": (pos, 0), "start": (jnp.broadcast_to(start[:, None], pos.shape), 0)},
+                         keys, W + C, False)
+        # the ring keeps the last W real tokens: position p in slot p mod W
+        j = jnp.arange(C)[None]
+        keep = (j < n_new[:, None]) & (j >= n_new[:, None] - W)
+        slot = jnp.where(keep, pos % W, W)
+        window = cache.window.at[jnp.arange(b)[:, None], slot].set(kv.astype(cache.window.dtype), mode="drop")
+        return self._output(o, pos, x.dtype), new_cache._replace(window=window)
+
+
+class AttentionCache(NamedTuple):
+    """One layer's inference state (spec §4.1): the window ring [b, W, d] (position p in slot p mod W); for
+    compressed layers the entries [b, max_len // ratio, d] and the compressor's partial window; for CSA also
+    the indexer's keys [b, max_len // 4, index_head_dim] and its compressor state. Sequence lengths live in
+    the model-level cache."""
+
+    window: jax.Array
+    entries: jax.Array | None = None
+    state: CompressorState | None = None
+    index_keys: jax.Array | None = None
+    index_state: CompressorState | None = None

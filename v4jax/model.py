@@ -14,12 +14,13 @@ e experts, f expert hidden, g output groups, r o_lora rank, i indexer heads, c h
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from v4jax.attention import Attention
+from v4jax.attention import Attention, AttentionCache
 from v4jax.config import ModelConfig
 from v4jax.hyper_connection import hc_head, hc_post, hc_pre
 from v4jax.layers import param, rms_norm
@@ -61,6 +62,17 @@ class Block(nnx.Module):
         x = self._site(x, self.hc_attn, self.attn_norm, lambda y: self.attn(y, segment_ids))
         return self._site(x, self.hc_ffn, self.ffn_norm, lambda y: self.ffn(y, token_ids))
 
+    def step(self, x, token_ids, cache: AttentionCache, start, n_new):
+        """The block over a cache: the next tokens of each sequence (see Attention.step) -> (x, new cache)."""
+        out = {}
+
+        def attn(y):
+            y, out["cache"] = self.attn.step(y, cache, start, n_new)
+            return y
+
+        x = self._site(x, self.hc_attn, self.attn_norm, attn)
+        return self._site(x, self.hc_ffn, self.ffn_norm, lambda y: self.ffn(y, token_ids, False)), out["cache"]
+
 
 class MTPBlock(Block):
     """Multi-token prediction, depth 1 (spec §3.7). Shares the embedding and head with the main model."""
@@ -75,14 +87,18 @@ class MTPBlock(Block):
         self.norm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
         self.hc_head = HCSite(cfg, True, rngs=rngs)
 
+    def mix_inputs(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        """e_proj(enorm(emb)) broadcast to the streams + h_proj(hnorm(x)) per stream: the block's input."""
+        cfg = self.cfg
+        e = linear(rms_norm(emb, self.enorm[...], cfg.norm_eps), dense(self.e_proj), quantized=True, qat=cfg.qat)
+        h = linear(rms_norm(x, self.hnorm[...], cfg.norm_eps), dense(self.h_proj), quantized=True, qat=cfg.qat)
+        return e[:, :, None, :] + h
+
     def __call__(self, x: jax.Array, emb: jax.Array, token_ids: jax.Array,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """x: the main model's final streams [b, s, hc, d]; emb: embeddings of `token_ids` [b, s, d]
         (the tokens one step ahead in training) -> this block's output streams."""
-        cfg = self.cfg
-        e = linear(rms_norm(emb, self.enorm[...], cfg.norm_eps), dense(self.e_proj), quantized=True, qat=cfg.qat)
-        h = linear(rms_norm(x, self.hnorm[...], cfg.norm_eps), dense(self.h_proj), quantized=True, qat=cfg.qat)
-        return super().__call__(e[:, :, None, :] + h, token_ids, segment_ids)
+        return super().__call__(self.mix_inputs(x, emb), token_ids, segment_ids)
 
 
 class Transformer(nnx.Module):
@@ -126,6 +142,29 @@ class Transformer(nnx.Module):
     def __call__(self, token_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         return self.logits(self.hidden(token_ids, segment_ids), self.hc_head, self.norm)
 
+    # ---- inference over a cache ----------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int) -> "Cache":
+        """An empty cache for `batch` sequences of up to max_len tokens (entries kept in the compute dtype)."""
+        dtype = jnp.dtype(self.cfg.compute_dtype)
+        return Cache(lengths=jnp.zeros((batch,), jnp.int32),
+                     layers=tuple(blk.attn.init_cache(batch, max_len, dtype) for blk in self.layers),
+                     mtp=self.mtp.attn.init_cache(batch, max_len, dtype) if self.mtp is not None else None)
+
+    def step(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None = None):
+        """Feed the next tokens of each sequence: token_ids [b, C] (any C: a prefill chunk, or 1 to decode), of
+        which the first n_new [b] are real (default all). -> (logits [b, C, vocab], final streams
+        [b, C, hc, d], the cache advanced by n_new)."""
+        b, C = token_ids.shape
+        n_new = jnp.full((b,), C, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
+        h = self.embed_tokens(token_ids)
+        x = jnp.broadcast_to(h[:, :, None, :], h.shape[:2] + (self.cfg.hc_mult, h.shape[-1]))
+        layers = []
+        for block, layer_cache in zip(self.layers, cache.layers):
+            x, layer_cache = block.step(x, token_ids, layer_cache, cache.lengths, n_new)
+            layers.append(layer_cache)
+        new = cache._replace(lengths=cache.lengths + n_new, layers=tuple(layers))
+        return self.logits(x, self.hc_head, self.norm), x, new
+
     def mtp_logits(self, x: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None,
                    with_stats: bool = False):
         """MTP head on the main streams x [b, s, hc, d] and the tokens it is fed (in training, the input
@@ -136,6 +175,14 @@ class Transformer(nnx.Module):
         stats = pop_stats(self)
         logits = self.logits(y, self.mtp.hc_head, self.mtp.norm)
         return (logits, stats) if with_stats else logits
+
+
+class Cache(NamedTuple):
+    """The model's inference state: tokens seen per sequence [b] and one AttentionCache per layer (+ MTP)."""
+
+    lengths: jax.Array
+    layers: tuple[AttentionCache, ...]
+    mtp: AttentionCache | None
 
 
 def pop_stats(model: nnx.Module) -> dict[str, jax.Array]:

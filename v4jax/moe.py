@@ -113,23 +113,28 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, cfg.n_routed_experts, rngs=rngs)
         self.shared_experts = Experts(cfg, None, rngs=rngs) if cfg.n_shared_experts else None
 
-    def __call__(self, y: jax.Array, token_ids: jax.Array) -> jax.Array:
+    def __call__(self, y: jax.Array, token_ids: jax.Array, sow_stats: bool = True) -> jax.Array:
         """y [b, s, d] (ffn-normed), token_ids [b, s] -> [b, s, d]. Sows the training statistics
-        `expert_load` (and `balance_loss` in score-routed layers); Transformer.hidden collects them."""
+        `expert_load` (and `balance_loss` in score-routed layers) unless told not to (inference);
+        Transformer.hidden collects them."""
         cfg = self.cfg
         shape = y.shape
         x = y.reshape(-1, shape[-1])
         weights, ids, scores = self.gate(x, token_ids.reshape(-1))
-        self.sow(nnx.Intermediate, "expert_load", jnp.zeros(cfg.n_routed_experts).at[ids.reshape(-1)].add(1.0))
-        if not self.gate.hash:
-            e, k = cfg.n_routed_experts, cfg.n_activated_experts
-            self.sow(nnx.Intermediate, "balance_loss",
-                     balance_loss(scores.reshape(shape[0], -1, e), ids.reshape(shape[0], -1, k)))
+        if sow_stats:
+            self._sow_stats(ids, scores, shape[0])
         routed = (self._ragged if cfg.moe_impl == "ragged" else self._dense)(x, weights, ids)
         if self.shared_experts is not None:
             se = self.shared_experts
             routed = routed + expert_ffn(x, dense(se.w1), dense(se.w2), dense(se.w3), cfg.swiglu_limit, cfg.qat)
         return routed.astype(y.dtype).reshape(shape)
+
+    def _sow_stats(self, ids, scores, batch: int):
+        e, k = self.cfg.n_routed_experts, self.cfg.n_activated_experts
+        self.sow(nnx.Intermediate, "expert_load", jnp.zeros(e).at[ids.reshape(-1)].add(1.0))
+        if not self.gate.hash:
+            loss = balance_loss(scores.reshape(batch, -1, e), ids.reshape(batch, -1, k))
+            self.sow(nnx.Intermediate, "balance_loss", loss)
 
     def _dense(self, x, weights, ids):
         """Every expert on every token; the routing weight is zero for experts a token did not pick."""
