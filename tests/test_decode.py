@@ -88,3 +88,19 @@ def test_batched_prompts_of_different_lengths_equal_each_alone():
     for i in (0, 1):
         alone = run([i], [prompts[i]])[0]
         assert rel_err(together[i], alone).max() < 1e-5
+
+
+def test_mtp_over_its_cache_equals_full_mtp(setup):
+    """The MTP block fed chunk by chunk through its window cache equals mtp_logits on the whole sequence."""
+    model, ids, _ = setup
+    ids = ids[:, :200]
+    x = nnx.jit(lambda m, i: m.hidden(i))(model, ids)
+    nxt = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1)
+    full = np.asarray(nnx.jit(lambda m, x, t: m.mtp_logits(x, t))(model, x, nxt))
+    cache = model.init_cache(1, 256)
+    step = nnx.jit(lambda m, c, x, t: m.mtp_step(c, x, t))
+    outs = []
+    for s in range(0, 200, 50):
+        logits, cache = step(model, cache, x[:, s:s + 50], nxt[:, s:s + 50])
+        outs.append(np.asarray(logits))
+    assert rel_err(np.concatenate(outs, 1), full).max() < 1e-5

@@ -146,9 +146,10 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> "Cache":
         """An empty cache for `batch` sequences of up to max_len tokens (entries kept in the compute dtype)."""
         dtype = jnp.dtype(self.cfg.compute_dtype)
-        return Cache(lengths=jnp.zeros((batch,), jnp.int32),
-                     layers=tuple(blk.attn.init_cache(batch, max_len, dtype) for blk in self.layers),
-                     mtp=self.mtp.attn.init_cache(batch, max_len, dtype) if self.mtp is not None else None)
+        zeros = jnp.zeros((batch,), jnp.int32)
+        return Cache(lengths=zeros, layers=tuple(blk.attn.init_cache(batch, max_len, dtype) for blk in self.layers),
+                     mtp=self.mtp.attn.init_cache(batch, max_len, dtype) if self.mtp is not None else None,
+                     mtp_lengths=zeros)
 
     def step(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None = None):
         """Feed the next tokens of each sequence: token_ids [b, C] (any C: a prefill chunk, or 1 to decode), of
@@ -165,6 +166,16 @@ class Transformer(nnx.Module):
         new = cache._replace(lengths=cache.lengths + n_new, layers=tuple(layers))
         return self.logits(x, self.hc_head, self.norm), x, new
 
+    def mtp_step(self, cache: "Cache", x: jax.Array, token_ids: jax.Array, n_new: jax.Array | None = None):
+        """The MTP block over its own cache: x [b, C, hc, d] the main streams at its next positions and
+        token_ids [b, C] the tokens one ahead of them -> (logits [b, C, vocab] for the tokens two ahead, cache)."""
+        b, C = token_ids.shape
+        n_new = jnp.full((b,), C, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
+        y = self.mtp.mix_inputs(x, self.embed_tokens(token_ids))
+        y, mtp_cache = self.mtp.step(y, token_ids, cache.mtp, cache.mtp_lengths, n_new)
+        new = cache._replace(mtp=mtp_cache, mtp_lengths=cache.mtp_lengths + n_new)
+        return self.logits(y, self.mtp.hc_head, self.mtp.norm), new
+
     def mtp_logits(self, x: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None,
                    with_stats: bool = False):
         """MTP head on the main streams x [b, s, hc, d] and the tokens it is fed (in training, the input
@@ -178,11 +189,13 @@ class Transformer(nnx.Module):
 
 
 class Cache(NamedTuple):
-    """The model's inference state: tokens seen per sequence [b] and one AttentionCache per layer (+ MTP)."""
+    """The model's inference state: tokens seen per sequence [b], one AttentionCache per layer, and the MTP
+    block's cache with its own length (it runs one position behind: it needs the next token)."""
 
     lengths: jax.Array
     layers: tuple[AttentionCache, ...]
     mtp: AttentionCache | None
+    mtp_lengths: jax.Array
 
 
 def pop_stats(model: nnx.Module) -> dict[str, jax.Array]:

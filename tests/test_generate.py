@@ -1,0 +1,69 @@
+"""Generation: sampling rules, batched generation, MTP self-speculation equal to greedy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infer.generate import SamplingParams, generate, generate_speculative, sample
+from test_decode import _model
+
+
+def test_sampling_rules():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    key = jax.random.key(0)
+    assert int(sample(logits, key, SamplingParams())[0]) == 0
+    keys = jax.random.split(key, 400)
+    draw = lambda p: np.asarray([int(sample(logits, k, p)[0]) for k in keys])  # noqa: E731
+    assert set(draw(SamplingParams(temperature=1.0, top_k=2))) == {0, 1}
+    assert set(draw(SamplingParams(temperature=1.0, top_p=0.7))) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    full = draw(SamplingParams(temperature=1.0))
+    assert set(full) == {0, 1, 2, 3} and abs((full == 0).mean() - 0.5) < 0.1
+
+
+def test_batched_generation_equals_each_alone_and_speculation_equals_greedy():
+    model = _model()
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, 1024, n)) for n in (9, 23)]
+    params = SamplingParams(max_new_tokens=12)
+    together = generate(model, prompts, params)
+    for i, p in enumerate(prompts):
+        assert generate(model, [p], params)[0] == together[i]
+        tokens, rate = generate_speculative(model, p, 12)
+        assert tokens == together[i] and 0.0 <= rate <= 1.0
+
+
+def test_speculation_accepts_drafts_of_a_model_that_learned_a_cycle():
+    """A tiny model trained (main + MTP loss) to continue an 11-token cycle: its MTP drafts are right, so most
+    are accepted (two tokens per main step), and the output still equals plain greedy decoding."""
+    import optax
+    from flax import nnx
+
+    from v4jax.config import ModelConfig
+    from v4jax.model import Transformer
+
+    model = Transformer(ModelConfig.preset("tiny", compute_dtype="float32"), rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    rng = np.random.default_rng(0)
+    cycle = np.tile(rng.integers(0, 1024, 11), 12)
+    ce = optax.softmax_cross_entropy_with_integer_labels
+
+    def loss_fn(m, ids):
+        x = m.hidden(ids[:, :-2])
+        main = ce(m.logits(x, m.hc_head, m.norm), ids[:, 1:-1]).mean()
+        return main + ce(m.mtp_logits(x, ids[:, 1:-1]), ids[:, 2:]).mean()
+
+    @nnx.jit
+    def step(m, opt, ids):
+        loss, grads = nnx.value_and_grad(loss_fn)(m, ids)
+        opt.update(m, grads)
+        return loss
+
+    for _ in range(20):
+        step(model, opt, jnp.asarray(np.stack([cycle[o:o + 66] for o in rng.integers(0, 11, 4)])))
+    prompt = list(cycle[3:15])
+    greedy = generate(model, [prompt], SamplingParams(max_new_tokens=20))[0]
+    tokens, rate = generate_speculative(model, prompt, 20)
+    assert tokens == greedy and rate >= 0.5
+    assert greedy[:11] == list(cycle[15:26])  # it did learn the cycle
