@@ -14,6 +14,7 @@ output is token for token the greedy output.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -52,12 +53,15 @@ def sample(logits: jax.Array, key: jax.Array, p: SamplingParams) -> jax.Array:
     return jax.random.categorical(key, logits, axis=-1)
 
 
-@nnx.jit
-def _step(model: Transformer, cache: Cache, tokens: jax.Array, n_new: jax.Array):
+def _step_fn(model: Transformer, cache: Cache, tokens: jax.Array, n_new: jax.Array):
     return model.step(cache, tokens, n_new)
 
 
-@nnx.jit
+_step = nnx.jit(_step_fn, donate_argnums=1)  # the cache is updated in place
+_step_keep = nnx.jit(_step_fn)  # speculation's verify step: the cache before it may still be needed
+
+
+@functools.partial(nnx.jit, donate_argnums=1)
 def _mtp_step(model: Transformer, cache: Cache, x: jax.Array, tokens: jax.Array, n_new: jax.Array):
     return model.mtp_step(cache, x, tokens, n_new)
 
@@ -133,7 +137,7 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
         ts = jnp.asarray([(pend_t + [0])[:2]])
         mtp_logits, cache = _mtp_step(model, cache, xs, ts, jnp.asarray([n_pend]))
         draft = int(jnp.argmax(mtp_logits[0, n_pend - 1]))
-        logits2, x2, verified = _step(model, cache, jnp.asarray([[token, draft]]), two)
+        logits2, x2, verified = _step_keep(model, cache, jnp.asarray([[token, draft]]), two)
         truth = int(jnp.argmax(logits2[0, 0]))
         drafts += 1
         if truth == draft:

@@ -146,10 +146,10 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> "Cache":
         """An empty cache for `batch` sequences of up to max_len tokens (entries kept in the compute dtype)."""
         dtype = jnp.dtype(self.cfg.compute_dtype)
-        zeros = jnp.zeros((batch,), jnp.int32)
-        return Cache(lengths=zeros, layers=tuple(blk.attn.init_cache(batch, max_len, dtype) for blk in self.layers),
+        return Cache(lengths=jnp.zeros((batch,), jnp.int32),  # distinct buffers: steps donate the cache
+                     layers=tuple(blk.attn.init_cache(batch, max_len, dtype) for blk in self.layers),
                      mtp=self.mtp.attn.init_cache(batch, max_len, dtype) if self.mtp is not None else None,
-                     mtp_lengths=zeros)
+                     mtp_lengths=jnp.zeros((batch,), jnp.int32))
 
     def step(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None = None):
         """Feed the next tokens of each sequence: token_ids [b, C] (any C: a prefill chunk, or 1 to decode), of
