@@ -12,6 +12,7 @@ rotate_activation -> hadamard; linear() -> linear.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -101,3 +102,58 @@ def dense(var) -> jax.Array:
     """The value of a weight Variable as a dense array (quantized storage is dequantized to fp32)."""
     value = var.get_value()
     return value.dequantize(jnp.float32) if isinstance(value, QuantizedWeight) else value
+
+
+# ---- released storage formats kept in the parameter tree (spec §5.2 encoding details) ----------------------
+def _ue8m0_to_f32(scale: jax.Array) -> jax.Array:
+    """UE8M0 exponent bytes (stored as uint8) -> 2^(b - 127) exactly; F32 scales (Base models) pass through."""
+    if scale.dtype == jnp.float32:
+        return scale
+    return jnp.ldexp(jnp.float32(1.0), scale.astype(jnp.int32) - 127)
+
+
+def _expand_blocks(s: jax.Array, shape: tuple[int, ...], rows: int, cols: int) -> jax.Array:
+    """A per-block grid [.., ceil(r/rows), ceil(c/cols)] repeated over [.., r, c]."""
+    s = jnp.repeat(jnp.repeat(s, rows, axis=-2), cols, axis=-1)
+    return s[..., : shape[-2], : shape[-1]]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp8Weight(QuantizedWeight):
+    """FP8 e4m3 weight [.., out, in] with one UE8M0 scale per 128x128 block ([.., ceil(out/128), ceil(in/128)]
+    uint8 exponent bytes, the checkpoint's F8_E8M0 bytes; or float32 scales): w = data * 2^(scale - 127)."""
+
+    data: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        s = _expand_blocks(_ue8m0_to_f32(self.scale), self.shape, 128, 128)
+        return (self.data.astype(jnp.float32) * s).astype(dtype)
+
+
+_E2M1_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mxfp4Weight(QuantizedWeight):
+    """MXFP4 weight: `packed` uint8 (or int8) [.., out, in/2] holding two e2m1 codes per byte along K (low nibble
+    = even element), `scale` uint8 UE8M0 exponents [.., out, in/32]: w = e2m1 * 2^(scale - 127)."""
+
+    packed: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.packed.shape[:-1], 2 * self.packed.shape[-1])
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        b = self.packed.astype(jnp.uint8)
+        lut = jnp.asarray(_E2M1_VALUES)
+        vals = jnp.stack([lut[b & 0xF], lut[b >> 4]], axis=-1).reshape(self.shape)
+        return (vals * _expand_blocks(_ue8m0_to_f32(self.scale), self.shape, 1, 32)).astype(dtype)
