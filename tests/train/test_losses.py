@@ -1,0 +1,104 @@
+"""The training objective (train/losses.py): masks across packed documents, MTP targets, the MTP weight schedule,
+and the two balancing mechanisms on a router built to be unbalanced."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train import losses
+from v4jax.config import ModelConfig
+from v4jax.model import Transformer
+from v4jax.moe import MoE
+
+
+def test_cross_entropy_counts_only_masked_positions():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 7)), jnp.float32)
+    targets = jnp.asarray([[1, 2, 3, 4, 5], [0, 1, 2, 3, 4]])
+    mask = jnp.asarray([[1, 1, 0, 0, 1], [0, 0, 0, 0, 1]], bool)
+    ce = -jax.nn.log_softmax(logits)[jnp.arange(2)[:, None], jnp.arange(5), targets]
+    assert np.isclose(losses.cross_entropy(logits, targets, mask), ce[mask].mean(), rtol=1e-6)
+
+
+def test_mtp_weight_drops_when_the_lr_decay_starts():
+    got = [losses.mtp_weight(s, 100) for s in (0, 99, 100, 500)]
+    assert np.allclose(got, [0.3, 0.3, 0.1, 0.1])
+
+
+def test_objective_matches_a_direct_computation_on_packed_rows():
+    """lm loss = CE of tokens i + 1 within each document; MTP = CE of token i + 2 from mtp_logits fed token
+    i + 1, within the document; the total adds 0.3 * MTP and 1e-4 * the summed balance losses."""
+    cfg = ModelConfig.preset("tiny", compute_dtype="float32")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 41)))
+    seg = jnp.asarray(np.repeat([[0] * 20 + [1] * 21], 2, axis=0))
+    weights = {"lm": 1.0, "mtp": 0.3, "balance": 1e-4, "indexer": 0.0}
+    loss, metrics, loads = nnx.jit(losses.objective)(model, tokens, seg, weights)
+
+    x = model.hidden(tokens[:, :-1], seg[:, :-1])
+    logp = jax.nn.log_softmax(model.logits(x, model.hc_head, model.norm))
+    pos = [i for i in range(40) if i != 19]  # position 19 ends document 0: its next token is document 1's
+    lm = -np.mean([logp[b, i, tokens[b, i + 1]] for b in range(2) for i in pos])
+    mlogp = jax.nn.log_softmax(model.mtp_logits(x, tokens[:, 1:], seg[:, :-1]))
+    mpos = [i for i in range(39) if i not in (18, 19)]
+    mtp = -np.mean([mlogp[b, i, tokens[b, i + 2]] for b in range(2) for i in mpos])
+    assert np.isclose(metrics["lm_loss"], lm, rtol=1e-5) and np.isclose(metrics["mtp_loss"], mtp, rtol=1e-5)
+    n_score = cfg.n_layers - cfg.n_hash_layers + 1  # + the MTP block's MoE
+    assert 0.5 * n_score < metrics["balance_loss"] < 2 * n_score  # ~1 per layer near uniform routing
+    assert np.isclose(loss, lm + 0.3 * mtp + 1e-4 * metrics["balance_loss"], rtol=1e-6)
+    assert len(loads) == cfg.n_layers + 1 and all(float(v.sum()) == 80 * cfg.n_activated_experts
+                                                   for v in loads.values())
+
+
+def skewed_moe():
+    """One score-routed MoE layer whose router strongly prefers experts 0-2 for the inputs below."""
+    cfg = ModelConfig.preset("tiny", n_hash_layers=0, compute_dtype="float32")
+    moe = MoE(cfg, 0, rngs=nnx.Rngs(0))
+    y = jnp.asarray(np.random.default_rng(1).normal(size=(4, 64, cfg.dim)) + 0.5, jnp.float32)
+    w = moe.gate.weight[...]
+    moe.gate.weight[...] = w.at[:3].set(0.005)  # rows aligned with the inputs' mean direction
+    return moe, y
+
+
+@nnx.jit
+def loads_of(moe, y):
+    moe(y, jnp.zeros(y.shape[:2], jnp.int32))
+    inter = nnx.pop(moe, nnx.Intermediate)
+    return inter["expert_load"][-1], inter["balance_loss"][-1]
+
+
+def spread(load):
+    load = np.asarray(load)
+    return load.max() / load.mean()
+
+
+def test_bias_update_moves_loads_towards_balance():
+    moe, y = skewed_moe()
+    first, _ = loads_of(moe, y)
+    assert spread(first) > 2.5  # built unbalanced
+    for _ in range(300):  # the spec's speed 0.001 per step
+        load, _ = loads_of(moe, y)
+        moe.gate.bias[...] = losses.router_bias_updates({"l": load}, {"l": moe.gate.bias[...]}, 1e-3)["l"]
+    last, _ = loads_of(moe, y)
+    assert spread(last) < 0.6 * spread(first), (spread(first), spread(last))
+    assert float(moe.gate.bias[:3].max()) < 0 < float(moe.gate.bias[3:].max())  # overloaded experts pushed down
+
+
+def test_balance_loss_gradient_moves_loads_towards_balance():
+    moe, y = skewed_moe()
+    first, b0 = loads_of(moe, y)
+
+    def balance(m):  # the sown balance loss, differentiated w.r.t. the router weight only
+        m(y, jnp.zeros(y.shape[:2], jnp.int32))
+        return nnx.pop(m, nnx.Intermediate)["balance_loss"][-1]
+
+    router = nnx.All(nnx.Param, nnx.PathContains("gate"))
+    grad = nnx.jit(nnx.grad(balance, argnums=nnx.DiffState(0, router)))
+    for _ in range(40):
+        moe.gate.weight[...] = moe.gate.weight[...] - 0.05 * grad(moe)["gate"]["weight"][...]
+    last, b1 = loads_of(moe, y)
+    assert float(b1) < float(b0)
+    assert spread(last) < 0.8 * spread(first), (spread(first), spread(last))

@@ -1,0 +1,136 @@
+"""The training loop (train/pretrain.py) end to end, in subprocesses: kill -9 during a checkpoint write and
+resume with bitwise-equal losses, and two jax.distributed processes on 127.0.0.1 sharing one mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train import tokenizer as tokenizer_lib
+from train.data import tokenize_files
+from train.pretrain import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = """
+model:
+  preset: tiny
+  overrides: {n_layers: 2, n_hash_layers: 1, compress_ratios: [4, 128, 0], n_routed_experts: 8, n_heads: 4,
+              o_groups: 2, moe_inter_dim: 64, index_n_heads: 4}
+data: {path: DATA}
+stages:
+  - {until_step: 6, batch_size: 4, seq_len: 64, attention: sparse}
+schedule: {peak_lr: 3.0e-3, final_lr: 3.0e-4, warmup_steps: 2, decay_start: 4}
+checkpoint: {every: 2, keep: 5}
+log_every: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    tokenize_files(tokenizer_lib.stdlib_files()[:30], root / "data")
+    path = root / "small.yaml"
+    path.write_text(SMALL.replace("DATA", str(root / "data")))
+    return path
+
+
+def run(args, env_extra=None, check=True):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env_extra or {})}
+    p = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["loss"]  # a resumed run re-logs steps after its checkpoint: the last record counts
+    return out
+
+
+# Runs train.pretrain, but SIGKILLs itself right after the save of step 4 started (the async write in flight).
+KILL_IN_WRITE = """
+import os, signal, sys
+import train.pretrain as p
+real = p.save
+def save(manager, step, *a, **k):
+    real(manager, step, *a, **k)
+    if step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+p.save = save
+p.main(sys.argv[1:])
+"""
+
+
+def test_kill_during_checkpoint_write_then_resume_bitwise(small_config, tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    run(["-m", "train.pretrain", str(small_config), f"run_dir={ref_dir}"])
+    ref = losses_by_step(ref_dir)
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6]
+
+    killed = run(["-c", KILL_IN_WRITE, str(small_config), f"run_dir={run_dir}"], check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpts = run_dir / "checkpoints"
+    complete = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert complete == [2], f"only step 2 was committed before the kill, found {sorted(os.listdir(ckpts))}"
+
+    resumed = run(["-m", "train.pretrain", str(small_config), f"run_dir={run_dir}"])
+    assert "resumed from" in resumed.stdout and "(step 2," in resumed.stdout
+    got = losses_by_step(run_dir)
+    assert all(got[s] == ref[s] for s in range(1, 7)), (got, ref)  # bitwise: floats compared with ==
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4, 6]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_a_mesh_and_write_one_checkpoint(small_config, tmp_path):
+    """Two jax.distributed processes with 2 CPU devices each: a 4-device mesh (data 2 x fsdp 2) spanning both,
+    a few steps, one checkpoint written jointly; the losses equal a one-process run on 4 devices."""
+    port = free_port()
+    common = [str(small_config), f"run_dir={tmp_path / 'multi'}", "mesh={data: 2, fsdp: 2, expert: 1, tensor: 1}",
+              "stages=[{until_step: 2, batch_size: 4, seq_len: 64, attention: sparse}]", "checkpoint.every=2"]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "train.pretrain", *common, f"distributed.coordinator_address=127.0.0.1:{port}",
+         "distributed.num_processes=2", f"distributed.process_id={i}"],
+        cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outs = [p.communicate(timeout=500) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"{out[-2000:]}\n{err[-3000:]}"
+    assert "2 process(es), 4 device(s)" in outs[0][0]
+    assert (tmp_path / "multi" / "checkpoints" / "2").is_dir()
+    multi = losses_by_step(tmp_path / "multi")
+
+    single = tmp_path / "single"
+    run(["-m", "train.pretrain", *common[:1], f"run_dir={single}", *common[2:]],
+        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    ref = losses_by_step(single)
+    assert all(abs(multi[s] - ref[s]) < 1e-4 * abs(ref[s]) for s in (1, 2)), (multi, ref)
+
+
+def test_config_errors_name_the_key(small_config):
+    with pytest.raises(SystemExit, match="unknown key 'schedul'"):
+        load_config([str(small_config), "schedul.peak_lr=1"])
+    with pytest.raises(SystemExit, match="attention 'sparce'"):
+        load_config([str(small_config), "stages=[{until_step: 2, attention: sparce}]"])
+    cfg = load_config([str(small_config), "schedule.peak_lr=1e-3", "loss.mtp_weight=0.2"])
+    assert cfg["schedule"]["peak_lr"] == 1e-3 and cfg["loss"]["mtp_weight"] == 0.2
+
+
+def test_every_run_config_loads():
+    for path in sorted((REPO / "configs" / "train").glob("*.yaml")):
+        cfg = load_config([str(path)])
+        assert cfg["stages"] and cfg["stages"][-1]["until_step"] > 0, path

@@ -1,0 +1,172 @@
+"""Training data: tokenised shards on disk, and a loader that packs documents into rows (spec §6.1 "Data").
+
+Shard format (a folder): `meta.json` plus, per shard, `NNNNN.tokens.npy` (all documents' token ids back to
+back, uint16 when the vocabulary fits, else uint32) and `NNNNN.docs.npy` (int64 document start offsets, with
+the end as last entry). Every document starts with the tokenizer's `<|doc|>` (id 0). Files are memory-mapped.
+
+Packing. Each epoch orders all documents by a permutation seeded with (seed, epoch) and concatenates them into
+one token stream; the epochs follow each other. A row of length L is the L + 1 tokens at stream offsets
+[o, o + L] (inputs are the first L, targets the last L), and the next row starts at o + L: no token is dropped
+and there is no padding. `segment_ids` number the documents inside a row (0, 1, ...); the model restarts
+positions at 0 at each document start, aligns compression windows to it (a tail shorter than the ratio makes
+no entry) and lets no attention cross documents. A document cut by a row boundary continues in the next row as
+that row's first document, from position 0. The loader's whole state is the stream offset: resuming at a saved
+offset reproduces the batches exactly, and the row length or batch size may change between stages.
+
+Commands:
+    python -m train.data tokenize --input DIR [--pattern '**/*.txt'] --output OUT [--tokenizer T.json]
+    python -m train.data stdlib --output OUT      # the embedded default corpus with the shipped tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from train import tokenizer as tokenizer_lib
+
+FORMAT = "v4jax-token-shards-1"
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+
+def write_shards(docs, out: str | Path, vocab_size: int, shard_tokens: int = 1 << 24, info: dict | None = None):
+    """Write an iterable of token-id sequences (each starting with <|doc|>) as shards; returns the meta dict.
+    The folder appears atomically: it is written beside `out` and renamed when complete."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: remove it or choose another --output")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    shards, counts = [], np.zeros(vocab_size, np.int64)
+    buf, starts, n = [], [0], 0
+
+    def flush():
+        name = f"{len(shards):05d}"
+        np.save(tmp / f"{name}.tokens.npy", np.concatenate(buf).astype(dtype))
+        np.save(tmp / f"{name}.docs.npy", np.asarray(starts, np.int64))
+        shards.append({"name": name, "n_tokens": int(starts[-1]), "n_docs": len(starts) - 1})
+
+    for ids in docs:
+        ids = np.asarray(ids, np.int64)
+        counts += np.bincount(ids, minlength=vocab_size)
+        buf.append(ids)
+        n += len(ids)
+        starts.append(n)
+        if n >= shard_tokens:
+            flush()
+            buf, starts, n = [], [0], 0
+    if len(starts) > 1:
+        flush()
+    if not shards:
+        raise ValueError("no documents to write")
+    p = counts[counts > 0] / counts.sum()
+    meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "shards": shards,
+            "n_tokens": int(counts.sum()), "n_docs": sum(s["n_docs"] for s in shards),
+            "unigram_entropy_nats": float(-(p * np.log(p)).sum()), **(info or {})}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out)
+    return meta
+
+
+def tokenize_files(files: list[Path], out: str | Path, tokenizer_path: str | Path = tokenizer_lib.SHIPPED,
+                   batch: int = 256) -> dict:
+    """Tokenise text files (one document each) into shards, in the sorted order given."""
+    tok = tokenizer_lib.load(tokenizer_path)
+
+    def docs():
+        for i in range(0, len(files), batch):
+            texts = [f.read_text(encoding="utf-8", errors="replace") for f in files[i:i + batch]]
+            for enc in tok.encode_batch(texts):
+                yield [0] + enc.ids
+
+    return write_shards(docs(), out, tok.get_vocab_size(), info={"tokenizer": str(tokenizer_path),
+                                                                 "n_files": len(files)})
+
+
+# ---- reading and packing ----------------------------------------------------------------------------------
+
+class PackedStream:
+    """The epoch-permuted document stream of a shard folder, read as packed rows (module docstring)."""
+
+    def __init__(self, path: str | Path, seed: int):
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.exists():
+            raise FileNotFoundError(f"{meta_file} not found: tokenise a corpus first with `python -m train.data`")
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} folder (format {self.meta.get('format')!r})")
+        self.seed = seed
+        toks = [np.load(path / f"{s['name']}.tokens.npy", mmap_mode="r") for s in self.meta["shards"]]
+        starts = [np.load(path / f"{s['name']}.docs.npy") for s in self.meta["shards"]]
+        # one entry per document: (shard, start, length)
+        self._tokens = toks
+        self._doc_shard = np.concatenate([np.full(len(s) - 1, i) for i, s in enumerate(starts)])
+        self._doc_start = np.concatenate([s[:-1] for s in starts])
+        self._doc_len = np.concatenate([np.diff(s) for s in starts])
+        self.epoch_tokens = int(self._doc_len.sum())
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _epoch(self, e: int):
+        """(document order, cumulative end offsets) of epoch e."""
+        if self._epoch_cache is None or self._epoch_cache[0] != e:
+            order = np.random.default_rng([self.seed, e]).permutation(len(self._doc_len))
+            self._epoch_cache = (e, order, np.cumsum(self._doc_len[order]))
+        return self._epoch_cache[1:]
+
+    def read(self, offset: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [n] at stream offsets [offset, offset + n) and a document number per token (increasing)."""
+        tokens, docs = [], []
+        while n > 0:
+            e, pos = divmod(offset, self.epoch_tokens)
+            order, ends = self._epoch(e)
+            k = int(np.searchsorted(ends, pos, side="right"))  # the document holding `pos`
+            d = order[k]
+            within = pos - (ends[k] - self._doc_len[d])
+            take = min(n, int(self._doc_len[d] - within))
+            start = self._doc_start[d] + within
+            tokens.append(np.asarray(self._tokens[self._doc_shard[d]][start:start + take]))
+            docs.append(np.full(take, len(docs)))
+            offset, n = offset + take, n - take
+        return np.concatenate(tokens).astype(np.int32), np.concatenate(docs).astype(np.int32)
+
+    def batch(self, offset: int, rows: int, seq_len: int) -> dict[str, np.ndarray]:
+        """`rows` packed rows of seq_len inputs starting at stream offset `offset`: tokens and segment_ids
+        [rows, seq_len + 1] (the last column is the final target). The next batch starts at
+        offset + rows * seq_len."""
+        toks, segs = zip(*(self.read(offset + r * seq_len, seq_len + 1) for r in range(rows)))
+        return {"tokens": np.stack(toks), "segment_ids": np.stack(segs)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m train.data", description="Tokenise text into training shards.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tokenize", help="tokenise a folder of text files (one document per file)")
+    t.add_argument("--input", required=True)
+    t.add_argument("--pattern", default="**/*.txt", help="glob of the files under --input")
+    t.add_argument("--tokenizer", default=str(tokenizer_lib.SHIPPED))
+    t.add_argument("--output", required=True)
+    s = sub.add_parser("stdlib", help="the embedded default corpus: the Python standard library, shipped tokenizer")
+    s.add_argument("--output", required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "tokenize":
+        files = sorted(p for p in Path(args.input).glob(args.pattern) if p.is_file())
+        if not files:
+            raise SystemExit(f"no files match {args.pattern!r} under {args.input}")
+        meta = tokenize_files(files, args.output, args.tokenizer)
+    else:
+        meta = tokenize_files(tokenizer_lib.stdlib_files(), args.output)
+    print(f"{args.output}: {meta['n_docs']} documents, {meta['n_tokens']:,} tokens in {len(meta['shards'])} "
+          f"shard(s); unigram entropy {meta['unigram_entropy_nats']:.3f} nats/token")
+
+
+if __name__ == "__main__":
+    main()
