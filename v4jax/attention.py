@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.sparse_attention import sparse_attention
+from v4jax import kv_cache
 from v4jax.config import ModelConfig
 from v4jax.layers import apply_rope, param, rms_norm, rope_frequencies
 from v4jax.quant import dense, einsum, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant
@@ -370,17 +371,18 @@ class Attention(nnx.Module):
         return jnp.moveaxis(o, 0, 1).reshape(b, n_chunks * chunk, h, hd)[:, :S]
 
     # ---- inference: the same layer over a cache ------------------------------------------------------------
-    def init_cache(self, batch: int, max_len: int, dtype) -> "AttentionCache":
-        """An empty cache for sequences of up to max_len tokens (spec §4.1)."""
+    def init_cache(self, batch: int, max_len: int, kv_format: str, index_format: str) -> "AttentionCache":
+        """An empty cache for sequences of up to max_len tokens (spec §4.1); window ring and entries stored as
+        kv_format, indexer keys as index_format (v4jax.kv_cache)."""
         cfg, m = self.cfg, self.ratio
-        zeros = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
-        cache = AttentionCache(window=zeros(batch, cfg.window_size, cfg.head_dim))
+        kv = lambda n: kv_cache.empty_kv(kv_format, (batch, n), cfg.head_dim, cfg.rope_head_dim)  # noqa: E731
+        cache = AttentionCache(window=kv(cfg.window_size))
         if m:
-            cache = cache._replace(entries=zeros(batch, max_len // m, cfg.head_dim),
-                                   state=self.compressor.init_state(batch))
+            cache = cache._replace(entries=kv(max_len // m), state=self.compressor.init_state(batch))
         if self.indexer is not None:
-            cache = cache._replace(index_keys=zeros(batch, max_len // m, cfg.index_head_dim),
-                                   index_state=self.indexer.compressor.init_state(batch))
+            cache = cache._replace(
+                index_keys=kv_cache.empty_index_keys(index_format, (batch, max_len // m), cfg.index_head_dim),
+                index_state=self.indexer.compressor.init_state(batch))
         return cache
 
     def step(self, x: jax.Array, cache: "AttentionCache", start: jax.Array, n_new: jax.Array):
@@ -388,32 +390,31 @@ class Attention(nnx.Module):
         any C, 1 for decoding) -> ([b, C, dim], the updated cache). Keys are the rows of
         [window ring (W) ; these tokens (C) ; compressed entries (max_len // ratio)]."""
         cfg, m, W = self.cfg, self.ratio, self.cfg.window_size
-        b, C, _ = x.shape
+        C = x.shape[1]
         pos = start[:, None] + jnp.arange(C)
         q, kv, qr = self._project(x, pos)
 
-        def store(buf, new, idx):  # entries new [b, K, d] at slots idx [b, K] (-1: skip)
-            rows = jnp.arange(b)[:, None]
-            return buf.at[rows, jnp.where(idx >= 0, idx, buf.shape[1])].set(new.astype(buf.dtype), mode="drop")
-
-        new_cache = cache
+        # New entries and keys are encoded into the cache's storage format, then the whole buffer is read back
+        # (decoded) for attention: this step's own tokens see stored entries exactly as later steps will.
+        new_cache, entries = cache, []
         if m:
             ent, slot, state = self.compressor.step(x, start, n_new, cache.state)
-            new_cache = new_cache._replace(entries=store(cache.entries, ent, slot), state=state)
+            new_cache = new_cache._replace(entries=kv_cache.write(cache.entries, ent, slot), state=state)
+            entries = [kv_cache.read(new_cache.entries, kv.dtype)]  # [b, max_len // m, d]
         index = None
         if self.indexer is not None:
             xi, qri = self._index_inputs(x, qr)
             keys_new, slot, state = self.indexer.compressor.step(xi, start, n_new, cache.index_state)
-            new_cache = new_cache._replace(index_keys=store(cache.index_keys, keys_new, slot), index_state=state)
-            index = (*self.indexer.queries(xi, qri, pos), new_cache.index_keys)
-        kv_all = jnp.concatenate([cache.window.astype(kv.dtype), kv] + ([new_cache.entries.astype(kv.dtype)] if m else []),
-                                 axis=1)
+            new_cache = new_cache._replace(index_keys=kv_cache.write(cache.index_keys, keys_new, slot),
+                                           index_state=state)
+            index = (*self.indexer.queries(xi, qri, pos), kv_cache.read(new_cache.index_keys, kv.dtype))
+        kv_all = jnp.concatenate([kv_cache.read(cache.window, kv.dtype), kv] + entries, axis=1)
 
         def keys(c):
             p, s0 = c["pos"], c["start"]  # [b, chunk]
             k = p[..., None] - W + 1 + jnp.arange(W)  # key positions
             win = jnp.where(k < 0, -1, jnp.where(k >= s0[..., None], W + k - s0[..., None], k % W))
-            n = new_cache.entries.shape[1] if m else 0
+            n = entries[0].shape[1] if m else 0
             return win, ((jnp.arange(n) + 1) * m <= (p + 1)[..., None] if m else None)
 
         o = self._attend(q, kv_all, index, {"pos": (pos, 0), "start": (jnp.broadcast_to(start[:, None], pos.shape), 0)},
@@ -421,19 +422,19 @@ class Attention(nnx.Module):
         # the ring keeps the last W real tokens: position p in slot p mod W
         j = jnp.arange(C)[None]
         keep = (j < n_new[:, None]) & (j >= n_new[:, None] - W)
-        slot = jnp.where(keep, pos % W, W)
-        window = cache.window.at[jnp.arange(b)[:, None], slot].set(kv.astype(cache.window.dtype), mode="drop")
+        window = kv_cache.write(cache.window, kv, jnp.where(keep, pos % W, -1))
         return self._output(o, pos, x.dtype), new_cache._replace(window=window)
 
 
 class AttentionCache(NamedTuple):
     """One layer's inference state (spec §4.1): the window ring [b, W, d] (position p in slot p mod W); for
     compressed layers the entries [b, max_len // ratio, d] and the compressor's partial window; for CSA also
-    the indexer's keys [b, max_len // 4, index_head_dim] and its compressor state. Sequence lengths live in
-    the model-level cache."""
+    the indexer's keys [b, max_len // 4, index_head_dim] and its compressor state. Ring, entries and keys are
+    plain arrays or the packed formats of v4jax.kv_cache (same [b, slots] leading dims; read them through
+    kv_cache.read). Sequence lengths live in the model-level cache."""
 
-    window: jax.Array
-    entries: jax.Array | None = None
+    window: jax.Array | kv_cache.Fp8Entries
+    entries: jax.Array | kv_cache.Fp8Entries | None = None
     state: CompressorState | None = None
-    index_keys: jax.Array | None = None
+    index_keys: jax.Array | kv_cache.Fp8Keys | kv_cache.Fp4Keys | None = None
     index_state: CompressorState | None = None

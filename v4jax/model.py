@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from v4jax import kv_cache
 from v4jax.attention import Attention, AttentionCache
 from v4jax.config import ModelConfig
 from v4jax.hyper_connection import hc_head, hc_post, hc_pre
@@ -143,13 +144,18 @@ class Transformer(nnx.Module):
         return self.logits(self.hidden(token_ids, segment_ids), self.hc_head, self.norm)
 
     # ---- inference over a cache ----------------------------------------------------------------------------
-    def init_cache(self, batch: int, max_len: int) -> "Cache":
-        """An empty cache for `batch` sequences of up to max_len tokens (entries kept in the compute dtype)."""
-        dtype = jnp.dtype(self.cfg.compute_dtype)
+    def init_cache(self, batch: int, max_len: int, kv_format: str | None = None,
+                   index_format: str | None = None) -> "Cache":
+        """An empty cache for `batch` sequences of up to max_len tokens. kv_format stores the window rings and
+        compressed entries ("fp32", "bf16", or "fp8": FlashMLA's 584-byte entries), index_format the indexer
+        keys ("fp32", "bf16", "fp8" or "fp4"); None keeps the compute dtype. See v4jax.kv_cache."""
+        plain = {"float32": "fp32", "bfloat16": "bf16"}[self.cfg.compute_dtype]
+        kv_format, index_format = kv_format or plain, index_format or plain
+        kv_cache.check_formats(kv_format, index_format)
+        layers = tuple(blk.attn.init_cache(batch, max_len, kv_format, index_format) for blk in self.layers)
+        mtp = self.mtp.attn.init_cache(batch, max_len, kv_format, index_format) if self.mtp is not None else None
         return Cache(lengths=jnp.zeros((batch,), jnp.int32),  # distinct buffers: steps donate the cache
-                     layers=tuple(blk.attn.init_cache(batch, max_len, dtype) for blk in self.layers),
-                     mtp=self.mtp.attn.init_cache(batch, max_len, dtype) if self.mtp is not None else None,
-                     mtp_lengths=jnp.zeros((batch,), jnp.int32))
+                     layers=layers, mtp=mtp, mtp_lengths=jnp.zeros((batch,), jnp.int32))
 
     def step(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None = None):
         """Feed the next tokens of each sequence: token_ids [b, C] (any C: a prefill chunk, or 1 to decode), of
