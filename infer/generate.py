@@ -66,9 +66,11 @@ def _mtp_step(model: Transformer, cache: Cache, x: jax.Array, tokens: jax.Array,
     return model.mtp_step(cache, x, tokens, n_new)
 
 
-def prefill(model: Transformer, prompts: list[list[int]], max_len: int, chunk: int | None = None):
-    """Feed the prompts (right-padded into one batch) `chunk` tokens at a time. -> (cache, logits of each
-    prompt's last token [b, vocab], the final streams of every prompt position [b, P, hc, d])."""
+def prefill(model: Transformer, prompts: list[list[int]], max_len: int, chunk: int | None = None,
+            kv_format: str | None = None, index_format: str | None = None):
+    """Feed the prompts (right-padded into one batch) `chunk` tokens at a time into a new cache (storage formats:
+    Transformer.init_cache). -> (cache, logits of each prompt's last token [b, vocab], the final streams of every
+    prompt position [b, P, hc, d])."""
     b, longest = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token (e.g. the BOS token)")
@@ -80,7 +82,7 @@ def prefill(model: Transformer, prompts: list[list[int]], max_len: int, chunk: i
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
     lengths = np.asarray([len(p) for p in prompts])
-    cache = model.init_cache(b, max_len)
+    cache = model.init_cache(b, max_len, kv_format, index_format)
     last = np.zeros((b, model.cfg.vocab_size), np.float32)
     xs = []
     for c in range(n_chunks):
@@ -93,11 +95,12 @@ def prefill(model: Transformer, prompts: list[list[int]], max_len: int, chunk: i
 
 
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
-             max_len: int | None = None, on_tokens: Callable[[np.ndarray], None] | None = None) -> list[list[int]]:
+             max_len: int | None = None, on_tokens: Callable[[np.ndarray], None] | None = None,
+             kv_format: str | None = None, index_format: str | None = None) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens (stopping a row at a stop token, which is kept).
     on_tokens(tokens [b]) is called after every decode step (streaming). -> the new tokens of each row."""
     max_len = max_len or max(len(p) for p in prompts) + params.max_new_tokens
-    cache, logits, _ = prefill(model, prompts, max_len)
+    cache, logits, _ = prefill(model, prompts, max_len, kv_format=kv_format, index_format=index_format)
     key = jax.random.key(params.seed)
     b = len(prompts)
     out: list[list[int]] = [[] for _ in range(b)]
