@@ -67,3 +67,22 @@ def test_speculation_accepts_drafts_of_a_model_that_learned_a_cycle():
     tokens, rate = generate_speculative(model, prompt, 20)
     assert tokens == greedy and rate >= 0.5
     assert greedy[:11] == list(cycle[15:26])  # it did learn the cycle
+
+
+def test_generate_cli_on_the_released_layout_fixture(capsys):
+    """v4jax-generate loads the FP8 / MXFP4 fixture as stored and streams the greedy continuation, the same
+    tokens as infer.generate on the dequantized model; --speculative gives the same text."""
+    from conftest import FIXTURE, REPO, fixture_model
+    from infer.cli import main
+    from train import tokenizer as tokenizer_lib
+
+    tok_path = str(REPO / "train" / "assets" / "stdlib-bpe-1024.json")
+    argv = [str(FIXTURE), "--tokenizer", tok_path, "--prompt", "def f(x):", "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    streamed = capsys.readouterr().out
+    tok = tokenizer_lib.load(tok_path)
+    prompt = [0] + tok.encode("def f(x):").ids
+    want = generate(fixture_model(compute_dtype="bfloat16"), [prompt], SamplingParams(max_new_tokens=8))[0]
+    assert streamed.strip() == ("def f(x):" + tok.decode(want)).strip()
+    assert main(argv + ["--speculative"]) == 0
+    assert capsys.readouterr().out.strip() == streamed.strip()

@@ -1,0 +1,97 @@
+"""`v4jax-generate`: generate text from a checkpoint over the compressed KV cache, streaming tokens.
+
+    v4jax-generate CHECKPOINT --tokenizer tokenizer.json --prompt "def " [--max-new-tokens 64] [--temperature 0.8]
+                   [--top-k 0] [--top-p 1.0] [--seed 0] [--speculative] [--kv-format fp8 --index-format fp4]
+
+CHECKPOINT is one of: a released-layout folder (config.json + safetensors, FP8 / MXFP4 loaded as is), a folder
+written by `v4jax-convert to-orbax`, or a training run config (configs/train/*.yaml: its latest checkpoint, and
+the tokenizer its data was made with). Python: `load_model(...)` then `infer.generate.generate(...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from infer.generate import SamplingParams, generate, generate_speculative
+from v4jax.config import ModelConfig
+from v4jax.model import Transformer
+
+
+def load_model(checkpoint: str, **config_overrides):
+    """-> (model, tokenizer path or None) for any of the three checkpoint kinds (see the module docstring)."""
+    from flax import nnx
+
+    from v4jax.checkpoint import load_hub_state, restore_orbax
+
+    path = Path(checkpoint)
+    if path.suffix in (".yaml", ".yml"):
+        from train.sample import restore_run
+
+        model, tokenizer_path, _ = restore_run([checkpoint])
+        return model, tokenizer_path
+    if not path.is_dir():
+        raise SystemExit(f"{checkpoint}: not a folder or a run config (.yaml); see v4jax-generate --help")
+    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        model = Transformer(ModelConfig.from_hf_config(path / "config.json", **config_overrides), rngs=nnx.Rngs(0))
+        load_hub_state(model, path, weights="quantized")
+        return model, None
+    return restore_orbax(path, **config_overrides), None
+
+
+def main(argv=None) -> int:
+    from train import tokenizer as tokenizer_lib
+
+    ap = argparse.ArgumentParser(prog="v4jax-generate", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--tokenizer", help="tokenizer.json (a training run brings its own)")
+    ap.add_argument("--prompt", default="")
+    ap.add_argument("--bos", type=int, default=0, help="token put before the prompt (-1: none)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop", type=int, nargs="*", default=[], help="stop token ids")
+    ap.add_argument("--speculative", action="store_true", help="greedy decoding with MTP drafts")
+    ap.add_argument("--kv-format", choices=["fp32", "bf16", "fp8"])
+    ap.add_argument("--index-format", choices=["fp32", "bf16", "fp8", "fp4"])
+    args = ap.parse_args(argv)
+
+    model, run_tokenizer = load_model(args.checkpoint)
+    if not (args.tokenizer or run_tokenizer):
+        raise SystemExit("no tokenizer: pass --tokenizer path/to/tokenizer.json")
+    tok = tokenizer_lib.load(args.tokenizer or run_tokenizer)
+    prompt = ([args.bos] if args.bos >= 0 else []) + tok.encode(args.prompt).ids
+    print(args.prompt, end="", flush=True)
+    start = time.perf_counter()
+    if args.speculative:
+        tokens, rate = generate_speculative(model, prompt, args.max_new_tokens, tuple(args.stop))
+        print(tok.decode(tokens), flush=True)
+        extra = f", MTP draft acceptance {rate:.0%}"
+    else:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, stop_tokens=tuple(args.stop), seed=args.seed)
+        shown: list[int] = []
+
+        def stream(step_tokens: np.ndarray) -> None:  # print the text each new token adds
+            before = tok.decode(shown)
+            shown.append(int(step_tokens[0]))
+            print(tok.decode(shown)[len(before):], end="", flush=True)
+
+        tokens = generate(model, [prompt], params, on_tokens=stream, kv_format=args.kv_format,
+                          index_format=args.index_format)[0]
+        print()
+        extra = ""
+    seconds = time.perf_counter() - start
+    print(f"[{len(tokens)} tokens in {seconds:.2f}s, {len(tokens) / seconds:.1f} tokens/s incl. compilation{extra}]",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
