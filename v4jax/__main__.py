@@ -1,6 +1,6 @@
-"""`python -m v4jax` (what run.sh runs): the main job until training lands.
+"""`python -m v4jax`: the parameter report of the presets and a smoke run of the model (run.sh trains instead).
 
-For now it is a smoke run: a parameter report of the presets, then one jitted forward pass of a randomly
+It prints the Flash / Pro / tiny parameter counts, then runs one jitted forward pass of a randomly
 initialized model (main head and MTP head) on random token ids, with the logits' shapes, finiteness, a few
 statistics and the wall time. The `tiny` preset runs in seconds on a CPU; flash and pro need real hardware.
 """
