@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import random_ids
 from v4jax.attention import (Attention, Compressor, entry_layout, token_layout, visible_entries,
                              window_indices)
 from v4jax.config import ModelConfig

@@ -121,6 +121,18 @@ def test_qat_routes_and_topk_match_official():
         assert np.mean(agree) >= 0.98, (i, np.mean(agree))
     assert (blocks["index_topk_1"][0, :3] == -1).all()  # fewer visible entries than top-k at the start
 
+    def routes(blk, x):  # the block's attention site, then its router on the ffn input
+        x = blk._site(x, blk.hc_attn, blk.attn_norm, blk.attn)
+        u, _, _ = hc_pre(x, blk.hc_ffn.fn[...], blk.hc_ffn.scale[...], blk.hc_ffn.base[...], hc=4,
+                         iters=cfg.hc_sinkhorn_iters, eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
+        return blk.ffn.gate(rms_norm(u, blk.ffn_norm[...], cfg.norm_eps)[0], ids[0])[1]
+
+    for i, blk in enumerate(model.layers):  # hash layers (0, 1) and score-routed layers alike
+        got = np.asarray(nnx.jit(routes)(blk, jnp.asarray(blocks[f"h_in_{i}"])))
+        ref = blocks[f"route_idx_{i}"]
+        agree = np.mean([set(got[s]) == set(ref[s]) for s in range(320)])
+        assert agree >= 0.98, (i, agree)
+
 
 def test_flash_and_pro_parameter_counts():
     """jax.eval_shape of the full models: Flash has exactly the released checkpoint's 290,942,289,362 logical

@@ -389,7 +389,7 @@ class Attention(nnx.Module):
         """The next tokens of each sequence, x [b, C, dim] at positions start [b] + j (the first n_new [b] real;
         any C, 1 for decoding) -> ([b, C, dim], the updated cache). Keys are the rows of
         [window ring (W) ; these tokens (C) ; compressed entries (max_len // ratio)]."""
-        cfg, m, W = self.cfg, self.ratio, self.cfg.window_size
+        m, W = self.ratio, self.cfg.window_size
         C = x.shape[1]
         pos = start[:, None] + jnp.arange(C)
         q, kv, qr = self._project(x, pos)
