@@ -69,6 +69,7 @@ class ModelConfig:
     attn_chunk: int = 256  # queries per chunk in compressed attention: bounds memory to O(chunk * T)
     csa_dense: bool = False  # CSA attends every visible compressed entry (the dense training phase, spec §6.2)
     indexer_loss: bool = False  # CSA layers sow the V3.2 indexer KL loss; the indexer's inputs are detached
+    kernels: str = "auto"  # "auto": Pallas kernels where the backend has them, else references; or force one
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -124,6 +125,8 @@ class ModelConfig:
         for f in ("compute_dtype", "param_dtype"):
             if getattr(self, f) not in ("float32", "bfloat16"):
                 bad(f, f"is {getattr(self, f)!r}", "Use 'float32' or 'bfloat16'")
+        if self.kernels not in ("auto", "pallas", "reference"):
+            bad("kernels", f"is {self.kernels!r}", "Use 'auto', 'pallas' or 'reference'")
         if self.attn_chunk < 1:
             bad("attn_chunk", f"is {self.attn_chunk}", "Use a positive query chunk size")
         if self.qat:
@@ -178,7 +181,8 @@ class ModelConfig:
 
     def to_official_dict(self) -> dict:
         """The official inference/config.json fields (what configs/model/*.json hold)."""
-        ours = {"qat", "compute_dtype", "param_dtype", "moe_impl", "attn_chunk", "csa_dense", "indexer_loss"}
+        ours = {"qat", "compute_dtype", "param_dtype", "moe_impl", "attn_chunk", "csa_dense", "indexer_loss",
+                "kernels"}
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ours}
         d["compress_ratios"] = list(self.compress_ratios)
         return d
