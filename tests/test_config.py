@@ -65,6 +65,22 @@ def test_released_hf_config_fields():
     assert ModelConfig.from_hf_config(hf) == ModelConfig.preset("flash")
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_hf_config_round_trip(name):
+    """to_hf_config writes what from_hf_config reads back to the same model (v4jax's runtime fields aside)."""
+    cfg = ModelConfig.preset(name)
+    back = ModelConfig.from_hf_config(cfg.to_hf_config(), attn_chunk=cfg.attn_chunk)
+    assert back == cfg
+
+
+def test_hf_config_written_like_the_release():
+    """Written from the fixture's config, every field of the released-layout config.json comes back (token ids
+    are the tokenizer's business and are not model fields)."""
+    fixture = json.loads((FIXTURE / "config.json").read_text())
+    written = ModelConfig.from_hf_config(fixture).to_hf_config()
+    assert {k: v for k, v in fixture.items() if k not in ("bos_token_id", "eos_token_id")} == written
+
+
 @pytest.mark.parametrize("change, field", [
     (dict(compress_ratios=(0, 4, 128)), "compress_ratios"),  # wrong length
     (dict(compress_ratios=(0, 4, 64, 4, 128, 4, 0)), "compress_ratios"),  # value outside {0, 4, 128}

@@ -104,3 +104,56 @@ def test_mtp_over_its_cache_equals_full_mtp(setup):
         logits, cache = step(model, cache, x[:, s:s + 50], nxt[:, s:s + 50])
         outs.append(np.asarray(logits))
     assert rel_err(np.concatenate(outs, 1), full).max() < 1e-5
+
+
+# ---- qat=True: the quantization simulation is chaotic in fp32 ------------------------------------------------
+# XLA:CPU's matmul result for one row depends on how many rows are multiplied together (measured: rows of an
+# [n, 128] x [128, 512] product differ in the last bit for n = 3 or 49 against n = 256). Under qat a last-bit
+# change flips an FP8 rounding now and then, and on random tiny weights a flip grows through the layers (the
+# full forward pass over the first 128 tokens differs from the one over 256 tokens by ~50% at some positions).
+# So with qat the cache path is checked where shapes agree (bit-exact) and block by block with teacher forcing.
+
+def test_qat_prefill_in_one_chunk_is_bit_exact():
+    """With the prompt in one chunk the cache path does the full pass's arithmetic: identical logits."""
+    model = _model(qat=True)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 1024, (1, 256)))
+    full = np.asarray(nnx.jit(lambda m, i: m(i))(model, ids))
+    logits, _ = chunked_logits(model, ids, 256)
+    assert rel_err(logits, full).max() < 1e-6
+
+
+@functools.partial(nnx.jit, static_argnums=3)
+def _block_chunked(block, x, ids, chunk):
+    """One block fed its input streams x [1, T, hc, d] through its own cache, `chunk` tokens at a time."""
+    T = x.shape[1]
+    n = -(-T // chunk)
+    split = lambda a: jnp.pad(a, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (a.ndim - 2)).reshape(  # noqa: E731
+        1, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+    def body(carry, inp):
+        cache, start = carry
+        xc, tc, k = inp
+        y, cache = block.step(xc, tc, cache, start, jnp.full((1,), k))
+        return (cache, start + k), y
+
+    cache = block.attn.init_cache(1, n * chunk, "fp32", "fp32")
+    _, ys = jax.lax.scan(body, (cache, jnp.zeros((1,), jnp.int32)),
+                         (split(x), split(ids), jnp.minimum(chunk, T - chunk * jnp.arange(n))))
+    return ys.swapaxes(0, 1).reshape(1, n * chunk, *x.shape[2:])[:, :T]
+
+
+def test_qat_decode_equals_full_block_by_block():
+    """Teacher forcing: the window, CSA and HCA blocks (layers 0-2) get the full pass's input streams, run them
+    through their caches one token at a time and in chunks of 129, and must give the full pass's output at >= 97%
+    of positions within 1e-5 (the rest are FP8 rounding flips; the median agrees to ~1e-7). 300 tokens cross 75
+    CSA and 2 HCA windows."""
+    model = _model(qat=True)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 1024, (1, 300)))
+    x = nnx.jit(lambda m, i: m.streams(i))(model, ids)
+    call = nnx.jit(lambda b, x, i: b(x, i))
+    for i, block in enumerate(model.layers[:3]):
+        full = call(block, x, ids)
+        for chunk in (1, 129):
+            err = rel_err(np.asarray(_block_chunked(block, x, ids, chunk))[0], np.asarray(full)[0]).max(axis=-1)
+            assert np.mean(err < 1e-5) >= 0.97 and np.median(err) < 1e-6, (i, chunk, np.mean(err < 1e-5))
+        x = full

@@ -66,10 +66,16 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"  # activations; "float32" for parity tests
     param_dtype: str = "float32"  # master weights
     moe_impl: str = "ragged"  # "ragged": dropless grouped matmul; "dense": every expert on every token (tests)
+    # Expert parallelism (v4jax/expert_parallel.py, used under a mesh whose `expert` axis is > 1): rows each device
+    # may send to each device holding experts, as a multiple of the balanced share n_local * k / expert_size;
+    # None = n_local * k, the worst case, which never drops. Smaller saves memory; drops are counted (ep_dropped).
+    moe_ep_capacity: float | None = None
     attn_chunk: int = 256  # queries per chunk in compressed attention: bounds memory to O(chunk * T)
     csa_dense: bool = False  # CSA attends every visible compressed entry (the dense training phase, spec §6.2)
     indexer_loss: bool = False  # CSA layers sow the V3.2 indexer KL loss; the indexer's inputs are detached
     kernels: str = "auto"  # "auto": Pallas kernels where the backend has them, else references; or force one
+    remat: str = "none"  # rematerialisation per block in training: "none", "block" (save only its input), "dots"
+    scan_layers: bool = False  # run the repeating (CSA, HCA) block pairs as one lax.scan (faster compiles)
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -122,11 +128,17 @@ class ModelConfig:
             bad("window_size/index_topk/hc_mult/hc_sinkhorn_iters", "must all be positive", "Fix the non-positive one")
         if self.moe_impl not in ("ragged", "dense"):
             bad("moe_impl", f"is {self.moe_impl!r}", "Use 'ragged' or 'dense'")
+        cap = self.moe_ep_capacity
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+            bad("moe_ep_capacity", f"is {self.moe_ep_capacity!r}",
+                "Use a positive multiple of the balanced load (e.g. 2.0), or None for buffers that never drop")
         for f in ("compute_dtype", "param_dtype"):
             if getattr(self, f) not in ("float32", "bfloat16"):
                 bad(f, f"is {getattr(self, f)!r}", "Use 'float32' or 'bfloat16'")
         if self.kernels not in ("auto", "pallas", "reference"):
             bad("kernels", f"is {self.kernels!r}", "Use 'auto', 'pallas' or 'reference'")
+        if self.remat not in ("none", "block", "dots"):
+            bad("remat", f"is {self.remat!r}", "Use 'none', 'block' (recompute each block) or 'dots' (keep matmul outputs)")
         if self.attn_chunk < 1:
             bad("attn_chunk", f"is {self.attn_chunk}", "Use a positive query chunk size")
         if self.qat:
@@ -181,10 +193,31 @@ class ModelConfig:
 
     def to_official_dict(self) -> dict:
         """The official inference/config.json fields (what configs/model/*.json hold)."""
-        ours = {"qat", "compute_dtype", "param_dtype", "moe_impl", "attn_chunk", "csa_dense", "indexer_loss",
-                "kernels"}
+        ours = {"qat", "compute_dtype", "param_dtype", "moe_impl", "moe_ep_capacity", "attn_chunk", "csa_dense",
+                "indexer_loss", "kernels", "remat", "scan_layers"}
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ours}
         d["compress_ratios"] = list(self.compress_ratios)
+        return d
+
+    def to_hf_config(self) -> dict:
+        """The HF transformers `config.json` (model_type deepseek_v4) describing this model; from_hf_config
+        reads it back to an equal config (v4jax's own fields excepted). Storage fields follow the release:
+        dtype "fp8" writes its quantization_config, expert_dtype "fp4" marks MXFP4 experts."""
+        d: dict[str, Any] = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+                             "num_key_value_heads": 1, "hidden_act": "silu", "norm_topk_prob": True,
+                             "topk_method": "noaux_tc", "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+        d.update({hf: getattr(self, ours) for hf, ours in _HF_NAMES.items()})
+        d["compress_ratios"] = list(self.compress_ratios)
+        if self.original_seq_len:
+            d["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": self.rope_factor,
+                                 "original_max_position_embeddings": self.original_seq_len,
+                                 "beta_fast": self.beta_fast, "beta_slow": self.beta_slow,
+                                 "rope_theta": self.rope_theta}
+            d["max_position_embeddings"] = int(self.original_seq_len * self.rope_factor)
+        if self.dtype == "fp8":
+            d["quantization_config"] = dict(HF_FP8_QUANTIZATION, scale_fmt=self.scale_fmt)
+        if self.expert_dtype:
+            d["expert_dtype"] = self.expert_dtype
         return d
 
     # ---- presets ----
@@ -207,6 +240,11 @@ _HF_NAMES = {
     "index_n_heads": "index_n_heads", "index_head_dim": "index_head_dim", "index_topk": "index_topk",
     "hc_mult": "hc_mult", "hc_sinkhorn_iters": "hc_sinkhorn_iters", "hc_eps": "hc_eps",
 }
+
+
+# The release's quantization_config (FP8 e4m3, 128x128 blocks, dynamic activation scales; spec §5.1).
+HF_FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
+                       "weight_block_size": [128, 128]}
 
 
 def _read(source) -> dict:

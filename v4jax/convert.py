@@ -36,7 +36,7 @@ import numpy as np
 from v4jax import hub
 from v4jax.checkpoint import (OrbaxReader, _is_stacked, abstract_model, hub_tensors, leaf_sharding, load_hub_state,
                               model_variables, plan_hub, read_leaf, restore_orbax, to_orbax_tree)
-from v4jax.config import ModelConfig
+from v4jax.config import HF_FP8_QUANTIZATION, ModelConfig
 from v4jax.sharding import DECODE_RULES, TRAIN_RULES, make_mesh
 
 RULES = {"train": TRAIN_RULES, "decode": DECODE_RULES}
@@ -197,21 +197,31 @@ def _export_specs(path: str, meta, weights: str) -> dict:
     return out
 
 
-_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
-                 "weight_block_size": [128, 128]}
-
-
 def export(src, dst, weights: str = "release", max_shard_bytes: int = 4 << 30, progress=None) -> None:
     """Orbax checkpoint `src` (from `convert`) -> released-layout safetensors directory `dst`."""
     reader = OrbaxReader(src)
+    write_hub(dst, {p: reader.stored[p] for p in reader.variables}, lambda path: reader.read([path])[path], dict(reader.custom["hf_config"]),
+              weights, max_shard_bytes, progress)
+
+
+def export_model(model, dst, weights: str = "release", max_shard_bytes: int = 4 << 30, progress=None) -> None:
+    """A model in memory (e.g. fine-tuned by train/pretrain.py) -> released-layout safetensors directory `dst`,
+    with the config.json of its ModelConfig."""
+    variables = model_variables(model)
+    write_hub(dst, variables, lambda path: variables[path].get_value(), model.cfg.to_hf_config(), weights,
+              max_shard_bytes, progress)
+
+
+def write_hub(dst, variables: dict, read, hf_config: dict, weights: str, max_shard_bytes: int, progress) -> None:
+    """Write variables {path: anything with .shape} in the official layout, reading each value with read(path)
+    only when its tensors are due (one variable's tensors in memory at a time)."""
     specs, leaf_of = {}, {}
-    for path in reader.variables:
-        s = _export_specs(path, reader.stored[path], weights)
+    for path, meta in variables.items():
+        s = _export_specs(path, meta, weights)
         specs.update(s)
         leaf_of.update({n: path for n in s})
-    hf_config = dict(reader.custom["hf_config"])
     if weights == "release":  # the release's storage description
-        hf_config.update(quantization_config=_QUANT_CONFIG, expert_dtype="fp4", torch_dtype="bfloat16")
+        hf_config.update(quantization_config=HF_FP8_QUANTIZATION, expert_dtype="fp4", torch_dtype="bfloat16")
     else:
         hf_config.pop("quantization_config", None)
         hf_config.pop("expert_dtype", None)
@@ -223,7 +233,7 @@ def export(src, dst, weights: str = "release", max_shard_bytes: int = 4 << 30, p
             path = leaf_of[name]
             cache.clear()
             _return_freed_memory()
-            cache.update(hub_tensors(path, reader.read([path])[path], weights))
+            cache.update(hub_tensors(path, read(path), weights))
         return cache.pop(name)
 
     total = sum(math.prod(s) * np.dtype(d).itemsize for d, s in specs.values())

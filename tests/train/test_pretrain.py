@@ -134,3 +134,67 @@ def test_every_run_config_loads():
     for path in sorted((REPO / "configs" / "train").glob("*.yaml")):
         cfg = load_config([str(path)])
         assert cfg["stages"] and cfg["stages"][-1]["until_step"] > 0, path
+
+
+FINETUNE = """
+model: {config: FIXTURE, overrides: {compute_dtype: float32}}
+init: FIXTURE
+data: {path: DATA}
+stages:
+  - {until_step: 2, batch_size: 2, seq_len: 64, attention: sparse}
+schedule: {peak_lr: 1.0e-3, final_lr: 1.0e-4, warmup_steps: 1, decay_start: 1}
+checkpoint: {every: 2, keep: 1}
+log_every: 1
+"""
+
+
+def test_finetune_from_released_weights_then_export(small_config, tmp_path):
+    """Fine-tune the released-layout fixture (FP8 + MXFP4) two steps, then export the run as BF16 safetensors.
+    Step 1's LM loss is the cross entropy of the released weights on the first batch (computed here with numpy
+    from a model loaded independently), and the export holds the fine-tuned weights, rounded to BF16 where the
+    BF16 export stores them, F32 and tid2eid exactly."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    from ml_dtypes import bfloat16
+
+    from conftest import FIXTURE
+    from train.data import PackedStream
+    from v4jax import hub
+    from v4jax.checkpoint import load_hub_state, model_variables
+    from v4jax.config import ModelConfig
+    from v4jax.model import Transformer
+
+    data = small_config.parent / "data"
+    config = tmp_path / "finetune.yaml"
+    config.write_text(FINETUNE.replace("FIXTURE", str(FIXTURE)).replace("DATA", str(data)))
+    run(["-m", "train.pretrain", str(config), f"run_dir={tmp_path / 'run'}"])
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+
+    cfg = ModelConfig.from_hf_config(FIXTURE, compute_dtype="float32")
+    released = Transformer(cfg, rngs=nnx.Rngs(1))
+    load_hub_state(released, FIXTURE)
+    batch = PackedStream(data, 0).batch(0, 2, 64)
+    tokens, segs = batch["tokens"], batch["segment_ids"]
+    logits = np.asarray(released(tokens[:, :-1], segs[:, :-1]), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    mask = segs[:, 1:] == segs[:, :-1]
+    assert abs(first["lm_loss"] - ce[mask].mean()) < 1e-5 * ce[mask].mean()
+
+    out = tmp_path / "export"
+    run(["-m", "train.export", str(config), f"run_dir={tmp_path / 'run'}", "--out", str(out), "--weights", "bfloat16"])
+    from train.sample import restore_run
+    tuned = model_variables(restore_run([str(config), f"run_dir={tmp_path / 'run'}"])[0])
+    exported = Transformer(cfg, rngs=nnx.Rngs(2))
+    load_hub_state(exported, out)
+    moved = 0
+    for path, var in model_variables(exported).items():
+        want = np.asarray(jax.device_get(tuned[path].get_value()))
+        stored = hub.release_dtype(hub.path_to_hub(path, 0 if ".experts.w" in path else None))
+        if stored in ("fp8", "fp4") or stored == hub.BF16:  # held as BF16 by a bfloat16 export
+            want = want.astype(bfloat16).astype(want.dtype)
+        np.testing.assert_array_equal(np.asarray(var.get_value()), want, err_msg=path)
+        moved += not np.array_equal(want, np.asarray(model_variables(released)[path].get_value()))
+    assert moved > len(tuned) // 2  # the export holds the fine-tuned weights, not the released ones
