@@ -9,6 +9,13 @@ activation before the down projection, as the official code does (it matters und
 Two implementations of the routed sum, selected by cfg.moe_impl: "ragged" sorts the (token, slot) pairs by
 expert and runs dropless grouped matmuls (`jax.lax.ragged_dot`); "dense" runs every expert on every token
 (a plain reference for tests). Letters: n tokens, k slots, e experts, f expert hidden, d model.
+
+Expert parallelism: with moe_impl "ragged", a call traced under a mesh (`jax.set_mesh` / `jax.sharding.use_mesh`,
+read with `jax.sharding.get_abstract_mesh()`) whose `expert` axis is larger than 1 runs the routed sum with
+v4jax.expert_parallel (tokens exchanged between the devices holding the experts, buffers sized by
+cfg.moe_ep_capacity) and sows `ep_dropped`, the (token, slot) pairs that did not fit (0 with the default). Without
+such a mesh (one device, or a mesh used only through shardings) nothing changes. The gate and the shared expert
+run outside the exchange either way.
 """
 
 from __future__ import annotations
@@ -79,6 +86,23 @@ def expert_ffn(x, w1, w2, w3, limit: float, qat: bool, route_w=None):
     return linear(hid.astype(x.dtype), w2, quantized=True, qat=qat, out_dtype=jnp.float32)
 
 
+def grouped_ffn(xs, sizes, route_w, w1, w2, w3, limit: float, qat: bool):
+    """SwiGLU experts on rows sorted by expert: xs [m, d], sizes [e] rows per expert (rows past their sum belong
+    to no expert), route_w [m], weights [e, out, in] -> [m, d] fp32. One ragged_dot per weight, fp32 accumulation;
+    under qat the rows and the weighted hidden are FP8-rounded, as in expert_ffn."""
+    def grouped(a, w):  # a [m, in], w [e, out, in] -> [m, out]
+        return jax.lax.ragged_dot(a, jnp.swapaxes(w.astype(a.dtype), 1, 2), sizes,
+                                  preferred_element_type=jnp.float32)
+
+    if qat:
+        xs = fp8_fake_quant(xs, 128)
+    hid = swiglu(grouped(xs, w1), grouped(xs, w3), limit)
+    hid = (hid * route_w[:, None]).astype(xs.dtype)
+    if qat:
+        hid = fp8_fake_quant(hid, 128)
+    return grouped(hid, w2)
+
+
 def balance_loss(scores: jax.Array, ids: jax.Array) -> jax.Array:
     """DeepSeek-V3's sequence-wise balance loss sum_e f_e P_e, averaged over rows (spec §6.1; unweighted).
 
@@ -123,7 +147,18 @@ class MoE(nnx.Module):
         weights, ids, scores = self.gate(x, token_ids.reshape(-1))
         if sow_stats:
             self._sow_stats(ids, scores, shape[0])
-        routed = (self._ragged if cfg.moe_impl == "ragged" else self._dense)(x, weights, ids)
+        mesh = jax.sharding.get_abstract_mesh()
+        if cfg.moe_impl == "ragged" and not mesh.empty and mesh.shape.get("expert", 1) > 1:
+            from v4jax.expert_parallel import ep_routed  # imported here: it builds on this module
+
+            ex = self.experts
+            # Inference calls cannot report drops, so they get the buffers that never drop.
+            routed, dropped = ep_routed(x, weights, ids, dense(ex.w1), dense(ex.w2), dense(ex.w3), cfg, mesh,
+                                        cfg.moe_ep_capacity if sow_stats else None)
+            if sow_stats:
+                self.sow(nnx.Intermediate, "ep_dropped", dropped)
+        else:
+            routed = (self._ragged if cfg.moe_impl == "ragged" else self._dense)(x, weights, ids)
         if self.shared_experts is not None:
             se = self.shared_experts
             routed = routed + expert_ffn(x, dense(se.w1), dense(se.w2), dense(se.w3), cfg.swiglu_limit, cfg.qat)
@@ -153,18 +188,7 @@ class MoE(nnx.Module):
         order = jnp.argsort(flat, stable=True)
         token = order // k
         sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
-        xs = x[token]
-        if cfg.qat:
-            xs = fp8_fake_quant(xs, 128)
-
-        def grouped(a, w):  # a [m, in], w [e, out, in] -> [m, out], fp32 accumulation
-            return jax.lax.ragged_dot(a, jnp.swapaxes(w.astype(a.dtype), 1, 2), sizes,
-                                      preferred_element_type=jnp.float32)
-
         ex = self.experts
-        hid = swiglu(grouped(xs, dense(ex.w1)), grouped(xs, dense(ex.w3)), cfg.swiglu_limit)
-        hid = (hid * weights.reshape(-1)[order][:, None]).astype(x.dtype)
-        if cfg.qat:
-            hid = fp8_fake_quant(hid, 128)
-        out = grouped(hid, dense(ex.w2))
+        out = grouped_ffn(x[token], sizes, weights.reshape(-1)[order], dense(ex.w1), dense(ex.w2), dense(ex.w3),
+                          cfg.swiglu_limit, cfg.qat)
         return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out)
