@@ -1,0 +1,73 @@
+"""MXFP4-weight matmuls (spec §5.2): dense and grouped over experts, bf16 / fp32 activations, fp32 accumulation.
+Upstream ops: the official fp4_gemm; DeepGEMM m_grouped_fp8_fp4_gemm (grouped)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels.fp4_matmul import pallas_kernel, reference
+from kernels.fp4_matmul.tuning import blocks as tuned_blocks
+from v4jax.quant import Mxfp4Weight
+
+__all__ = ["IMPLEMENTATIONS", "fp4_matmul", "fp4_ragged_dot"]
+IMPLEMENTATIONS = ("auto", "pallas", "pallas_interpret", "reference")
+
+
+def _check(name, x, w, weight_ndim):
+    if not isinstance(w, Mxfp4Weight):
+        raise ValueError(f"{name} wants a v4jax.quant.Mxfp4Weight, got {type(w).__name__}: quantize the weight "
+                         "first (v4jax.hub reads the released MXFP4 experts as Mxfp4Weight)")
+    if x.ndim != 2 or w.packed.ndim != weight_ndim or x.shape[1] != w.shape[-1]:
+        lead = "[e, n, k]" if weight_ndim == 3 else "[n, k]"
+        raise ValueError(f"{name} wants x [m, k] and a weight {lead} with the same k; got x {x.shape}, weight "
+                         f"{w.shape}")
+    if w.scale.dtype != jnp.uint8 or w.scale.shape != (*w.shape[:-1], w.shape[-1] // 32) or w.shape[-1] % 32:
+        raise ValueError(f"{name} wants UE8M0 uint8 scales [.., n, k/32] with k a multiple of 32; got scale "
+                         f"{w.scale.dtype} {w.scale.shape} for weight {w.shape}")
+
+
+def _target(name, implementation, backends):
+    """implementation (ModelConfig.kernels' values) -> "reference" or the Pallas target."""
+    impl, backend = implementation or "auto", jax.default_backend()
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"{name} implementation {implementation!r} is unknown: use one of {IMPLEMENTATIONS} (or "
+                         "None for 'auto')")
+    if impl == "auto":
+        impl = "pallas" if backend in backends else "reference"
+    if impl == "pallas" and backend not in backends:
+        raise ValueError(f"no compiled Pallas {name} kernel for backend {backend!r} (only {backends}): use "
+                         "implementation='auto' or 'reference', or 'pallas_interpret' to run it interpreted")
+    return {"pallas": backend, "pallas_interpret": "interpret", "reference": "reference"}[impl]
+
+
+def fp4_matmul(x: jax.Array, w: Mxfp4Weight, *, implementation: str | None = None,
+               block_sizes: dict | None = None) -> jax.Array:
+    """x [m, k] (bf16 / fp32) @ W.T for an MXFP4 weight W [n, k] -> [m, n] fp32 (fp32 accumulation), as
+    v4jax.quant.linear computes with the dequantized weight. Differentiable in x only (W is frozen storage).
+
+    implementation (ModelConfig.kernels' values): None / "auto" (the Pallas kernel on GPU / TPU, else the
+    reference), "pallas" (error elsewhere), "pallas_interpret" (interpret mode: any backend, slow; for tests)
+    or "reference". block_sizes: as tuning.BLOCKS' entries.
+    """
+    _check("fp4_matmul", x, w, 2)
+    target = _target("fp4_matmul", implementation, ("gpu", "tpu"))
+    if target == "reference":
+        return reference.fp4_matmul(x, w)
+    cfg = block_sizes or tuned_blocks(target, x.shape[0], w.shape[0], x.shape[1])
+    return pallas_kernel.fp4_matmul(x, w.packed, w.scale, target=target, cfg=cfg)
+
+
+def fp4_ragged_dot(x: jax.Array, w: Mxfp4Weight, group_sizes: jax.Array, *, implementation: str | None = None,
+                   block_sizes: dict | None = None) -> jax.Array:
+    """jax.lax.ragged_dot for MXFP4 expert weights in the checkpoint's [out, in] layout: x [m, k] with rows
+    sorted by expert, W [e, n, k], group_sizes [e] (sum <= m) -> [m, n] fp32; rows past sum(group_sizes) are
+    0. Differentiable in x only. The Pallas kernel is GPU-only ("auto" uses the reference on TPU and CPU)."""
+    _check("fp4_ragged_dot", x, w, 3)
+    if group_sizes.shape != w.shape[:1]:
+        raise ValueError(f"fp4_ragged_dot group_sizes must be [e] = {w.shape[:1]}, got {group_sizes.shape}")
+    target = _target("fp4_ragged_dot", implementation, ("gpu",))
+    if target == "reference":
+        return reference.fp4_ragged_dot(x, w, group_sizes)
+    cfg = block_sizes or tuned_blocks(target, x.shape[0], w.shape[1], x.shape[1])
+    return pallas_kernel.fp4_ragged_dot(x, w.packed, w.scale, group_sizes, target=target, cfg=cfg)

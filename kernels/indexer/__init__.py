@@ -1,0 +1,55 @@
+"""The lightning indexer of CSA layers (spec §3.4.5): scores fused with top-k selection over each query's
+visible range of entry slots. Upstream ops: the official Indexer (fp8_index + topk); DeepGEMM fp8_mqa_logits."""
+
+from __future__ import annotations
+
+import jax
+
+from kernels.indexer import pallas_kernel, reference
+from kernels.indexer.reference import index_scores, picked_scores, prefix_ranges, visible_ranges
+
+__all__ = ["IMPLEMENTATIONS", "indexer_topk", "index_scores", "picked_scores", "prefix_ranges", "visible_ranges"]
+IMPLEMENTATIONS = ("auto", "pallas", "pallas_interpret", "reference")
+PALLAS_BACKENDS = ("gpu", "tpu")  # backends with a compiled kernel (tuning.BLOCKS targets of the same name)
+
+
+def _check(q, w, keys, lo, hi, k):
+    if q.ndim != 4 or w.ndim != 3 or keys.ndim != 3 or lo.shape != hi.shape or lo.ndim != 2:
+        raise ValueError(f"indexer_topk wants q [b, s, i, d], w [b, s, i], keys [b, n, d], lo and hi [b, s]; got "
+                         f"q {q.shape}, w {w.shape}, keys {keys.shape}, lo {lo.shape}, hi {hi.shape}")
+    b, s, i, d = q.shape
+    if w.shape != (b, s, i) or keys.shape[0] != b or keys.shape[2] != d or lo.shape != (b, s):
+        raise ValueError(f"indexer_topk shapes disagree: q {q.shape}, w {w.shape}, keys {keys.shape}, lo "
+                         f"{lo.shape}; w must be [b, s, i], keys [b, n, d] and lo, hi [b, s] for q [b, s, i, d]")
+    if not 1 <= k <= keys.shape[1]:
+        raise ValueError(f"indexer_topk k={k} must be in [1, n={keys.shape[1]}]: pass min(index_topk, n)")
+
+
+def indexer_topk(q: jax.Array, w: jax.Array, keys: jax.Array, lo: jax.Array, hi: jax.Array, k: int, dtype, *,
+                 implementation: str | None = None, block_sizes: dict | None = None):
+    """The top k visible entry slots of each query by I[b, s, t] = sum_i w[b, s, i] relu(q[b, s, i] . keys[b, t]).
+
+    q [b, s, i, d] (index queries), w [b, s, i] fp32 (head weights), keys [b, n, d], lo / hi [b, s] int (query
+    (b, s) sees slots lo <= t < hi, see visible_ranges / prefix_ranges), 1 <= k <= n, dtype: the scores'
+    rounding dtype (the activation dtype) -> (slots [b, s, k] int32, best first, equal scores lower slot
+    first, -1 where fewer than k are visible; their scores [b, s, k] fp32, -inf there). No gradient
+    (picked_scores gives differentiable scores for the picks).
+
+    implementation (ModelConfig.kernels' values): None / "auto" (the Pallas kernel on GPU / TPU, else the
+    reference), "pallas" (error elsewhere), "pallas_interpret" (the kernel in Pallas interpret mode: any
+    backend, slow; for tests) or "reference". block_sizes: as tuning.BLOCKS' entries.
+    """
+    _check(q, w, keys, lo, hi, k)
+    impl, backend = implementation or "auto", jax.default_backend()
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"indexer_topk implementation {implementation!r} is unknown: use one of {IMPLEMENTATIONS} "
+                         "(or None for 'auto')")
+    if impl == "auto":
+        impl = "pallas" if backend in PALLAS_BACKENDS else "reference"
+    if impl == "reference":
+        return reference.indexer_topk(q, w, keys, lo, hi, k, dtype)
+    if impl == "pallas" and backend not in PALLAS_BACKENDS:
+        raise ValueError(f"no compiled Pallas indexer for backend {backend!r} (only {PALLAS_BACKENDS}): use "
+                         "implementation='auto' or 'reference', or 'pallas_interpret' to run it interpreted")
+    target = backend if impl == "pallas" else "interpret"
+    return pallas_kernel.indexer_topk(q, w, keys, lo, hi, k, dtype, target=target, block_sizes=block_sizes)
