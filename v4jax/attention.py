@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.indexer import index_scores, indexer_topk, picked_scores, prefix_ranges, visible_ranges
+from kernels.indexer.reference import range_mask
 from kernels.sparse_attention import sparse_attention
 from v4jax import kv_cache
 from v4jax.config import ModelConfig
@@ -229,25 +231,18 @@ def visible_entries(pos_q: jax.Array, doc_q: jax.Array, ent: Entries, ratio: int
     return same & ((ent.win[:, None, :] + 1) * ratio <= (pos_q + 1)[:, :, None])
 
 
-def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array, dtype) -> jax.Array:
-    """I[b, s, t] = sum_i w[b, s, i] * relu(q[b, s, i] . keys[b, t]), rounded to `dtype` (BF16 in BF16 runs,
-    as the official code stores index scores)."""
-    dots = einsum("bsid,btd->bsit", q, keys)
-    return jnp.sum(jax.nn.relu(dots) * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
-
-
-def indexer_kl(q, kv, lse, comp, scores, T: int, scale: float):
+def indexer_kl(q, kv, lse, comp, logits, scale: float):
     """The V3.2 indexer loss for one chunk of queries (spec §6.2): KL(p || softmax(I)) over the compressed
-    entries in `comp` ([b, s, k], kv row indices T + j, -1 unused), where p is the main attention's probability
-    mass on each entry (its full softmax, window and sink included: exp(z - lse)), summed over heads and
-    normalised over the set. The teacher carries no gradient. -> (sum of per-query KL, number of queries)."""
+    entries in `comp` ([b, s, k] kv row indices, -1 unused) whose index scores are `logits` [b, s, k], where p is
+    the main attention's probability mass on each entry (its full softmax, window and sink included:
+    exp(z - lse)), summed over heads and normalised over the set. The teacher carries no gradient.
+    -> (sum of per-query KL, number of queries)."""
     valid = comp >= 0
     keys = jax.vmap(lambda kv_b, i_b: kv_b[i_b])(kv, jnp.where(valid, comp, 0))  # [b, s, k, d]
     z = einsum("bshd,bskd->bshk", q, keys) * scale
     p = jnp.sum(jnp.where(valid[:, :, None], jnp.exp(z - lse[..., None]), 0.0), axis=2)  # [b, s, k]
     p = jax.lax.stop_gradient(p / jnp.maximum(jnp.sum(p, -1, keepdims=True), 1e-30))
-    logits = jnp.where(valid, jnp.take_along_axis(scores, jnp.where(valid, comp - T, 0), axis=-1), -jnp.inf)
-    log_q = jax.nn.log_softmax(logits, axis=-1)
+    log_q = jax.nn.log_softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)
     kl = jnp.sum(jnp.where(valid & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0), axis=-1)
     has = jnp.any(valid, axis=-1)
     return jnp.sum(jnp.where(has, kl, 0.0)), jnp.sum(has)
@@ -319,15 +314,15 @@ class Attention(nnx.Module):
 
         def keys(c):  # window key rows and the visibility of each entry slot, for one chunk of queries
             win = window_indices(c["t"][0], self.cfg.window_size, lay.doc, c["doc"])
-            return win, (visible_entries(c["pos"], c["doc"], ent, ratio) if ratio else None)
+            return win, (visible_ranges(c["pos"], c["doc"], ent.doc, ent.win, ratio) if ratio else None)
 
         o = self._attend(q, kv, index, {"doc": (lay.doc, -1), "pos": (lay.pos, 0), "t": (t, 0)}, keys, T, True)
         return self._output(o, lay.pos, x.dtype)
 
     def _attend(self, q, kv, index, query_info, keys, comp_offset: int, sow_stats: bool) -> jax.Array:
         """Sparse attention of q [b, s, h, d] over kv rows, `attn_chunk` queries at a time. Per chunk, keys(c)
-        gives the window rows [b, chunk, window] and the visible entry slots [b, chunk, n] (entry slot j is kv
-        row comp_offset + j). query_info: {name: ([b, s] array, value for padded queries)} passed to keys.
+        gives the window rows [b, chunk, window] and the bounds lo, hi [b, chunk] of the visible entry slots
+        lo <= j < hi (entry slot j is kv row comp_offset + j). query_info: {name: ([b, s] array, value for padded queries)} passed to keys.
         With cfg.indexer_loss and sow_stats, sows the indexer KL (training)."""
         cfg, ratio = self.cfg, self.ratio
         b, S, h, hd = q.shape
@@ -346,23 +341,25 @@ class Attention(nnx.Module):
             xs["iq"], xs["iw"] = split(index[0]), split(index[1])
         sink, scale = self.attn_sink[...], hd**-0.5
         kl_on = index is not None and cfg.indexer_loss and n_comp > 0 and sow_stats
-        use_indexer = index is not None and (kl_on or not cfg.csa_dense)
 
         def one_chunk(c):
-            idx, visible = keys(c)
+            idx, ranges = keys(c)  # window rows [b, chunk, W]; visible entry slots lo <= j < hi, [b, chunk] each
             comp = None
             if n_comp:
-                if use_indexer:
-                    scores = jnp.where(visible, index_scores(c["iq"], c["iw"], index[2], q.dtype), -jnp.inf)
+                lo, hi = ranges
                 if index is None or cfg.csa_dense:  # HCA, or CSA's dense phase: every visible entry
-                    comp = jnp.where(visible, comp_offset + jnp.arange(n_comp), -1)
+                    comp = jnp.where(range_mask(lo, hi, n_comp), comp_offset + jnp.arange(n_comp), -1)
                 else:  # CSA: the indexer's top-k of the visible entries
-                    top = jax.lax.top_k(scores, min(cfg.index_topk, n_comp))[1]
-                    comp = jnp.where(jnp.take_along_axis(visible, top, axis=-1), comp_offset + top, -1)
+                    top, _ = indexer_topk(c["iq"], c["iw"], index[2], lo, hi, min(cfg.index_topk, n_comp), q.dtype,
+                                          implementation=cfg.kernels)
+                    comp = jnp.where(top >= 0, comp_offset + top, -1)
                 idx = jnp.concatenate([idx, comp], axis=-1)
-            o, lse = sparse_attention(c["q"], kv, sink, idx, scale, return_lse=True)
-            if kl_on:
-                return o, indexer_kl(c["q"], kv, lse, comp, scores, comp_offset, scale)
+            o, lse = sparse_attention(c["q"], kv, sink, idx, scale, return_lse=True, implementation=cfg.kernels)
+            if kl_on:  # the indexer's scores of the attended entries (all visible ones, in slot order, when dense)
+                slots = jnp.where(comp >= 0, comp - comp_offset, -1)
+                logits = (jnp.where(comp >= 0, index_scores(c["iq"], c["iw"], index[2], q.dtype), -jnp.inf)
+                          if cfg.csa_dense else picked_scores(c["iq"], c["iw"], index[2], slots, q.dtype))
+                return o, indexer_kl(c["q"], kv, lse, comp, logits, scale)
             return o, (jnp.zeros(()), jnp.zeros((), jnp.int32))
 
         o, (kl_sum, kl_count) = jax.lax.map(one_chunk, xs)  # o: [n_chunks, b, chunk, h, hd]
@@ -414,8 +411,7 @@ class Attention(nnx.Module):
             p, s0 = c["pos"], c["start"]  # [b, chunk]
             k = p[..., None] - W + 1 + jnp.arange(W)  # key positions
             win = jnp.where(k < 0, -1, jnp.where(k >= s0[..., None], W + k - s0[..., None], k % W))
-            n = entries[0].shape[1] if m else 0
-            return win, ((jnp.arange(n) + 1) * m <= (p + 1)[..., None] if m else None)
+            return win, (prefix_ranges(p, entries[0].shape[1], m) if m else None)
 
         o = self._attend(q, kv_all, index, {"pos": (pos, 0), "start": (jnp.broadcast_to(start[:, None], pos.shape), 0)},
                          keys, W + C, False)

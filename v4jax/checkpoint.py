@@ -17,6 +17,7 @@ model. UE8M0 scales are kept as their raw uint8 exponent bytes.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -170,8 +171,11 @@ def leaf_sharding(var, value, mesh: jax.sharding.Mesh, rules: dict):
     that array (a 4-row scale grid over 8 devices) leaves that dimension replicated."""
     spec = logical_to_spec(_logical_axes(var), rules)
 
+    def size(ax):  # a rule may name one mesh axis or a tuple of them
+        return math.prod(mesh.shape[m] for m in ((ax,) if isinstance(ax, str) else ax))
+
     def fit(a):
-        axes = [ax if ax is not None and a.shape[i] % mesh.shape[ax] == 0 else None
+        axes = [ax if ax is not None and a.shape[i] % size(ax) == 0 else None
                 for i, ax in enumerate(tuple(spec) + (None,) * (len(a.shape) - len(spec)))]
         return NamedSharding(mesh, PartitionSpec(*axes))
 

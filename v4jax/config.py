@@ -73,7 +73,9 @@ class ModelConfig:
     attn_chunk: int = 256  # queries per chunk in compressed attention: bounds memory to O(chunk * T)
     csa_dense: bool = False  # CSA attends every visible compressed entry (the dense training phase, spec §6.2)
     indexer_loss: bool = False  # CSA layers sow the V3.2 indexer KL loss; the indexer's inputs are detached
-    kernels: str = "auto"  # "auto": Pallas kernels where the backend has them, else references; or force one
+    # "auto": Pallas kernels where the backend has them (GPU, TPU), else the pure-jnp references; or force
+    # "pallas", "reference", or "pallas_interpret" (the GPU kernels interpreted on any backend: slow, for tests)
+    kernels: str = "auto"
     remat: str = "none"  # rematerialisation per block in training: "none", "block" (save only its input), "dots"
     scan_layers: bool = False  # run the repeating (CSA, HCA) block pairs as one lax.scan (faster compiles)
 
@@ -135,10 +137,10 @@ class ModelConfig:
         for f in ("compute_dtype", "param_dtype"):
             if getattr(self, f) not in ("float32", "bfloat16"):
                 bad(f, f"is {getattr(self, f)!r}", "Use 'float32' or 'bfloat16'")
-        if self.kernels not in ("auto", "pallas", "reference"):
-            bad("kernels", f"is {self.kernels!r}", "Use 'auto', 'pallas' or 'reference'")
+        if self.kernels not in ("auto", "pallas", "pallas_interpret", "reference"):
+            bad("kernels", f"is {self.kernels!r}", "Use 'auto', 'pallas', 'pallas_interpret' or 'reference'")
         if self.remat not in ("none", "block", "dots"):
-            bad("remat", f"is {self.remat!r}", "Use 'none', 'block' (recompute each block) or 'dots' (keep matmul outputs)")
+            bad("remat", f"is {self.remat!r}", "Use 'none', 'block' (recompute blocks) or 'dots' (keep matmuls)")
         if self.attn_chunk < 1:
             bad("attn_chunk", f"is {self.attn_chunk}", "Use a positive query chunk size")
         if self.qat:

@@ -26,7 +26,8 @@ from flax import nnx
 
 from v4jax.config import ModelConfig
 from v4jax.layers import param, swiglu
-from v4jax.quant import dense, fp8_fake_quant, linear
+from kernels.fp4_matmul import fp4_ragged_dot
+from v4jax.quant import Mxfp4Weight, QuantizedWeight, dense, fp8_fake_quant, linear
 
 
 class RouterBias(nnx.Variable):
@@ -86,11 +87,15 @@ def expert_ffn(x, w1, w2, w3, limit: float, qat: bool, route_w=None):
     return linear(hid.astype(x.dtype), w2, quantized=True, qat=qat, out_dtype=jnp.float32)
 
 
-def grouped_ffn(xs, sizes, route_w, w1, w2, w3, limit: float, qat: bool):
+def grouped_ffn(xs, sizes, route_w, w1, w2, w3, limit: float, qat: bool, kernels: str = "reference"):
     """SwiGLU experts on rows sorted by expert: xs [m, d], sizes [e] rows per expert (rows past their sum belong
-    to no expert), route_w [m], weights [e, out, in] -> [m, d] fp32. One ragged_dot per weight, fp32 accumulation;
-    under qat the rows and the weighted hidden are FP8-rounded, as in expert_ffn."""
+    to no expert), route_w [m], weights [e, out, in] (arrays, or MXFP4 storage: the fp4 grouped kernel then
+    decodes them on the fly, by `kernels` = ModelConfig.kernels) -> [m, d] fp32. One grouped matmul per weight,
+    fp32 accumulation; under qat the rows and the weighted hidden are FP8-rounded, as in expert_ffn."""
     def grouped(a, w):  # a [m, in], w [e, out, in] -> [m, out]
+        if isinstance(w, Mxfp4Weight):
+            return fp4_ragged_dot(a, w, sizes, implementation=kernels)
+        w = w.dequantize(jnp.float32) if isinstance(w, QuantizedWeight) else w
         return jax.lax.ragged_dot(a, jnp.swapaxes(w.astype(a.dtype), 1, 2), sizes,
                                   preferred_element_type=jnp.float32)
 
@@ -189,6 +194,6 @@ class MoE(nnx.Module):
         token = order // k
         sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
         ex = self.experts
-        out = grouped_ffn(x[token], sizes, weights.reshape(-1)[order], dense(ex.w1), dense(ex.w2), dense(ex.w3),
-                          cfg.swiglu_limit, cfg.qat)
+        out = grouped_ffn(x[token], sizes, weights.reshape(-1)[order], ex.w1.get_value(), ex.w2.get_value(),
+                          ex.w3.get_value(), cfg.swiglu_limit, cfg.qat, cfg.kernels)
         return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out)
