@@ -3,6 +3,7 @@ several lengths, and each step time over the one at the shortest context (V4's p
 
     .venv/bin/python bench/decode.py [--contexts 1024 8192 ...] [--steps 32] [--configs tiny small]
                                      [--kv-format fp8 --index-format fp4] [--write docs/inference.md]
+    .venv/bin/python -m bench decode   (the defaults, into docs/perf/results.json and docs/performance.md)
 
 For each config and context: prefill `context` random tokens through Transformer.step in chunks of 512, then
 time `steps` single-token decode steps (jitted, cache donated; the first step is a warm-up and not counted;
@@ -66,7 +67,7 @@ def build(cfg: ModelConfig) -> Transformer:
     return model
 
 
-def run(model: Transformer, context: int, steps: int, kv_format, index_format) -> dict:
+def measure(model: Transformer, context: int, steps: int, kv_format, index_format) -> dict:
     """Prefill `context` tokens, then time `steps` + 1 decode steps -> prefill tokens/s, median step seconds."""
     vocab = model.cfg.vocab_size
     max_len = -(-(context + steps + 1) // 128) * 128  # a multiple of the HCA ratio
@@ -116,6 +117,43 @@ def write(path: str, text: str) -> None:
         f.write(new)
 
 
+def collect(configs, contexts, steps, kv_format=None, index_format=None) -> list[dict]:
+    """measure() every config at every context (shortest first) -> one row each."""
+    rows = []
+    for name in configs:
+        cfg = CONFIGS[name]
+        counts = param_counts(cfg)
+        model = build(cfg)
+        size = cache_bytes(cfg, kv_format, index_format)
+        short = None
+        for context in contexts:
+            r = measure(model, context, steps, kv_format, index_format)
+            short = short or r["step_s"]
+            rows.append({**r, "config": name, "context": context,
+                         "params": f"{counts['total_without_mtp'] / 1e6:.1f}M ({counts['activated'] / 1e6:.1f}M)",
+                         "cache_mb": (size.per_sequence + size.per_token * r["max_len"]) / 1e6,
+                         "ratio": f"{r['step_s'] / short:.2f}"})
+            print(f"{name} context {context}: prefill {r['prefill_tps']:.0f} tokens/s, "
+                  f"step {1e3 * r['step_s']:.1f} ms ({1 / r['step_s']:.1f} tokens/s)", flush=True)
+    return rows
+
+
+def run(out_dir, quick: bool = False) -> dict:
+    """The suite entry (bench/__main__.py): both configs, contexts 1024 and 8192 (32768 on an accelerator), FP8
+    entries + FP4 keys."""
+    contexts, steps = ([512], 4) if quick else ([1024, 8192] if jax.default_backend() == "cpu" else [1024, 32768], 16)
+    rows = collect(list(CONFIGS), contexts, steps, "fp8", "fp4")
+    return {"contexts": contexts, "steps": steps, "kv_format": "fp8", "index_format": "fp4",
+            "compute_dtype": CONFIGS["tiny"].compute_dtype, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    return (f"Batch 1, {result['steps']} timed single-token steps (median) after prefilling each context in chunks of "
+            f"{PREFILL_CHUNK}; kv_format={result['kv_format']}, index_format={result['index_format']}, compute dtype "
+            f"{result['compute_dtype']}; random weights (bench/decode.py).\n\n"
+            + table(result["rows"], result["contexts"]))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -130,22 +168,7 @@ def main(argv=None) -> None:
         if c > PREFILL_CHUNK and c % PREFILL_CHUNK:
             p.error(f"context {c} is not a multiple of the prefill chunk {PREFILL_CHUNK}: use e.g. 1024 or 8192")
     load = os.getloadavg()[0]
-    rows = []
-    for name in args.configs:
-        cfg = CONFIGS[name]
-        counts = param_counts(cfg)
-        model = build(cfg)
-        size = cache_bytes(cfg, args.kv_format, args.index_format)
-        short = None
-        for context in args.contexts:
-            r = run(model, context, args.steps, args.kv_format, args.index_format)
-            short = short or r["step_s"]
-            rows.append({**r, "config": name, "context": context,
-                         "params": f"{counts['total_without_mtp'] / 1e6:.1f}M ({counts['activated'] / 1e6:.1f}M)",
-                         "cache_mb": (size.per_sequence + size.per_token * r["max_len"]) / 1e6,
-                         "ratio": f"{r['step_s'] / short:.2f}"})
-            print(f"{name} context {context}: prefill {r['prefill_tps']:.0f} tokens/s, "
-                  f"step {1e3 * r['step_s']:.1f} ms ({1 / r['step_s']:.1f} tokens/s)", flush=True)
+    rows = collect(args.configs, args.contexts, args.steps, args.kv_format, args.index_format)
     result = table(rows, args.contexts)
     print(result)
     if args.write:
