@@ -1,0 +1,116 @@
+"""Probes into one forward pass, for looking inside a model (infer/notebooks/look_inside.ipynb).
+
+`probe(model, token_ids)` runs the main model layer by layer through the blocks' own code and records, per
+layer, what the forward computes but does not return:
+  * mHC (spec §3.2): each site's pre / post weights and the Sinkhorn-normalised stream-mixing matrix comb;
+  * the compressed entries (spec §3.4.4-5): which entries each query may see, and for CSA layers the lightning
+    indexer's scores and its top-k picks among the visible entries;
+  * the MoE routing (spec §3.5): the expert loads the layers sow (token-slots per routed expert).
+The final streams equal `Transformer.hidden` (tests/test_probe.py). Nothing here changes the model's math: the
+records come from the same functions the layers call.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels.indexer import index_scores, indexer_topk, visible_ranges
+from kernels.indexer.reference import range_mask
+from v4jax.attention import Attention, entry_layout, token_layout
+from v4jax.hyper_connection import hc_mixes, split_sinkhorn
+from v4jax.model import Block, HCSite, Transformer, pop_stats
+
+
+class SiteMaps(NamedTuple):
+    """One mHC site's maps per token (fp32): X' = post * f(sum_j pre_j X_j) + comb^T X."""
+
+    pre: jax.Array  # [b, s, hc] collapse weights into the sub-layer input
+    post: jax.Array  # [b, s, hc] weights spreading the sub-layer output over the streams
+    comb: jax.Array  # [b, s, hc, hc] doubly stochastic mixing: stream k takes column k
+
+
+class LayerProbe(NamedTuple):
+    """What one block computed. The entry fields are None in window-only layers, the indexer's in HCA layers."""
+
+    x_in: jax.Array  # [b, s, hc, d] the block's input streams
+    attn_in: jax.Array  # [b, s, d] the attention sub-layer's input (mHC collapse, then attn_norm)
+    mhc_attn: SiteMaps
+    mhc_ffn: SiteMaps
+    expert_load: jax.Array  # [experts] token-slots routed to each expert (sums to b * s * n_activated_experts)
+    visible: jax.Array | None  # [b, s, n] bool: entry j is complete and in the query's document
+    attended: jax.Array | None  # [b, s, n] bool: the entries attention uses (CSA: picked, or visible if csa_dense)
+    picked: jax.Array | None  # [b, s, n] bool: the indexer's top-k among the visible entries (CSA)
+    scores: jax.Array | None  # [b, s, n] fp32 index scores, -inf where not visible (CSA)
+
+
+def site_maps(model: Transformer, site: HCSite, x: jax.Array) -> SiteMaps:
+    """The mHC maps of `site` on streams x [b, s, hc, d], as hc_pre computes them."""
+    cfg = model.cfg
+    mixes = hc_mixes(x, site.fn[...], cfg.norm_eps)
+    return SiteMaps(*split_sinkhorn(mixes, site.scale[...], site.base[...], cfg.hc_mult, cfg.hc_sinkhorn_iters,
+                                    cfg.hc_eps))
+
+
+def entry_selection(attn: Attention, y: jax.Array, segment_ids: jax.Array | None = None) -> dict:
+    """Visibility and (CSA) indexer picks of a compressed layer for its input y [b, s, d] (attn-normed), with
+    the layer's own projections, indexer and visibility rule. -> the entry fields of LayerProbe."""
+    cfg, ratio = attn.cfg, attn.ratio
+    b, T, _ = y.shape
+    lay = token_layout(segment_ids, b, T)
+    ent = entry_layout(lay, ratio)
+    n = ent.start.shape[1]
+    lo, hi = visible_ranges(lay.pos, lay.doc, ent.doc, ent.win, ratio)  # query sees slots lo <= j < hi
+    visible = range_mask(lo, hi, n)
+    out = dict(visible=visible, attended=visible)
+    if attn.indexer is None or n == 0:
+        return out
+    q, _, qr = attn._project(y, lay.pos)
+    iq, iw, keys = attn.indexer(y, qr, lay, ent)
+    # the call Attention._attend makes per chunk of queries (same kernel, so the same tie-breaking)
+    top, _ = indexer_topk(iq, iw, keys, lo, hi, min(cfg.index_topk, n), q.dtype, implementation=cfg.kernels)
+    picked = jnp.zeros((b, T, n + 1), bool).at[  # slot n collects the -1s (fewer than k visible), then goes
+        jnp.arange(b)[:, None, None], jnp.arange(T)[None, :, None], jnp.where(top >= 0, top, n)].set(True)[..., :n]
+    scores = jnp.where(visible, index_scores(iq, iw, keys, q.dtype), -jnp.inf)
+    return dict(visible=visible, attended=visible if cfg.csa_dense else picked, picked=picked, scores=scores)
+
+
+def _block(model: Transformer, block: Block, x, token_ids, segment_ids):
+    """One block as Block.__call__ runs it, recording its intermediates. -> (output streams, record fields)."""
+    rec = dict(x_in=x, mhc_attn=site_maps(model, block.hc_attn, x))
+
+    def attn(y):  # the attention sub-layer, seeing exactly the input the block gives it
+        rec["attn_in"] = y
+        if block.attn.ratio:
+            rec.update(entry_selection(block.attn, y, segment_ids))
+        return block.attn(y, segment_ids)
+
+    x = block._site(x, block.hc_attn, block.attn_norm, attn)
+    rec["mhc_ffn"] = site_maps(model, block.hc_ffn, x)
+    return block._site(x, block.hc_ffn, block.ffn_norm, lambda y: block.ffn(y, token_ids)), rec
+
+
+@nnx.jit
+def _probe(model: Transformer, token_ids: jax.Array, segment_ids: jax.Array | None):
+    x = model.streams(token_ids)
+    records = []
+    for block in model.layers:
+        x, rec = _block(model, block, x, token_ids, segment_ids)
+        records.append(rec)
+    stats = pop_stats(model)
+    layers = [LayerProbe(expert_load=stats[f"layers.{i}.ffn.expert_load"],
+                         **{"visible": None, "attended": None, "picked": None, "scores": None, **rec})
+              for i, rec in enumerate(records)]
+    return layers, x
+
+
+def probe(model: Transformer, token_ids: jax.Array, segment_ids: jax.Array | None = None):
+    """token_ids [b, s] (segment_ids [b, s]: packed documents, as in Transformer.hidden) -> (a LayerProbe per
+    main layer, the final streams [b, s, hc, d]). One jitted forward pass; the MTP block is not probed."""
+    token_ids = jnp.asarray(token_ids)
+    if token_ids.ndim != 2:
+        raise ValueError(f"token_ids must be [batch, seq], got shape {token_ids.shape}: add a batch axis")
+    return _probe(model, token_ids, segment_ids)
