@@ -5,21 +5,23 @@ the test swaps it."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import v4jax.attention as attention_mod
+from conftest import KERNEL_IMPL
 from kernels.sparse_attention import sparse_attention
 from v4jax.config import ModelConfig
 
 
 def run(impl, monkeypatch, cfg, x):
     """-> (layer output, indexer KL, grads of every parameter) with the layer's attention on `impl`."""
-    monkeypatch.setattr(attention_mod, "sparse_attention", functools.partial(sparse_attention, implementation=impl))
+    def forced(*args, implementation=None, **kwargs):  # whatever cfg.kernels says, run `impl`
+        return sparse_attention(*args, implementation=impl, **kwargs)
+
+    monkeypatch.setattr(attention_mod, "sparse_attention", forced)
     attn = attention_mod.Attention(cfg, 1, rngs=nnx.Rngs(0))  # layer 1: CSA (ratio 4) with the indexer
 
     def loss(attn, x):
@@ -37,7 +39,7 @@ def test_csa_layer_with_pallas_kernels_matches_reference(monkeypatch):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 11, cfg.dim)), jnp.float32)  # chunks of 8 and 3
     y_ref, kl_ref, grads_ref = run("reference", monkeypatch, cfg, x)
     assert float(kl_ref) > 0
-    for impl in ("pallas_interpret", "pallas_interpret_tpu"):  # the GPU and the TPU kernels
+    for impl in (KERNEL_IMPL, "pallas_interpret_tpu"):  # the GPU and the TPU kernels
         y, kl, grads = run(impl, monkeypatch, cfg, x)
         np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-4, atol=1e-5 * np.abs(y_ref).max())
         np.testing.assert_allclose(float(kl), float(kl_ref), rtol=1e-4)
