@@ -1,6 +1,6 @@
 """The benchmark suite: run every benchmark, or the named ones, and regenerate docs/performance.md.
 
-    .venv/bin/python -m bench                      # all: efficiency attention_scaling peers train decode
+    .venv/bin/python -m bench                      # all: efficiency attention_scaling peers train decode kernels
     .venv/bin/python -m bench attention_scaling    # one (the others keep their last results)
     .venv/bin/python -m bench --quick ...          # small sizes, to check the plumbing
 
@@ -8,7 +8,8 @@ Each benchmark is a module of bench/ with run(out_dir, quick) -> a JSON-able res
 out_dir) and markdown(result) -> its section. Results go to docs/perf/results.json, one entry per benchmark
 and backend (CPU, or "name@device" on an accelerator) with the machine and the command it ran on;
 docs/performance.md is then written from the whole file, so it is never edited by hand. On a GPU host
-`python -m bench train decode` adds GPU sections (MFU of the training step, decode tokens/s) beside the CPU ones.
+`python -m bench train decode kernels` adds GPU sections (MFU of the training step, decode tokens/s, the compiled
+kernels' table) beside the CPU ones (scripts/gpu_check.sh runs them).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ BENCHMARKS = {  # name: (module, section title)
     "peers": ("bench.peers", "v4jax beside HF transformers (same configs, weights and batches)"),
     "train": ("bench.train", "Training step: throughput and MFU"),
     "decode": ("bench.decode", "Decode over the compressed cache"),
+    "kernels": ("bench.kernels", "Kernels: Pallas vs jnp reference vs dense alternative (issue 6)"),
 }
 
 
@@ -67,7 +69,8 @@ def render(results: dict) -> str:
              "`maxtext[tpu]`: about 235 requirements incl. libtpu, grain and transformers; installing them into a "
              "fresh Python 3.12 venv here did not finish within the 10-minute limit set for the attempt). GPU: no "
              "accelerator was lent to the session that produced this file; on one, `python -m bench train decode` "
-             "records MFU against the datasheet BF16 peak (train/flops.py) and decode tokens/s for the device.", ""]
+             "records MFU against the datasheet BF16 peak (train/flops.py) and decode tokens/s for the device, and "
+             "`python -m bench kernels` times the compiled Pallas kernels (scripts/gpu_check.sh runs all three).", ""]
     for name, (module, title) in BENCHMARKS.items():
         mod = importlib.import_module(module)
         for key, entry in results.items():  # the CPU entry, then one per accelerator it ran on

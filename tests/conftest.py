@@ -22,6 +22,11 @@ from v4jax.hub import dequantize_hub_state, load_hub_checkpoint  # noqa: E402
 from v4jax.model import Transformer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# tests/kernels run the Pallas kernels interpreted (any backend); on a GPU, V4JAX_KERNEL_TEST_IMPL=pallas runs the
+# same tests on the compiled kernels (scripts/gpu_check.sh).
+KERNEL_IMPL = os.environ.get("V4JAX_KERNEL_TEST_IMPL", "pallas_interpret")
+if KERNEL_IMPL not in ("pallas_interpret", "pallas"):
+    raise ValueError(f"V4JAX_KERNEL_TEST_IMPL={KERNEL_IMPL!r}: use 'pallas_interpret' (default) or 'pallas' (GPU)")
 FIXTURE = REPO.parent / "shared" / "fixtures" / "v4-tiny-flashlike"
 
 

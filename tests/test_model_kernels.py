@@ -1,5 +1,5 @@
-"""The whole model on the Pallas kernels (interpret mode on CPU: sparse attention, the indexer's fused top-k,
-the MXFP4 grouped matmul) equals the model on the pure-jnp references: logits of the released-layout fixture
+"""The whole model on the Pallas kernels (sparse attention, the indexer's fused top-k, the MXFP4 grouped
+matmul; interpreted on CPU, compiled on a GPU with V4JAX_KERNEL_TEST_IMPL=pallas) equals the model on the pure-jnp references: logits of the released-layout fixture
 with its experts kept in MXFP4, and a training step's loss and gradients (issue 6 acceptance)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conftest import FIXTURE, rel_err
+from conftest import FIXTURE, KERNEL_IMPL, rel_err
 from train.losses import objective
 from v4jax.checkpoint import load_hub_state
 from v4jax.config import ModelConfig
@@ -21,13 +21,13 @@ def test_fixture_logits_with_kernels_equal_references():
     """72 tokens: 18 CSA entries against top-k 8 (the indexer selects), quantized experts through the kernel."""
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 1024, (1, 72)))
     out = {}
-    for kernels in ("reference", "pallas_interpret"):
+    for kernels in ("reference", KERNEL_IMPL):
         cfg = ModelConfig.from_hf_config(FIXTURE / "config.json", compute_dtype="float32", kernels=kernels)
         model = Transformer(cfg, rngs=nnx.Rngs(0))
         load_hub_state(model, FIXTURE, weights="quantized")
         assert isinstance(model.layers[0].ffn.experts.w1.get_value(), Mxfp4Weight)
         out[kernels] = np.asarray(nnx.jit(lambda m, i: m(i))(model, ids))
-    assert rel_err(out["pallas_interpret"], out["reference"]).max() < 1e-5
+    assert rel_err(out[KERNEL_IMPL], out["reference"]).max() < 1e-5
 
 
 def test_training_gradients_with_kernels_equal_references():
@@ -46,7 +46,7 @@ def test_training_gradients_with_kernels_equal_references():
         return float(loss), jax.tree.leaves(nnx.state(grads, nnx.Param))
 
     loss_ref, grads_ref = loss_and_grads("reference")
-    loss, grads = loss_and_grads("pallas_interpret")
+    loss, grads = loss_and_grads(KERNEL_IMPL)
     assert abs(loss - loss_ref) < 1e-5 * abs(loss_ref)
     assert len(grads) == len(grads_ref)
     flat = lambda gs: np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in gs])  # noqa: E731

@@ -5,7 +5,7 @@ bytes per weight row; block_k is a multiple of 32 and block_k / 32 a power of tw
 (dx = dy @ W) has [block_m, block_k] tiles and steps over n by block_n. Triton's dot wants every side >= 16.
 
 The "gpu" values are first choices for an H100 (bf16 tensor-core tiles of 64 x 128 with the weight decode in
-registers), NOT measured: no GPU was lent when they were written; re-tune with bench/kernels_more.py.
+registers), NOT measured: no GPU was lent when they were written; re-tune with bench/kernels.py.
 "tpu" keeps Mosaic's (8, 128) tiling (forward only). "interpret" is for the CPU tests: small blocks so that
 small shapes span several blocks.
 """

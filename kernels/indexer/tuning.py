@@ -8,7 +8,7 @@ block_q >= 8.
 
 The "gpu" values are first choices for an H100 with V4's 64 index heads x 128 dims (block_q * 64 = 128 rows,
 [128, block_k] fp32 dots), NOT measured: no GPU was lent when they were written. Re-tune with
-`bench/kernels_more.py` on the GPU. "tpu" (lowering-checked only, no TPU either) keeps Mosaic's tiling.
+`bench/kernels.py` on the GPU. "tpu" (lowering-checked only, no TPU either) keeps Mosaic's tiling.
 "interpret" is for the CPU tests: small blocks so that small shapes span several blocks and merge steps.
 """
 

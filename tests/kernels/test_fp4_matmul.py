@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import KERNEL_IMPL
 from kernels.fp4_matmul import fp4_matmul, fp4_ragged_dot, pallas_kernel
 from v4jax.quant import Mxfp4Weight
 
@@ -67,7 +68,7 @@ def test_fp4_matmul_matches_reference(shape, dtype):
     w = _weight(n, (n, k))
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     dy = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
-    y, dx = _fwd_vjp(x, w, dy, "pallas_interpret")
+    y, dx = _fwd_vjp(x, w, dy, KERNEL_IMPL)
     y_ref, dx_ref = _fwd_vjp(x, w, dy, "reference")
     assert y.dtype == jnp.float32 and dx.dtype == dtype and dx.shape == x.shape
     assert _rel(y, y_ref) < tol and _rel(dx, dx_ref) < tol
@@ -92,7 +93,7 @@ def test_fp4_ragged_dot_matches_reference(sizes, dtype):
     gs = jnp.asarray(sizes, jnp.int32)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     dy = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
-    y, dx = _gfwd_vjp(x, w, gs, dy, "pallas_interpret")
+    y, dx = _gfwd_vjp(x, w, gs, dy, KERNEL_IMPL)
     y_ref, dx_ref = _gfwd_vjp(x, w, gs, dy, "reference")
     assert _rel(y, y_ref) < tol and _rel(dx, dx_ref) < tol
     # independent expectation: per-group float64 matmuls, zero rows past the groups

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import KERNEL_IMPL
 from kernels.indexer import indexer_topk, pallas_kernel, picked_scores, prefix_ranges, reference, visible_ranges
 from v4jax import attention
 
@@ -114,7 +115,7 @@ def test_pallas_exact_with_ties(shape, dtype):
     b, s, h, d, n, k = shape
     q, w, keys = _inputs(sum(shape), b, s, h, d, n, integer=True)
     lo, hi = _ranges(n, b, s, n, k)
-    got = _topk(q, w, keys, lo, hi, k, dtype, "pallas_interpret")
+    got = _topk(q, w, keys, lo, hi, k, dtype, KERNEL_IMPL)
     want = _topk(q, w, keys, lo, hi, k, dtype, "reference")
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
@@ -131,7 +132,7 @@ def test_pallas_random(dtype, tol):
     b, s, h, d, n, k = 2, 6, 4, 32, 45, 8
     q, w, keys = _inputs(3, b, s, h, d, n, integer=False, dtype=dtype)
     lo, hi = _ranges(4, b, s, n, k)
-    idx, val = _topk(q, w, keys, lo, hi, k, dtype, "pallas_interpret")
+    idx, val = _topk(q, w, keys, lo, hi, k, dtype, KERNEL_IMPL)
     ref_idx, ref_val = _topk(q, w, keys, lo, hi, k, dtype, "reference")
     np.testing.assert_array_equal(idx >= 0, ref_idx >= 0)
     ok = np.asarray(idx >= 0)
@@ -148,7 +149,7 @@ def test_no_gradient_through_the_kernel():
     """Training differentiates through the chunk loop: the kernel must pass (zero) gradients, not fail."""
     q, w, keys = _inputs(8, 1, 2, 2, 8, 10, integer=False)
     lo, hi = jnp.zeros((1, 2), jnp.int32), jnp.full((1, 2), 10, jnp.int32)
-    loss = lambda q: jnp.sum(_topk(q, w, keys, lo, hi, 3, jnp.float32, "pallas_interpret")[1])  # noqa: E731
+    loss = lambda q: jnp.sum(_topk(q, w, keys, lo, hi, 3, jnp.float32, KERNEL_IMPL)[1])  # noqa: E731
     np.testing.assert_array_equal(jax.jit(jax.grad(loss))(q), 0.0)
 
 
