@@ -1,6 +1,7 @@
 """The whole model on the Pallas kernels (sparse attention, the indexer's fused top-k, the MXFP4 grouped
-matmul; interpreted on CPU, compiled on a GPU with V4JAX_KERNEL_TEST_IMPL=pallas) equals the model on the pure-jnp references: logits of the released-layout fixture
-with its experts kept in MXFP4, and a training step's loss and gradients (issue 6 acceptance)."""
+matmul; interpreted on CPU, compiled on a GPU with V4JAX_KERNEL_TEST_IMPL=pallas) equals the model on the
+pure-jnp references: logits of the released-layout fixture with its experts kept in MXFP4, and a training
+step's loss and gradients (issue 6 acceptance)."""
 
 from __future__ import annotations
 
