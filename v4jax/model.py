@@ -6,7 +6,11 @@
     MTP (depth 1): X_mtp = e_proj(enorm(embed(next tokens))) + h_proj(hnorm(X)) per stream -> one more block
            (window-only, score routed) -> its own hc_head -> its own norm -> the shared head.
 
-Layers differ (window / CSA / HCA attention, hash or score routing), so they are a Python list.
+Layers differ (window / CSA / HCA attention, hash or score routing), so they are a Python list: the parameter
+tree (and checkpoint format) is per layer. With cfg.scan_layers the repeating (CSA, HCA) pairs after the first
+ones run as one lax.scan over their parameters stacked inside the step (compile time stops growing with depth).
+cfg.remat rematerialises each block (or each scanned pair). The residual streams are sharding-constrained at
+block boundaries only (v4jax.sharding.constrain; a no-op without active rules).
 Einsum letters used across v4jax: b batch, s query positions, t key positions, d model, h heads, k head dim,
 e experts, f expert hidden, g output groups, r o_lora rank, i indexer heads, c hyper-connection streams.
 """
@@ -27,6 +31,11 @@ from v4jax.hyper_connection import hc_head, hc_post, hc_pre
 from v4jax.layers import param, rms_norm
 from v4jax.moe import MoE
 from v4jax.quant import dense, linear
+from v4jax.sharding import constrain
+
+STREAMS = ("batch", "seq", None, "act_embed")  # logical axes of the residual streams [b, s, hc, d]
+REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class HCSite(nnx.Module):
@@ -126,12 +135,43 @@ class Transformer(nnx.Module):
         sowed, {path: value}: `...ffn.expert_load` [experts] (token-slot counts), `...ffn.balance_loss` (score-
         routed layers) and, with cfg.indexer_loss, `...attn.indexer_kl` (CSA layers).
         """
+        cfg = self.cfg
+        x = self.streams(token_ids)
+        first, stop = scan_range(cfg) if cfg.scan_layers else (cfg.n_layers, cfg.n_layers)
+        run = run_blocks if cfg.remat == "none" else jax.checkpoint(
+            run_blocks, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+        stats = {}
+
+        def layer(i, x):
+            x, stats_i = run(*nnx.split(nnx.List([self.layers[i]])), x, token_ids, segment_ids)
+            stats.update({f"layers.{i}.{k[2:]}": v for k, v in stats_i.items()})  # "0.rest" -> layer i
+            return x
+
+        for i in range(first):
+            x = layer(i, x)
+        if stop > first:
+            x, stats_scan = self._scan_pairs(run, first, stop, x, token_ids, segment_ids)
+            stats.update(stats_scan)
+        for i in range(stop, cfg.n_layers):
+            x = layer(i, x)
+        return (x, stats) if with_stats else x
+
+    def _scan_pairs(self, run, first: int, stop: int, x, token_ids, segment_ids):
+        """Layers first .. stop-1, (CSA, HCA) pairs of identical structure, as one lax.scan over their stacked
+        parameters (the stack is a copy made inside the step; its gradient flows back to each layer)."""
+        pairs = [nnx.List(self.layers[i:i + 2]) for i in range(first, stop, 2)]
+        graphdef = nnx.graphdef(pairs[0])
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *(nnx.state(p) for p in pairs))
+        x, stats = jax.lax.scan(lambda x, st: run(graphdef, st, x, token_ids, segment_ids), x, stacked)
+        # "k.rest" of pair j is layer first + 2j + k
+        return x, {f"layers.{first + 2 * j + int(k[0])}.{k[2:]}": v[j]
+                   for k, v in stats.items() for j in range(len(pairs))}
+
+    def streams(self, token_ids: jax.Array) -> jax.Array:
+        """The embedded tokens copied into the hc_mult residual streams [b, s, hc, d]."""
         h = self.embed_tokens(token_ids)
         x = jnp.broadcast_to(h[:, :, None, :], h.shape[:2] + (self.cfg.hc_mult, h.shape[-1]))
-        for block in self.layers:
-            x = block(x, token_ids, segment_ids)
-        stats = pop_stats(self)
-        return (x, stats) if with_stats else x
+        return constrain(x, STREAMS)
 
     def logits(self, x: jax.Array, site: HCSite, norm) -> jax.Array:
         """Collapse streams x [b, s, hc, d], normalise, project with the (shared) head in fp32 -> [b, s, vocab]."""
@@ -163,11 +203,11 @@ class Transformer(nnx.Module):
         [b, C, hc, d], the cache advanced by n_new)."""
         b, C = token_ids.shape
         n_new = jnp.full((b,), C, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
-        h = self.embed_tokens(token_ids)
-        x = jnp.broadcast_to(h[:, :, None, :], h.shape[:2] + (self.cfg.hc_mult, h.shape[-1]))
+        x = self.streams(token_ids)
         layers = []
         for block, layer_cache in zip(self.layers, cache.layers):
             x, layer_cache = block.step(x, token_ids, layer_cache, cache.lengths, n_new)
+            x = constrain(x, STREAMS)
             layers.append(layer_cache)
         new = cache._replace(lengths=cache.lengths + n_new, layers=tuple(layers))
         return self.logits(x, self.hc_head, self.norm), x, new
@@ -192,6 +232,26 @@ class Transformer(nnx.Module):
         stats = pop_stats(self)
         logits = self.logits(y, self.mtp.hc_head, self.mtp.norm)
         return (logits, stats) if with_stats else logits
+
+
+def run_blocks(graphdef, state, x, token_ids, segment_ids):
+    """Apply blocks given as (graphdef, state) of an nnx.List, in order, to the streams x -> (x, what they sowed
+    {path within the list: value}). Functional, so that jax.checkpoint and lax.scan can wrap it."""
+    blocks = nnx.merge(graphdef, state)
+    for block in blocks:
+        x = constrain(block(x, token_ids, segment_ids), STREAMS)
+    return x, pop_stats(blocks)
+
+
+def scan_range(cfg: ModelConfig) -> tuple[int, int]:
+    """(first, stop): layers first .. stop-1 are the scannable (CSA, HCA) pairs, all score-routed (the first
+    consecutive run of them; first == stop when there is none). Flash: 4 .. 41 (19 pairs); Pro: 4 .. 59 (28)."""
+    n, r = cfg.n_layers, cfg.compress_ratios
+    first = next((i for i in range(cfg.n_hash_layers, n - 1) if (r[i], r[i + 1]) == (4, 128)), n)
+    stop = first
+    while stop + 1 < n and (r[stop], r[stop + 1]) == (4, 128):
+        stop += 2
+    return first, stop
 
 
 class Cache(NamedTuple):

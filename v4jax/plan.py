@@ -1,0 +1,202 @@
+"""Compile-time memory planning for a V4 config on a device mesh (issue 7), without accelerators.
+
+    python -m v4jax.plan --config flash --mesh fsdp=32,expert=8 --step train --batch 256 --seq 4096
+    python -m v4jax.plan --config flash --mesh expert=8 --step decode --batch 64 --max-len 65536 --param-dtype bfloat16
+    python -m v4jax.plan --golden tests/golden/partition_specs      # rewrite the golden partition-spec files
+
+The mesh's devices are fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count, set here before the
+backend starts). The model is abstract (nnx.eval_shape: nothing allocated); the step is lowered with
+ShapeDtypeStructs carrying their shardings and compiled by XLA's SPMD partitioner, exactly as for real devices.
+
+Reported per device: parameters, optimizer state, the other variables (router biases, hash tables) and the
+KV cache are exact sums of each array's shard shape (analytic, from the partition specs); "activations" is the
+compiled program's temporary buffer size (XLA's memory analysis), and the peak is arguments + temporaries +
+outputs not aliased to donated arguments.
+XLA:CPU lowers the grouped expert matmul (jax.lax.ragged_dot) densely, one matmul per expert over all rows
+(temporaries e x rows x out), which a GPU's or TPU's native grouped matmul does not: on CPU the temporaries of
+MoE layers are an over-estimate (docs/sharding.md). `--step train` compiles train.pretrain's step: forward, backward and
+the Muon/AdamW update with the router-bias rule; `--step forward` the training objective alone; `--step decode`
+one token of Transformer.step over the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--mesh {text!r}: write axis=size pairs, e.g. fsdp=32,expert=8") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a.add_argument("--config", default="flash", help="a ModelConfig preset: flash, pro, tiny")
+    a.add_argument("--mesh", default="data=1", help="axis=size,... over data, fsdp, expert, tensor")
+    a.add_argument("--step", default="train", choices=["train", "forward", "decode"])
+    a.add_argument("--batch", type=int, default=None, help="global sequences (default: one per batch shard)")
+    a.add_argument("--seq", type=int, default=4096, help="training sequence length")
+    a.add_argument("--max-len", type=int, default=65536, help="decode: cache capacity per sequence")
+    a.add_argument("--kv-format", default="bf16", help="decode: cache storage (fp32, bf16, fp8)")
+    a.add_argument("--index-format", default="bf16", help="decode: indexer key storage (fp32, bf16, fp8, fp4)")
+    a.add_argument("--param-dtype", default=None, help="override the master weights' dtype (bfloat16 for decode)")
+    a.add_argument("--remat", default="block", choices=["none", "block", "dots"])
+    a.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="scan_layers")
+    a.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                   help="override a ModelConfig field, e.g. --set n_layers=4 --set 'compress_ratios=[0,0,4,128,0]'")
+    a.add_argument("--golden", metavar="DIR", help="write {flash,pro}_{train,decode}.json partition specs and exit")
+    args = a.parse_args(argv)
+    shape = parse_mesh(args.mesh)
+    n_devices = math.prod(shape.values())
+    # Before jax starts its CPU backend: as many fake devices as the mesh has. The program is never run, so
+    # LLVM's optimisation (most of a CPU compile) is off; buffer sizes come from XLA's HLO passes before it.
+    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_devices}"
+                               " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    if args.golden:
+        write_golden(Path(args.golden))
+        return
+    report = plan(args, shape)
+    print(json.dumps(report, indent=1))
+
+
+def write_golden(folder: Path) -> None:
+    """Every parameter path -> its PartitionSpec, for Flash and Pro under both presets (tests compare these)."""
+    from flax import nnx
+
+    from v4jax import sharding
+    from v4jax.config import ModelConfig
+    from v4jax.model import Transformer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for preset in ("flash", "pro"):
+        model = nnx.eval_shape(lambda: Transformer(ModelConfig.preset(preset), rngs=nnx.Rngs(0)))
+        for rules in ("train", "decode"):
+            specs = sharding.flat_specs(model, sharding.PRESETS[rules])
+            lines = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in specs.items()]  # one variable per line
+            (folder / f"{preset}_{rules}.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
+            print(f"{folder}/{preset}_{rules}.json: {len(specs)} variables")
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (padded shards, as XLA lays them)."""
+    import jax
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def plan(args, shape: dict[str, int]) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from v4jax import sharding
+    from v4jax.config import ModelConfig
+    from v4jax.model import Transformer
+
+    overrides = dict(scan_layers=args.scan, remat=args.remat)
+    for item in args.set:
+        field, _, value = item.partition("=")
+        overrides[field] = json.loads(value)
+    if args.param_dtype:
+        overrides["param_dtype"] = args.param_dtype
+    cfg = ModelConfig.preset(args.config, **overrides)
+    mesh = sharding.make_mesh(shape)
+    rules = sharding.PRESETS["decode" if args.step == "decode" else "train"]
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    specs = sharding.model_specs(model, rules)
+    state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, s)),
+                         nnx.state(model), specs, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    nnx.update(model, state)
+    graphdef, params, others = nnx.split(model, nnx.Param, ...)
+    batch_spec = sharding.logical_to_spec(("batch",), rules)[0]
+    shards = math.prod(mesh.shape[a] for a in ((batch_spec,) if isinstance(batch_spec, str) else batch_spec or ()))
+    batch = args.batch or shards
+    report = {"config": args.config, "mesh": dict(mesh.shape), "step": args.step, "batch": batch,
+              "devices": mesh.size, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
+              "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype}
+    bytes_ = {"params": shard_bytes(params), "other_variables": shard_bytes(others)}
+
+    def sds(shape_, dtype, spec):
+        return jax.ShapeDtypeStruct(shape_, dtype, sharding=NamedSharding(mesh, spec))
+
+    if args.step == "decode":
+        cache = jax.eval_shape(lambda: model.init_cache(batch, args.max_len, args.kv_format, args.index_format))
+        cache = jax.tree.map(lambda x: sds(x.shape, x.dtype, PartitionSpec(batch_spec)), cache)
+        bytes_["cache"] = shard_bytes(cache)
+        report |= {"max_len": args.max_len, "kv_format": args.kv_format, "index_format": args.index_format}
+
+        def fn(params, others, cache, tokens):
+            logits, _, cache = nnx.merge(graphdef, params, others).step(cache, tokens)
+            return logits, cache
+
+        step = jax.jit(fn, donate_argnums=(2,))
+        call_args = (params, others, cache, sds((batch, 1), jnp.int32, PartitionSpec(batch_spec)))
+    else:
+        from train import losses
+        from train.muon import path_str, v4_optimizer
+        from train.pretrain import make_train_step
+
+        tokens = sds((1, batch, args.seq + 1), jnp.int32, PartitionSpec(None, batch_spec))
+        batch_in = {"tokens": tokens, "segment_ids": tokens}
+        weights = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in ("lm", "mtp", "balance", "indexer")}
+        report["seq"] = args.seq
+        if args.step == "forward":
+            def fn(params, others, batch_in, weights):
+                model = nnx.merge(graphdef, params, others)
+                return losses.objective(model, batch_in["tokens"][0], batch_in["segment_ids"][0], weights)[0]
+
+            step = jax.jit(fn)
+            call_args = (params, others, batch_in, weights)
+        else:
+            tx = v4_optimizer(params, cfg, 1e-4)
+            opt_state = optimizer_state(tx, params)
+            bytes_["optimizer_state"] = shard_bytes(opt_state)
+            trainable = {path_str(p): True for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+            shardings = jax.tree.map(lambda x: x.sharding, (params, others, opt_state))
+            step = make_train_step(graphdef, tx, trainable, 1e-3, shardings)
+            call_args = (params, others, opt_state, batch_in, weights)
+
+    print(json.dumps(report | {"analytic_bytes_per_device": bytes_}), flush=True)  # before the long compile
+    t0, c0 = time.perf_counter(), time.process_time()
+    with sharding.use_rules(mesh, rules):
+        lowered = step.lower(*call_args)
+    t1, c1 = time.perf_counter(), time.process_time()
+    compiled = lowered.compile()
+    t2, c2 = time.perf_counter(), time.process_time()
+    mem = compiled.memory_analysis()
+    bytes_ |= {"arguments (compiler)": mem.argument_size_in_bytes, "activations = temporaries (compiler)":
+               mem.temp_size_in_bytes, "outputs (compiler)": mem.output_size_in_bytes,
+               "outputs aliased to donated arguments (compiler)": mem.alias_size_in_bytes}
+    peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    bytes_["peak = arguments + temporaries + unaliased outputs"] = peak
+    report["bytes_per_device"] = bytes_
+    report["GB_per_device"] = {k: round(v / 1e9, 3) for k, v in bytes_.items()}
+    # CPU seconds (all threads) as well as wall seconds: the second depends on what else the machine runs
+    report |= {"lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
+               "lower_cpu_s": round(c1 - c0, 1), "compile_cpu_s": round(c2 - c1, 1)}
+    return report
+
+
+def optimizer_state(tx, params):
+    """Abstract optimizer state, each moment laid out like its parameter (sharding.follow_params)."""
+    import jax
+
+    from v4jax import sharding
+
+    abstract = jax.eval_shape(tx.init, params)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                        sharding.follow_params(abstract, params))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
