@@ -25,6 +25,7 @@ from flax import nnx
 
 from bench.decode import CONFIGS as DECODE_CONFIGS
 from bench.decode import step as decode_step
+from bench.train import timed
 from v4jax import config as config_mod
 from v4jax.checkpoint import load_hub_state
 from v4jax.config import ModelConfig
@@ -52,12 +53,7 @@ def hf_config(cfg: ModelConfig) -> dict:
 
 def median_time(fn, steps: int) -> float:
     jax.block_until_ready(fn())  # compiles
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed(fn, steps)
 
 
 def v4jax_times(hf: dict, spec: dict) -> dict:

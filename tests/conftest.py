@@ -68,3 +68,15 @@ def mtp_logits(model, x, ids):
 
 def random_ids(shape, vocab, seed=0):
     return jax.numpy.asarray(np.random.default_rng(seed).integers(0, vocab, shape))
+
+
+def export_for(f, args, platform):
+    """jax.export for `platform` on this (CPU) machine: CUDA needs an abstract GPU for Pallas' Triton lowering
+    (it reads the target's compute capability), and the Triton custom call carries no export stability
+    guarantee, which is irrelevant here."""
+    if platform == "tpu":
+        return jax.export.export(jax.jit(f), platforms=["tpu"])(*args)
+    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)):
+        return jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)

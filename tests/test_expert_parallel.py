@@ -21,7 +21,7 @@ from v4jax.quant import dense
 
 CFG = ModelConfig.preset("tiny", compute_dtype="float32")  # 16 experts, top-3, 2 hash layers
 MESHES = {"expert8": {"expert": 8}, "data2_expert4": {"data": 2, "expert": 4},
-          "fsdp2_expert2_tensor2": {"fsdp": 2, "expert": 2, "tensor": 2}}
+          "fsdp2_expert2_tensor2": {"fsdp": 2, "expert": 2, "tensor": 2}, "data8": {"data": 8}}
 HASH, SCORE = 0, 4  # layer indices of a hash-routed and a score-routed layer
 FORCED = (7, 2, 13)  # every token routed to these: expert 7 gets all tokens, 13 of 16 experts get none
 
@@ -74,8 +74,8 @@ def _assert_close(got, want, tol=1e-5):
 
 
 @pytest.mark.parametrize("mesh_name, layer", [("expert8", HASH), ("data2_expert4", SCORE),
-                                              ("fsdp2_expert2_tensor2", SCORE)],
-                         ids=["expert8-hash", "data2_expert4-score", "fsdp2_expert2_tensor2-score"])
+                                              ("fsdp2_expert2_tensor2", SCORE), ("data8", SCORE)],
+                         ids=["expert8-hash", "data2_expert4-score", "fsdp2_expert2_tensor2-score", "data8-score"])
 def test_ep_equals_dense_forward_and_grads(mesh_name, layer):
     """Random routing, then every token on FORCED (one expert gets all tokens, most none): output and gradients
     wrt the expert, shared-expert and gate weights and the input equal the dense MoE; nothing is dropped."""
@@ -99,8 +99,9 @@ def test_ep_equals_dense_forward_and_grads(mesh_name, layer):
 
 
 def test_ep_engages_only_under_an_expert_mesh_with_ragged():
-    """The switch (traced only): the all-to-all and the ep_dropped stat appear exactly for moe_impl "ragged"
-    under a mesh whose expert axis is > 1; no mesh, an expert axis of 1 or moe_impl "dense" keep today's path."""
+    """The switch (traced only): the per-device dispatch (shard_map) and the ep_dropped stat appear exactly for
+    moe_impl "ragged" under a multi-device mesh, exchanging tokens when its expert axis is > 1; no mesh or
+    moe_impl "dense" keep the single-device path."""
     y, tokens, _ = _inputs()
 
     def traced(impl, mesh_shape):
@@ -118,9 +119,11 @@ def test_ep_engages_only_under_an_expert_mesh_with_ragged():
         with jax.set_mesh(sharding.make_mesh(mesh_shape)):
             return str(jax.make_jaxpr(f)(state, y)), sown
 
-    for impl, mesh_shape in (("ragged", None), ("ragged", {"data": 8}), ("dense", {"expert": 8})):
+    for impl, mesh_shape in (("ragged", None), ("dense", {"expert": 8})):
         jaxpr, sown = traced(impl, mesh_shape)
         assert "all_to_all" not in jaxpr and "shard_map" not in jaxpr and "ep_dropped" not in sown
+    jaxpr, sown = traced("ragged", {"data": 8})  # tokens sorted where they are: no global sort
+    assert "shard_map" in jaxpr and "ep_dropped" in sown
     jaxpr, sown = traced("ragged", {"data": 2, "expert": 4})
     assert "all_to_all" in jaxpr and "ep_dropped" in sown
 

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from kernels.sparse_attention import sparse_attention
+from test_hyper_connection import sinkhorn_reference
 from v4jax.attention import entry_layout, token_layout, window_indices
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
@@ -108,16 +109,6 @@ def test_picks_are_what_attention_attends():
     assert np.linalg.norm(attend(rec.visible) - out) > 0.05 * np.linalg.norm(out)
 
 
-def _np_sinkhorn(logits, iters, eps):
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    p = p / p.sum(-1, keepdims=True) + eps
-    p = p / (p.sum(-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        p = p / (p.sum(-1, keepdims=True) + eps)
-        p = p / (p.sum(-2, keepdims=True) + eps)
-    return p
-
-
 def test_mhc_maps_match_the_definition():
     """pre / post / comb equal a numpy evaluation of spec §3.2 on the block input; comb is doubly stochastic."""
     model, _, _, layers, *_ = _run()
@@ -130,7 +121,7 @@ def test_mhc_maps_match_the_definition():
         pre = sig(mixes[..., :hc] * s[0] + base[:hc]) + CFG.hc_eps
         post = 2 * sig(mixes[..., hc:2 * hc] * s[1] + base[hc:2 * hc])
         logits = (mixes[..., 2 * hc:] * s[2] + base[2 * hc:]).reshape(2, T, hc, hc)
-        comb = _np_sinkhorn(logits, CFG.hc_sinkhorn_iters, CFG.hc_eps)
+        comb = sinkhorn_reference(logits, CFG.hc_sinkhorn_iters, CFG.hc_eps)
         for got, want in zip(rec.mhc_attn, (pre, post, comb)):
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
         for maps in (rec.mhc_attn, rec.mhc_ffn):

@@ -41,7 +41,7 @@ from train.muon import path_str, v4_optimizer
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 from v4jax.moe import RouterBias
-from v4jax.sharding import DECODE_RULES, TRAIN_RULES, make_mesh, model_specs
+from v4jax.sharding import DECODE_RULES, TRAIN_RULES, follow_params, make_mesh, model_specs
 
 # Every key a run config may set, with its default (a YAML file overrides these; key=value arguments override
 # the file).
@@ -311,8 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     tx = v4_optimizer(params, mcfg, schedule, momentum=o["momentum"], rms_scale=o["muon_rms_scale"],
                       muon_wd=o["muon_weight_decay"], adam_b1=o["adam_b1"], adam_b2=o["adam_b2"],
                       adam_eps=o["adam_eps"], adam_wd=o["adam_weight_decay"])
-    with jax.set_mesh(mesh):  # the moments take their parameters' shardings, on this mesh
-        opt_state = jax.jit(tx.init)(params)
+    # the moments take their parameters' shardings (jnp.zeros alone would replicate them on every device)
+    opt_state = jax.jit(tx.init, out_shardings=follow_params(jax.eval_shape(tx.init, params), params))(params)
 
     # Resume from the latest complete checkpoint, if any.
     manager = checkpoint_manager(cfg)
@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
                        "indexer": lc["indexer_weight"] if attn["indexer_loss"] else 0.0,
                        "mtp": losses.mtp_weight(step, decay_start, lc["mtp_weight"], lc["mtp_weight_in_decay"])}
             weights = {k: jnp.float32(v) for k, v in weights.items()}
-            params, others, opt_state, metrics = train_step(params, others, opt_state, batch, weights)
+            with jax.set_mesh(mesh):  # traced under the mesh: the MoE dispatches tokens per device (shard_map)
+                params, others, opt_state, metrics = train_step(params, others, opt_state, batch, weights)
             metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
             step += 1
             offset += tokens_per_step

@@ -10,12 +10,13 @@ Two implementations of the routed sum, selected by cfg.moe_impl: "ragged" sorts 
 expert and runs dropless grouped matmuls (`jax.lax.ragged_dot`); "dense" runs every expert on every token
 (a plain reference for tests). Letters: n tokens, k slots, e experts, f expert hidden, d model.
 
-Expert parallelism: with moe_impl "ragged", a call traced under a mesh (`jax.set_mesh` / `jax.sharding.use_mesh`,
-read with `jax.sharding.get_abstract_mesh()`) whose `expert` axis is larger than 1 runs the routed sum with
-v4jax.expert_parallel (tokens exchanged between the devices holding the experts, buffers sized by
-cfg.moe_ep_capacity) and sows `ep_dropped`, the (token, slot) pairs that did not fit (0 with the default). Without
-such a mesh (one device, or a mesh used only through shardings) nothing changes. The gate and the shared expert
-run outside the exchange either way.
+Expert parallelism: with moe_impl "ragged", a call traced under a mesh of more than one device (`jax.set_mesh` /
+`jax.sharding.use_mesh`, read with `jax.sharding.get_abstract_mesh()`) runs the routed sum with
+v4jax.expert_parallel: each device routes and sorts its own tokens (never a global sort, which the partitioner
+would replicate), exchanges them with the devices holding their experts when the `expert` axis is larger than 1
+(buffers sized by cfg.moe_ep_capacity), and sows `ep_dropped`, the (token, slot) pairs that did not fit (0 with
+the default). Without such a mesh (one device, or a mesh used only through shardings) nothing changes. The gate
+and the shared expert run outside the exchange either way.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class MoE(nnx.Module):
         if sow_stats:
             self._sow_stats(ids, scores, shape[0])
         mesh = jax.sharding.get_abstract_mesh()
-        if cfg.moe_impl == "ragged" and not mesh.empty and mesh.shape.get("expert", 1) > 1:
+        if cfg.moe_impl == "ragged" and not mesh.empty and mesh.size > 1:
             from v4jax.expert_parallel import ep_routed  # imported here: it builds on this module
 
             ex = self.experts

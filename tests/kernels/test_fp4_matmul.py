@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import KERNEL_IMPL
+from conftest import KERNEL_IMPL, export_for
 from kernels.fp4_matmul import fp4_matmul, fp4_ragged_dot, pallas_kernel
 from v4jax.quant import Mxfp4Weight
 
@@ -109,18 +109,6 @@ def test_fp4_ragged_dot_matches_reference(sizes, dtype):
     np.testing.assert_array_equal(np.asarray(y)[sum(sizes):], 0.0)
 
 
-def _export(f, args, platform):
-    """jax.export for `platform` on this (CPU) machine: CUDA needs an abstract GPU for Pallas' Triton lowering
-    (it reads the target's compute capability), and the Triton custom call carries no export stability
-    guarantee, which is irrelevant here."""
-    if platform == "tpu":
-        return jax.export.export(jax.jit(f), platforms=["tpu"])(*args)
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)):
-        return jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
-            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-
-
 def test_lowers_for_cuda():
     """Dense and grouped kernels, forward and dx, with the tuned GPU blocks and V4-Flash-like expert shapes
     (k = 4096 in, n = 2048 out, bf16): lowering to Triton must succeed (compiling to PTX needs the device)."""
@@ -133,7 +121,7 @@ def test_lowers_for_cuda():
         f = lambda x: pallas_kernel.fp4_matmul(x, p, s, target="gpu", cfg=cfg)  # noqa: E731
         return jax.value_and_grad(lambda x: jnp.sum(f(x)))(x)
 
-    text = _export(dense, (x, packed, scale), "cuda").mlir_module()
+    text = export_for(dense, (x, packed, scale), "cuda").mlir_module()
     assert text.count("xla.gpu.triton") >= 2  # forward and backward kernels
 
     def grouped(x, p, s, sizes):
@@ -141,7 +129,7 @@ def test_lowers_for_cuda():
         return jax.value_and_grad(lambda x: jnp.sum(f(x)))(x)
 
     gp, gsc = (jax.ShapeDtypeStruct((e, *a.shape), jnp.uint8) for a in (packed, scale))
-    text = _export(grouped, (x, gp, gsc, jax.ShapeDtypeStruct((e,), jnp.int32)), "cuda").mlir_module()
+    text = export_for(grouped, (x, gp, gsc, jax.ShapeDtypeStruct((e,), jnp.int32)), "cuda").mlir_module()
     assert text.count("xla.gpu.triton") >= 2
 
 
@@ -151,7 +139,7 @@ def test_lowers_for_tpu():
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
             jax.ShapeDtypeStruct((n, k // 32), jnp.uint8))
     cfg = {"block_m": 128, "block_n": 256, "block_k": 512, "num_warps": None, "num_stages": None}
-    text = _export(lambda x, p, s: pallas_kernel.fp4_matmul(x, p, s, target="tpu", cfg=cfg), args,
+    text = export_for(lambda x, p, s: pallas_kernel.fp4_matmul(x, p, s, target="tpu", cfg=cfg), args,
                    "tpu").mlir_module()
     assert "tpu_custom_call" in text
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import KERNEL_IMPL
+from conftest import KERNEL_IMPL, export_for
 from kernels.indexer import indexer_topk, pallas_kernel, picked_scores, prefix_ranges, reference, visible_ranges
 from v4jax import attention
 
@@ -176,18 +176,6 @@ def test_picked_scores_values_and_gradient():
         assert float(jnp.max(jnp.abs(g2))) > 0
 
 
-def _export(f, args, platform):
-    """jax.export for `platform` on this (CPU) machine: CUDA needs an abstract GPU for Pallas' Triton lowering
-    (it reads the target's compute capability), and the Triton custom call carries no export stability
-    guarantee, which is irrelevant here."""
-    if platform == "tpu":
-        return jax.export.export(jax.jit(f), platforms=["tpu"])(*args)
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)):
-        return jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
-            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-
-
 @pytest.mark.parametrize("target,platform", [("gpu", "cuda"), ("tpu", "tpu")])
 def test_lowers_for_device(target, platform):
     """The kernel with V4's indexer shapes (64 heads x 128, bf16) lowers for its device: a kernel that stops
@@ -198,7 +186,7 @@ def test_lowers_for_device(target, platform):
             jax.ShapeDtypeStruct((b, s), jnp.int32))
     f = lambda q, w, keys, lo, hi: pallas_kernel.indexer_topk(q, w, keys, lo, hi, k, jnp.bfloat16,  # noqa: E731
                                                               target=target)
-    text = _export(f, args, platform).mlir_module()
+    text = export_for(f, args, platform).mlir_module()
     assert ("xla.gpu.triton" if target == "gpu" else "tpu_custom_call") in text
 
 
