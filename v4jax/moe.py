@@ -28,7 +28,7 @@ from flax import nnx
 from v4jax.config import ModelConfig
 from v4jax.layers import param, swiglu
 from kernels.fp4_matmul import fp4_ragged_dot
-from v4jax.quant import Mxfp4Weight, QuantizedWeight, dense, einsum, fp8_fake_quant, linear
+from v4jax.quant import Mxfp4Weight, QuantizedWeight, dense, fp8_fake_quant, grouped_matmul, linear
 
 
 class RouterBias(nnx.Variable):
@@ -86,39 +86,6 @@ def expert_ffn(x, w1, w2, w3, limit: float, qat: bool, route_w=None):
     if route_w is not None:
         hid = hid * route_w[:, None]
     return linear(hid.astype(x.dtype), w2, quantized=True, qat=qat, out_dtype=jnp.float32)
-
-
-def grouped_matmul(a: jax.Array, w: jax.Array, sizes: jax.Array, tile: int = 128) -> jax.Array:
-    """a [m, in] (rows sorted by group), w [e, out, in], sizes [e] -> [m, out] fp32: row r times its group's
-    weight; rows past sum(sizes) give 0. `jax.lax.ragged_dot` on GPU / TPU. XLA:CPU lowers ragged_dot densely
-    (every group over every row: e times the work and an [e, m, out] buffer; measured: 16 groups cost 33x one),
-    so on CPU the rows go in tiles and each (tile, group) pair that overlaps is one small matmul: at most
-    m / tile + e of them (megablox's schedule, in jnp)."""
-    if jax.default_backend() != "cpu":
-        return jax.lax.ragged_dot(a, jnp.swapaxes(w, 1, 2), sizes, preferred_element_type=jnp.float32)
-    m, e = a.shape[0], w.shape[0]
-    tile = min(tile, -(-m // 8) * 8)  # decode: a few rows, small tiles
-    n_tiles = -(-m // tile)
-    a = jnp.pad(a, ((0, n_tiles * tile - m), (0, 0)))
-    end = jnp.cumsum(sizes)
-    start = end - sizes
-    count = jnp.where(sizes > 0, (end - 1) // tile - start // tile + 1, 0)  # tiles group g overlaps
-    item_end = jnp.cumsum(count)
-    item = jnp.arange(n_tiles + e)  # work items: (tile, group) pairs in group order; the tail is unused
-    group = jnp.minimum(jnp.searchsorted(item_end, item, side="right"), e - 1)
-    used = item < item_end[-1]
-    tile_of = jnp.where(used, start[group] // tile + item - (item_end - count)[group], 0)
-
-    @jax.checkpoint  # backward recomputes each item: no per-item copy of the group's weight is saved
-    def one(args):
-        t, g, ok = args
-        rows = t * tile + jnp.arange(tile)
-        y = einsum("ri,oi->ro", jax.lax.dynamic_slice_in_dim(a, t * tile, tile), w[g])
-        return jnp.where((ok & (rows >= start[g]) & (rows < end[g]))[:, None], y, 0.0)
-
-    ys = jax.lax.map(one, (tile_of, group, used))  # [items, tile, out]
-    out = jnp.zeros((n_tiles, tile, w.shape[1]), jnp.float32).at[tile_of].add(ys)
-    return out.reshape(n_tiles * tile, -1)[:m]
 
 
 def grouped_ffn(xs, sizes, route_w, w1, w2, w3, limit: float, qat: bool, kernels: str = "reference"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from v4jax.quant import Mxfp4Weight, einsum
+from v4jax.quant import Mxfp4Weight, einsum, grouped_matmul
 
 
 def fp4_matmul(x: jax.Array, w: Mxfp4Weight) -> jax.Array:
@@ -23,6 +23,6 @@ def fp4_matmul(x: jax.Array, w: Mxfp4Weight) -> jax.Array:
 
 def fp4_ragged_dot(x: jax.Array, w: Mxfp4Weight, group_sizes: jax.Array) -> jax.Array:
     """Rows of x [m, k] sorted by group, group g's rows times W[g].T: W [e, n, k], group_sizes [e] -> [m, n]
-    fp32 (rows past sum(group_sizes) are 0), jax.lax.ragged_dot's contract with [out, in] weights."""
-    wt = jnp.swapaxes(w.dequantize(jnp.float32).astype(x.dtype), 1, 2)
-    return jax.lax.ragged_dot(x, wt, group_sizes, preferred_element_type=jnp.float32)
+    fp32 (rows past sum(group_sizes) are 0), jax.lax.ragged_dot's contract with [out, in] weights: the
+    dequantized weight through the model's grouped matmul (v4jax.quant.grouped_matmul)."""
+    return grouped_matmul(x, w.dequantize(jnp.float32).astype(x.dtype), group_sizes)
