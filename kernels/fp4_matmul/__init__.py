@@ -6,12 +6,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels import resolve
 from kernels.fp4_matmul import pallas_kernel, reference
 from kernels.fp4_matmul.tuning import blocks as tuned_blocks
 from v4jax.quant import Mxfp4Weight
 
-__all__ = ["IMPLEMENTATIONS", "fp4_matmul", "fp4_ragged_dot"]
-IMPLEMENTATIONS = ("auto", "pallas", "pallas_interpret", "reference")
+__all__ = ["fp4_matmul", "fp4_ragged_dot"]
 
 
 def _check(name, x, w, weight_ndim):
@@ -27,18 +27,10 @@ def _check(name, x, w, weight_ndim):
                          f"{w.scale.dtype} {w.scale.shape} for weight {w.shape}")
 
 
-def _target(name, implementation, backends):
-    """implementation (ModelConfig.kernels' values) -> "reference" or the Pallas target."""
-    impl, backend = implementation or "auto", jax.default_backend()
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"{name} implementation {implementation!r} is unknown: use one of {IMPLEMENTATIONS} (or "
-                         "None for 'auto')")
-    if impl == "auto":
-        impl = "pallas" if backend in backends else "reference"
-    if impl == "pallas" and backend not in backends:
-        raise ValueError(f"no compiled Pallas {name} kernel for backend {backend!r} (only {backends}): use "
-                         "implementation='auto' or 'reference', or 'pallas_interpret' to run it interpreted")
-    return {"pallas": backend, "pallas_interpret": "interpret", "reference": "reference"}[impl]
+def _target(op, implementation, backends):
+    """-> "reference" or the Pallas target (the backend, or "interpret")."""
+    impl = resolve(op, implementation, backends)
+    return {"pallas": jax.default_backend(), "pallas_interpret": "interpret", "reference": "reference"}[impl]
 
 
 def fp4_matmul(x: jax.Array, w: Mxfp4Weight, *, implementation: str | None = None,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import jax
 
+from kernels import resolve
 from kernels.indexer import pallas_kernel, reference
 from kernels.indexer.reference import index_scores, picked_scores, prefix_ranges, visible_ranges
 
-__all__ = ["IMPLEMENTATIONS", "indexer_topk", "index_scores", "picked_scores", "prefix_ranges", "visible_ranges"]
-IMPLEMENTATIONS = ("auto", "pallas", "pallas_interpret", "reference")
+__all__ = ["indexer_topk", "index_scores", "picked_scores", "prefix_ranges", "visible_ranges"]
 PALLAS_BACKENDS = ("gpu", "tpu")  # backends with a compiled kernel (tuning.BLOCKS targets of the same name)
 
 
@@ -40,16 +40,8 @@ def indexer_topk(q: jax.Array, w: jax.Array, keys: jax.Array, lo: jax.Array, hi:
     backend, slow; for tests) or "reference". block_sizes: as tuning.BLOCKS' entries.
     """
     _check(q, w, keys, lo, hi, k)
-    impl, backend = implementation or "auto", jax.default_backend()
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"indexer_topk implementation {implementation!r} is unknown: use one of {IMPLEMENTATIONS} "
-                         "(or None for 'auto')")
-    if impl == "auto":
-        impl = "pallas" if backend in PALLAS_BACKENDS else "reference"
+    impl = resolve("indexer", implementation, PALLAS_BACKENDS)
     if impl == "reference":
         return reference.indexer_topk(q, w, keys, lo, hi, k, dtype)
-    if impl == "pallas" and backend not in PALLAS_BACKENDS:
-        raise ValueError(f"no compiled Pallas indexer for backend {backend!r} (only {PALLAS_BACKENDS}): use "
-                         "implementation='auto' or 'reference', or 'pallas_interpret' to run it interpreted")
-    target = backend if impl == "pallas" else "interpret"
+    target = jax.default_backend() if impl == "pallas" else "interpret"
     return pallas_kernel.indexer_topk(q, w, keys, lo, hi, k, dtype, target=target, block_sizes=block_sizes)

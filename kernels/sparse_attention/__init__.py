@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import jax
 
+from kernels import resolve
 from kernels.sparse_attention import pallas, reference
 
-IMPLEMENTATIONS = ("auto", "pallas", "pallas_interpret", "pallas_interpret_tpu", "reference")
 PALLAS_BACKENDS = ("gpu", "tpu")  # backends with compiled Pallas kernels (pallas.TARGETS of the same name)
 
 
@@ -22,21 +22,12 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Arra
     implementation: None / "auto" (Pallas where the backend has the kernels, else the reference), "pallas"
     (error on a backend without them), "pallas_interpret" / "pallas_interpret_tpu" (the GPU / TPU kernels in
     Pallas interpret mode: any backend, slow; for tests) or "reference"."""
-    impl = implementation or "auto"
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"sparse_attention implementation {implementation!r} is unknown: use one of "
-                         f"{IMPLEMENTATIONS} (or None for 'auto')")
-    backend = jax.default_backend()
-    if impl == "auto":
-        impl = "pallas" if backend in PALLAS_BACKENDS else "reference"
+    impl = resolve("sparse_attention", implementation, PALLAS_BACKENDS, extra=("pallas_interpret_tpu",))
     if impl == "reference":
         return reference.sparse_attention(q, kv, sink, idx, scale, return_lse)
-    if impl == "pallas" and backend not in PALLAS_BACKENDS:
-        raise ValueError(f"no compiled Pallas sparse attention kernel for backend {backend!r} (only "
-                         f"{PALLAS_BACKENDS}): use implementation='auto' or 'reference', or 'pallas_interpret' to "
-                         "run it interpreted")
-    target = {"pallas": backend, "pallas_interpret": "gpu_interpret", "pallas_interpret_tpu": "tpu_interpret"}[impl]
+    target = {"pallas": jax.default_backend(), "pallas_interpret": "gpu_interpret",
+              "pallas_interpret_tpu": "tpu_interpret"}[impl]
     return pallas.sparse_attention(q, kv, sink, idx, scale, return_lse, target=target)
 
 
-__all__ = ["sparse_attention", "IMPLEMENTATIONS"]
+__all__ = ["sparse_attention"]
