@@ -312,7 +312,7 @@ class Attention(nnx.Module):
             index = self.indexer(*self._index_inputs(x, qr), lay, ent)
         t = jnp.broadcast_to(jnp.arange(T), (b, T))
 
-        def keys(c):  # window key rows and the visibility of each entry slot, for one chunk of queries
+        def keys(c):  # window key rows and the visible entry slots [lo, hi), for one chunk of queries
             win = window_indices(c["t"][0], self.cfg.window_size, lay.doc, c["doc"])
             return win, (visible_ranges(c["pos"], c["doc"], ent.doc, ent.win, ratio) if ratio else None)
 
@@ -322,8 +322,8 @@ class Attention(nnx.Module):
     def _attend(self, q, kv, index, query_info, keys, comp_offset: int, sow_stats: bool) -> jax.Array:
         """Sparse attention of q [b, s, h, d] over kv rows, `attn_chunk` queries at a time. Per chunk, keys(c)
         gives the window rows [b, chunk, window] and the bounds lo, hi [b, chunk] of the visible entry slots
-        lo <= j < hi (entry slot j is kv row comp_offset + j). query_info: {name: ([b, s] array, value for padded queries)} passed to keys.
-        With cfg.indexer_loss and sow_stats, sows the indexer KL (training)."""
+        lo <= j < hi (entry slot j is kv row comp_offset + j). query_info: {name: ([b, s] array, value for padded
+        queries)} passed to keys. With cfg.indexer_loss and sow_stats, sows the indexer KL (training)."""
         cfg, ratio = self.cfg, self.ratio
         b, S, h, hd = q.shape
         n_comp = kv.shape[1] - comp_offset if ratio else 0
