@@ -41,7 +41,7 @@ from train.muon import path_str, v4_optimizer
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 from v4jax.moe import RouterBias
-from v4jax.sharding import DECODE_RULES, TRAIN_RULES, follow_params, make_mesh, model_specs
+from v4jax.sharding import DECODE_RULES, TRAIN_RULES, follow_params, make_mesh, model_specs, use_rules
 
 # Every key a run config may set, with its default (a YAML file overrides these; key=value arguments override
 # the file).
@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
                        "indexer": lc["indexer_weight"] if attn["indexer_loss"] else 0.0,
                        "mtp": losses.mtp_weight(step, decay_start, lc["mtp_weight"], lc["mtp_weight_in_decay"])}
             weights = {k: jnp.float32(v) for k, v in weights.items()}
-            with jax.set_mesh(mesh):  # traced under the mesh: the MoE dispatches tokens per device (shard_map)
+            with use_rules(mesh, rules):  # traced under the mesh and rules: per-device MoE dispatch, activation
+                # constraints at block boundaries, kernels per batch shard
                 params, others, opt_state, metrics = train_step(params, others, opt_state, batch, weights)
             metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
             step += 1

@@ -23,7 +23,7 @@ from kernels.sparse_attention import sparse_attention
 from v4jax import kv_cache
 from v4jax.config import ModelConfig
 from v4jax.layers import apply_rope, param, rms_norm, rope_frequencies
-from v4jax.quant import dense, einsum, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant
+from v4jax.quant import dense, einsum, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant, ordered_sum, softmax
 
 
 def kv_fake_quant(kv: jax.Array, rope_dim: int) -> jax.Array:
@@ -110,7 +110,7 @@ class Compressor(nnx.Module):
             keep = has_prev[..., None, None]
             kv = jnp.concatenate([jnp.where(keep, prev_kv[..., :d], 0.0), kv[..., d:]], axis=-2)
             score = jnp.concatenate([jnp.where(keep, prev_score[..., :d], -jnp.inf), score[..., d:]], axis=-2)
-        pooled = jnp.sum(kv * jax.nn.softmax(score, axis=-2), axis=-2)
+        pooled = ordered_sum(kv * softmax(score, axis=-2), axis=-2)
         entry = rms_norm(pooled.astype(dtype), self.norm[...], cfg.norm_eps)
         entry = apply_rope(entry, win * m, rope_frequencies(cfg, compressed=True))
         if cfg.qat:

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from v4jax.config import ModelConfig
 from v4jax.moe import grouped_ffn
+from v4jax.sharding import active_rules
 
 TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes that split tokens; `tensor` replicates them
 
@@ -78,14 +79,25 @@ def ep_routed(x: jax.Array, weights: jax.Array, ids: jax.Array, w1: jax.Array, w
     cap = capacity_rows(m, n_dev, capacity)
     exchange = default_exchange(mesh)
 
+    # FSDP: the weights come in as they are stored (their model dim over the axis the rules give `embed`) and
+    # are gathered inside, in the compute dtype; under remat the gather is recomputed in the backward pass and
+    # its transpose reduce-scatters the gradient (no full-size fp32 weight or gradient per device).
+    rules = active_rules() or {}
+    fsdp = rules.get("embed") if rules.get("embed") in names and rules.get("embed") not in ("expert", tensor) else None
+    w1, w2, w3 = (w.astype(x.dtype) for w in (w1, w2, w3))
+
     def local(x, weights, ids, w1, w2, w3):
+        if fsdp:  # the barrier ties the gathers to this layer's tokens: schedulers cannot hoist them all up front
+            x, w1, w2, w3 = jax.lax.optimization_barrier((x, w1, w2, w3))
+            w1, w3 = (jax.lax.all_gather(w, fsdp, axis=2, tiled=True) for w in (w1, w3))
+            w2 = jax.lax.all_gather(w2, fsdp, axis=1, tiled=True)
         out, dropped = _local_step(x, weights, ids, w1, w2, w3, cfg, n_dev, cap, exchange)
         if tensor:  # each tensor rank summed over its slice of f
             out = jax.lax.psum(out, tensor)
         return out, jax.lax.psum(dropped, token_axes)
 
     tok = P(token_axes, None)
-    w_in, w_out = P("expert", tensor, None), P("expert", None, tensor)
+    w_in, w_out = P("expert", tensor, fsdp), P("expert", fsdp, tensor)
     out, dropped = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_out, w_in),
                                  out_specs=(tok, P()))(x, weights, ids, w1, w2, w3)
     return out[:n], dropped

@@ -12,23 +12,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from v4jax.quant import einsum
+from v4jax.quant import einsum, mean, ordered_sum, softmax
 
 
 def hc_mixes(x: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     """(flatten(X) @ fn.T) * rsqrt(mean(flatten(X)^2) + eps), fp32: [b, s, n_mix]."""
     xf = x.reshape(*x.shape[:-2], -1).astype(jnp.float32)
-    r = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    r = jax.lax.rsqrt(mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
     return einsum("...i,mi->...m", xf, fn.astype(jnp.float32)) * r
 
 
 def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
     """The official order: row softmax (+eps), a column normalization, then iters-1 (row, column) pairs."""
-    p = jax.nn.softmax(logits, axis=-1) + eps
-    p = p / (jnp.sum(p, axis=-2, keepdims=True) + eps)
+    p = softmax(logits, axis=-1) + eps
+    p = p / (ordered_sum(p, axis=-2, keepdims=True) + eps)
     for _ in range(iters - 1):
-        p = p / (jnp.sum(p, axis=-1, keepdims=True) + eps)
-        p = p / (jnp.sum(p, axis=-2, keepdims=True) + eps)
+        p = p / (ordered_sum(p, axis=-1, keepdims=True) + eps)
+        p = p / (ordered_sum(p, axis=-2, keepdims=True) + eps)
     return p
 
 
@@ -45,7 +45,7 @@ def split_sinkhorn(mixes, scale, base, hc: int, iters: int, eps: float):
 
 def collapse(x: jax.Array, pre: jax.Array) -> jax.Array:
     """sum_j pre_j X_j in fp32, cast back to X's dtype: [b, s, hc, d] -> [b, s, d]."""
-    return jnp.sum(pre[..., None] * x.astype(jnp.float32), axis=-2).astype(x.dtype)
+    return ordered_sum(pre[..., None] * x.astype(jnp.float32), axis=-2).astype(x.dtype)
 
 
 def hc_pre(x, fn, scale, base, *, hc: int, iters: int, eps: float, norm_eps: float):

@@ -16,12 +16,13 @@ import numpy as np
 from flax import nnx
 
 from v4jax.config import ModelConfig
+from v4jax.quant import mean
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
     """x * rsqrt(mean(x^2) + eps) * weight in fp32, cast back (official RMSNorm: weight applied before the cast)."""
     xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    y = xf * jax.lax.rsqrt(mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
     if weight is not None:
         y = y * weight.astype(jnp.float32)
     return y.astype(x.dtype)

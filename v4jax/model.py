@@ -125,7 +125,11 @@ class Transformer(nnx.Module):
         self.mtp = MTPBlock(cfg, rngs=rngs) if cfg.n_mtp_layers else None
 
     def embed_tokens(self, token_ids: jax.Array) -> jax.Array:
-        return self.embed[...][token_ids].astype(self.cfg.compute_dtype)
+        """token_ids [b, s] -> [b, s, d]. Rows come from a table whole along d: with d sharded (FSDP) and the ids
+        sharded over the batch, the partitioner would otherwise replicate the batch (the global batch's
+        embeddings on every device)."""
+        table = constrain(self.embed[...], ("vocab", None))
+        return constrain(table[token_ids].astype(self.cfg.compute_dtype), ("batch", "seq", "act_embed"))
 
     def hidden(self, token_ids: jax.Array, segment_ids: jax.Array | None = None, with_stats: bool = False):
         """token_ids [b, s] -> final residual streams [b, s, hc, d] (before the head collapse).
@@ -228,8 +232,9 @@ class Transformer(nnx.Module):
         shifted left by one, so that position i predicts token i + 2) -> [b, s, vocab] (and its stats)."""
         if self.mtp is None:
             raise ValueError("this config has n_mtp_layers = 0: there is no MTP block")
-        y = self.mtp(x, self.embed_tokens(token_ids), token_ids, segment_ids)
-        stats = pop_stats(self)
+        run = run_mtp if self.cfg.remat == "none" else jax.checkpoint(
+            run_mtp, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(0,))
+        y, stats = run(*nnx.split(self.mtp), x, self.embed_tokens(token_ids), token_ids, segment_ids)
         logits = self.logits(y, self.mtp.hc_head, self.mtp.norm)
         return (logits, stats) if with_stats else logits
 
@@ -241,6 +246,14 @@ def run_blocks(graphdef, state, x, token_ids, segment_ids):
     for block in blocks:
         x = constrain(block(x, token_ids, segment_ids), STREAMS)
     return x, pop_stats(blocks)
+
+
+def run_mtp(graphdef, state, x, emb, token_ids, segment_ids):
+    """The MTP block given as (graphdef, state) -> (its output streams, what it sowed {"mtp.<path>": value});
+    functional, as run_blocks, so that jax.checkpoint can wrap it."""
+    mtp = nnx.merge(graphdef, state)
+    y = mtp(x, emb, token_ids, segment_ids)
+    return y, {f"mtp.{k}": v for k, v in pop_stats(mtp).items()}
 
 
 def scan_range(cfg: ModelConfig) -> tuple[int, int]:

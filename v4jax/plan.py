@@ -1,20 +1,21 @@
 """Compile-time memory planning for a V4 config on a device mesh (issue 7), without accelerators.
 
-    python -m v4jax.plan --config flash --mesh fsdp=32,expert=8 --step train --batch 256 --seq 4096
-    python -m v4jax.plan --config flash --mesh expert=8 --step decode --batch 64 --max-len 65536 --param-dtype bfloat16
+    python -m v4jax.plan --config flash --mesh fsdp=32,expert=8 --step train --set moe_ep_capacity=1.25
+    python -m v4jax.plan --config flash --mesh fsdp=32,expert=8 --topology v5p:8x8x4 --step train ...
+    python -m v4jax.plan --config flash --mesh expert=8 --step decode --batch 16 --max-len 65536 --param-dtype bfloat16
     python -m v4jax.plan --golden tests/golden/partition_specs      # rewrite the golden partition-spec files
 
-The mesh's devices are fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count, set here before the
-backend starts). The model is abstract (nnx.eval_shape: nothing allocated); the step is lowered with
-ShapeDtypeStructs carrying their shardings and compiled by XLA's SPMD partitioner, exactly as for real devices.
+The model is abstract (nnx.eval_shape: nothing allocated); the step is lowered with ShapeDtypeStructs carrying
+their shardings and compiled by the SPMD partitioner, exactly as for real devices. The devices are fake CPU
+devices (XLA_FLAGS=--xla_force_host_platform_device_count, set here before the backend starts) or, with
+--topology, the chips of a TPU slice described by libtpu (jax.experimental.topologies): the TPU compiler then
+plans the memory of a real accelerator. XLA:CPU's plan is larger than an accelerator's (docs/sharding.md): it
+widens 16-bit gathers and collectives to 32-bit words and schedules without a memory-aware collective scheduler.
 
 Reported per device: parameters, optimizer state, the other variables (router biases, hash tables) and the
 KV cache are exact sums of each array's shard shape (analytic, from the partition specs); "activations" is the
 compiled program's temporary buffer size (XLA's memory analysis), and the peak is arguments + temporaries +
-outputs not aliased to donated arguments.
-XLA:CPU lowers the grouped expert matmul (jax.lax.ragged_dot) densely, one matmul per expert over all rows
-(temporaries e x rows x out), which a GPU's or TPU's native grouped matmul does not: on CPU the temporaries of
-MoE layers are an over-estimate (docs/sharding.md). `--step train` compiles train.pretrain's step: forward, backward and
+outputs not aliased to donated arguments. `--step train` compiles train.pretrain's step: forward, backward and
 the Muon/AdamW update with the router-bias rule; `--step forward` the training objective alone; `--step decode`
 one token of Transformer.step over the cache.
 """
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="scan_layers")
     a.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="override a ModelConfig field, e.g. --set n_layers=4 --set 'compress_ratios=[0,0,4,128,0]'")
+    a.add_argument("--topology", metavar="NAME", help="compile for a TPU topology this host does not have, e.g. "
+                   "v5p:8x8x4 (256 chips; needs libtpu: pip install 'jax[tpu]'), instead of fake CPU devices")
     a.add_argument("--golden", metavar="DIR", help="write {flash,pro}_{train,decode}.json partition specs and exit")
     args = a.parse_args(argv)
     shape = parse_mesh(args.mesh)
@@ -110,7 +113,8 @@ def plan(args, shape: dict[str, int]) -> dict:
     if args.param_dtype:
         overrides["param_dtype"] = args.param_dtype
     cfg = ModelConfig.preset(args.config, **overrides)
-    mesh = sharding.make_mesh(shape)
+    mesh = sharding.make_mesh(shape, devices=tpu_devices(args.topology, math.prod(shape.values()))
+                              if args.topology else None)
     rules = sharding.PRESETS["decode" if args.step == "decode" else "train"]
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     specs = sharding.model_specs(model, rules)
@@ -122,7 +126,8 @@ def plan(args, shape: dict[str, int]) -> dict:
     shards = math.prod(mesh.shape[a] for a in ((batch_spec,) if isinstance(batch_spec, str) else batch_spec or ()))
     batch = args.batch or shards
     report = {"config": args.config, "mesh": dict(mesh.shape), "step": args.step, "batch": batch,
-              "devices": mesh.size, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
+              "devices": mesh.size, "device_kind": mesh.devices.flat[0].device_kind,
+              "scan_layers": cfg.scan_layers, "remat": cfg.remat,
               "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype}
     bytes_ = {"params": shard_bytes(params), "other_variables": shard_bytes(others)}
 
@@ -185,6 +190,19 @@ def plan(args, shape: dict[str, int]) -> dict:
     report |= {"lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
                "lower_cpu_s": round(c1 - c0, 1), "compile_cpu_s": round(c2 - c1, 1)}
     return report
+
+
+def tpu_devices(topology: str, n: int) -> list:
+    """The devices of a TPU topology, without TPUs (libtpu compiles for them ahead of time)."""
+    from jax.experimental import topologies
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    except Exception as e:  # no libtpu, or a name it does not know
+        raise SystemExit(f"--topology {topology!r}: {e}. Install libtpu (pip install 'jax[tpu]') and name a "
+                         "topology as <generation>:<chips per dim>, e.g. v5p:8x8x4 or v6e:16x16") from None
+    if len(devices) != n:
+        raise SystemExit(f"--topology {topology!r} has {len(devices)} chips but --mesh names {n} devices")
+    return devices
 
 
 def optimizer_state(tx, params):

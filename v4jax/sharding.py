@@ -82,7 +82,11 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None, dcn: dict[str, 
     sizes = mesh_shape({"data": -1} if shape is None else shape, len(devices))
     types = (AxisType.Auto,) * len(MESH_AXES)
     if not dcn or math.prod(dcn.values()) == 1:
-        return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=types, devices=devices)
+        try:
+            return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=types, devices=devices)
+        except NotImplementedError:  # a shape that does not map onto a TPU torus axis by axis: split its axes
+            arr = mesh_utils.create_device_mesh(tuple(sizes.values()), devices, allow_split_physical_axes=True)
+            return jax.sharding.Mesh(arr, MESH_AXES, axis_types=types)
     dcn_sizes = {a: int(dcn.get(a, 1)) for a in MESH_AXES}
     if set(dcn) - set(MESH_AXES) or any(sizes[a] % dcn_sizes[a] for a in MESH_AXES):
         raise ValueError(f"dcn {dcn} must name mesh axes {MESH_AXES} and divide their sizes {sizes}")
@@ -175,6 +179,11 @@ def use_rules(mesh: jax.sharding.Mesh, rules: Rules):
             yield
     finally:
         _RULES.reset(token)
+
+
+def active_rules() -> Rules | None:
+    """The rules of the enclosing `use_rules` block (None outside one)."""
+    return _RULES.get()
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

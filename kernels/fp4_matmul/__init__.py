@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels import resolve
+from kernels import resolve, target_platform
 from kernels.fp4_matmul import pallas_kernel, reference
 from kernels.fp4_matmul.tuning import blocks as tuned_blocks
 from v4jax.quant import Mxfp4Weight
@@ -30,7 +30,7 @@ def _check(name, x, w, weight_ndim):
 def _target(op, implementation, backends):
     """-> "reference" or the Pallas target (the backend, or "interpret")."""
     impl = resolve(op, implementation, backends)
-    return {"pallas": jax.default_backend(), "pallas_interpret": "interpret", "reference": "reference"}[impl]
+    return {"pallas": target_platform(), "pallas_interpret": "interpret", "reference": "reference"}[impl]
 
 
 def fp4_matmul(x: jax.Array, w: Mxfp4Weight, *, implementation: str | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax
 
-from kernels import resolve
+from kernels import per_batch_shard, resolve, target_platform
 from kernels.indexer import pallas_kernel, reference
 from kernels.indexer.reference import index_scores, picked_scores, prefix_ranges, visible_ranges
 
@@ -43,5 +43,6 @@ def indexer_topk(q: jax.Array, w: jax.Array, keys: jax.Array, lo: jax.Array, hi:
     impl = resolve("indexer", implementation, PALLAS_BACKENDS)
     if impl == "reference":
         return reference.indexer_topk(q, w, keys, lo, hi, k, dtype)
-    target = jax.default_backend() if impl == "pallas" else "interpret"
-    return pallas_kernel.indexer_topk(q, w, keys, lo, hi, k, dtype, target=target, block_sizes=block_sizes)
+    target = target_platform() if impl == "pallas" else "interpret"
+    return per_batch_shard(lambda *a: pallas_kernel.indexer_topk(*a, k, dtype, target=target, block_sizes=block_sizes),
+                           (q, w, keys, lo, hi))

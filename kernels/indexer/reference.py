@@ -16,14 +16,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from v4jax.quant import einsum
+from v4jax.quant import einsum, ordered_sum
 
 
 def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array, dtype) -> jax.Array:
     """q [b, s, i, d], w [b, s, i] fp32, keys [b, n, d] -> I [b, s, n] fp32, rounded through `dtype` (the
     official code keeps index scores in the activation dtype). Same ops as v4jax.attention.index_scores."""
     dots = einsum("bsid,btd->bsit", q, keys)
-    return jnp.sum(jax.nn.relu(dots) * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
+    return ordered_sum(jax.nn.relu(dots) * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
 
 
 def visible_ranges(pos_q: jax.Array, doc_q: jax.Array, ent_doc: jax.Array, ent_win: jax.Array, ratio: int):
@@ -72,5 +72,5 @@ def picked_scores(q: jax.Array, w: jax.Array, keys: jax.Array, idx: jax.Array, d
     valid = idx >= 0
     picked = jax.vmap(lambda kb, ib: kb[ib])(keys, jnp.where(valid, idx, 0))  # [b, s, k, d]
     dots = einsum("bsid,bskd->bsik", q, picked)
-    scores = jnp.sum(jax.nn.relu(dots) * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
+    scores = ordered_sum(jax.nn.relu(dots) * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
     return jnp.where(valid, scores, -jnp.inf)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 
-from kernels import resolve
+from kernels import per_batch_shard, resolve, target_platform
 from kernels.sparse_attention import pallas, reference
 
 PALLAS_BACKENDS = ("gpu", "tpu")  # backends with compiled Pallas kernels (pallas.TARGETS of the same name)
@@ -25,9 +25,10 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Arra
     impl = resolve("sparse_attention", implementation, PALLAS_BACKENDS, extra=("pallas_interpret_tpu",))
     if impl == "reference":
         return reference.sparse_attention(q, kv, sink, idx, scale, return_lse)
-    target = {"pallas": jax.default_backend(), "pallas_interpret": "gpu_interpret",
+    target = {"pallas": target_platform(), "pallas_interpret": "gpu_interpret",
               "pallas_interpret_tpu": "tpu_interpret"}[impl]
-    return pallas.sparse_attention(q, kv, sink, idx, scale, return_lse, target=target)
+    return per_batch_shard(lambda q, kv, idx, sink: pallas.sparse_attention(q, kv, sink, idx, scale, return_lse,
+                                                                            target=target), (q, kv, idx), (sink,))
 
 
 __all__ = ["sparse_attention"]

@@ -6,7 +6,10 @@ index slots is fetched row by row with DMAs into a VMEM scratch [block_k, d]: th
 copy of the query's index list (scalar reads give the DMA addresses), the validity mask from a VMEM copy. One
 program is one query with all its heads (TPU blocks must be (8, 128)-aligned or whole dimensions: the heads are
 whole), grid b x s; heads are padded to a multiple of 8 and d to a multiple of 128. The DMAs of a block are
-started together and waited on before its matmuls (no double buffering yet).
+started together and waited on before its matmuls (no double buffering yet). The row buffer is 32-bit: Mosaic
+packs two 16-bit rows per sublane, so a DMA into one bf16 row at an odd offset does not compile (found by
+compiling for a TPU topology with libtpu); 16-bit kv is widened to fp32 for the gather (exact) and the rows are
+narrowed back before the matmuls.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _fwd_kernel(idx_smem, idx_ref, q_ref, kv_hbm, sink_ref, o_ref, lse_ref, keys
 
     def body(j, carry):  # online softmax, as pallas_gpu._fwd_kernel
         m, l, acc = carry
-        keys = _gather(idx_smem, kv_hbm, keys_buf, sem, j, block_k)
+        keys = _gather(idx_smem, kv_hbm, keys_buf, sem, j, block_k).astype(q.dtype)
         z = jnp.where(_valid(idx_ref, j, block_k), dot(q, keys, trans_b=True) * scale, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(z, axis=1))
         alpha = jnp.exp(m - m_new)
@@ -70,7 +73,7 @@ def _bwd_kernel(idx_smem, idx_ref, q_ref, kv_hbm, do_ref, lse_ref, delta_ref, dq
     lse, delta = lse_ref[0, 0, 0], delta_ref[0, 0, 0]  # [h] fp32; delta = sum(o * do) - dlse
 
     def body(j, dq):  # as pallas_gpu._bwd_kernel
-        keys = _gather(idx_smem, kv_hbm, keys_buf, sem, j, block_k)
+        keys = _gather(idx_smem, kv_hbm, keys_buf, sem, j, block_k).astype(q.dtype)
         z = dot(q, keys, trans_b=True) * scale
         p = jnp.where(_valid(idx_ref, j, block_k), jnp.exp(z - lse[:, None]), 0.0)
         dz = p * (dot(do, keys, trans_b=True) - delta[:, None])
@@ -97,9 +100,9 @@ def _call(kernel, ins, out_shape, out_specs, q, kv, idx, cfg, interpret, name):
                   per_query(1, kp)] + [specs[kind] for kind, _ in ins],
         out_specs=[per_query(*spec) for spec in out_specs],
         out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((bk, dp), kv.dtype), pltpu.SemaphoreType.DMA(())],
+        scratch_shapes=[pltpu.VMEM((bk, dp), jnp.float32), pltpu.SemaphoreType.DMA(())],
         interpret=pltpu.InterpretParams() if interpret else False, name=name,
-    )(idx4, idx4, *(a for _, a in ins))
+    )(idx4, idx4, *(a.astype(jnp.float32) if kind == "kv" else a for kind, a in ins))
 
 
 def forward(q, kv, sink, idx, scale, cfg, interpret):

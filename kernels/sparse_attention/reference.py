@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from v4jax.quant import einsum
+from v4jax.quant import einsum, ordered_max, ordered_sum
 
 
 def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Array, scale: float,
@@ -29,9 +29,9 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Arra
     z = einsum("bshd,bskd->bshk", q, keys) * scale
     z = jnp.where(valid[:, :, None, :], z, -jnp.inf)
     sink = sink.astype(jnp.float32)[:, None]
-    m = jnp.maximum(jnp.max(z, axis=-1, keepdims=True), sink)  # the sink bounds the max: no all -inf rows
+    m = jnp.maximum(ordered_max(z, axis=-1, keepdims=True), sink)  # the sink bounds the max: no all -inf rows
     p = jnp.exp(z - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink - m)
+    denom = ordered_sum(p, axis=-1, keepdims=True) + jnp.exp(sink - m)
     # The official kernel multiplies bf16 probabilities with bf16 values (fp32 accumulation): same here.
     o = (einsum("bshk,bskd->bshd", p.astype(kv.dtype), keys) / denom).astype(q.dtype)
     return (o, (m + jnp.log(denom))[..., 0]) if return_lse else o
