@@ -82,8 +82,8 @@ def ep_routed(x: jax.Array, weights: jax.Array, ids: jax.Array, w1: jax.Array, w
     # FSDP: the weights come in as they are stored (their model dim over the axis the rules give `embed`) and
     # are gathered inside, in the compute dtype; under remat the gather is recomputed in the backward pass and
     # its transpose reduce-scatters the gradient (no full-size fp32 weight or gradient per device).
-    rules = active_rules() or {}
-    fsdp = rules.get("embed") if rules.get("embed") in names and rules.get("embed") not in ("expert", tensor) else None
+    embed = (active_rules() or {}).get("embed")
+    fsdp = embed if embed in names and embed not in ("expert", tensor) else None
     w1, w2, w3 = (w.astype(x.dtype) for w in (w1, w2, w3))
 
     def local(x, weights, ids, w1, w2, w3):

@@ -142,8 +142,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         x = self.streams(token_ids)
         first, stop = scan_range(cfg) if cfg.scan_layers else (cfg.n_layers, cfg.n_layers)
-        run = run_blocks if cfg.remat == "none" else jax.checkpoint(
-            run_blocks, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+        run = rematted(run_blocks, cfg)
         stats = {}
 
         def layer(i, x):
@@ -232,11 +231,15 @@ class Transformer(nnx.Module):
         shifted left by one, so that position i predicts token i + 2) -> [b, s, vocab] (and its stats)."""
         if self.mtp is None:
             raise ValueError("this config has n_mtp_layers = 0: there is no MTP block")
-        run = run_mtp if self.cfg.remat == "none" else jax.checkpoint(
-            run_mtp, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(0,))
-        y, stats = run(*nnx.split(self.mtp), x, self.embed_tokens(token_ids), token_ids, segment_ids)
+        emb = self.embed_tokens(token_ids)
+        y, stats = rematted(run_mtp, self.cfg)(*nnx.split(self.mtp), x, emb, token_ids, segment_ids)
         logits = self.logits(y, self.mtp.hc_head, self.mtp.norm)
         return (logits, stats) if with_stats else logits
+
+
+def rematted(fn, cfg: ModelConfig):
+    """fn(graphdef, state, ...) under cfg.remat's checkpoint policy (graphdef static); fn itself for "none"."""
+    return fn if cfg.remat == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
 
 
 def run_blocks(graphdef, state, x, token_ids, segment_ids):
