@@ -66,6 +66,18 @@ def mtp_logits(model, x, ids):
     return model.mtp_logits(x, ids)
 
 
+def assert_grads_close(got: dict, ref: dict, tol: float = 1e-5):
+    """Whole-gradient relative error <= tol, and every leaf within tol of the gradient's largest entry (a leaf
+    whose exact gradient is ~0 by symmetry, e.g. the head collapse of identical streams, is rounding noise)."""
+    assert got.keys() == ref.keys()
+    diff = np.sqrt(sum(np.sum((got[k] - ref[k]) ** 2) for k in ref))
+    norm = np.sqrt(sum(np.sum(ref[k] ** 2) for k in ref))
+    assert diff <= tol * norm, (diff, norm)
+    scale = max(np.max(np.abs(v)) for v in ref.values())
+    worst = max(ref, key=lambda k: np.max(np.abs(got[k] - ref[k])))
+    assert np.max(np.abs(got[worst] - ref[worst])) <= tol * scale, worst
+
+
 def random_ids(shape, vocab, seed=0):
     return jax.numpy.asarray(np.random.default_rng(seed).integers(0, vocab, shape))
 

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conftest import random_ids, rel_err
+from conftest import assert_grads_close, random_ids, rel_err
 from train import losses
 from v4jax import sharding
 from v4jax.config import ConfigError, ModelConfig
@@ -81,18 +81,6 @@ def decode_logits(model: Transformer, place=lambda a: a) -> np.ndarray:
     return np.stack(out)
 
 
-def assert_grads_close(got: dict, ref: dict, tol: float = 1e-5):
-    """Whole-gradient relative error <= tol, and every leaf within tol of the gradient's largest entry (a leaf
-    whose exact gradient is ~0 by symmetry, e.g. the head collapse of identical streams, is rounding noise)."""
-    assert got.keys() == ref.keys()
-    diff = np.sqrt(sum(np.sum((got[k] - ref[k]) ** 2) for k in ref))
-    norm = np.sqrt(sum(np.sum(ref[k] ** 2) for k in ref))
-    assert diff <= tol * norm, (diff, norm)
-    scale = max(np.max(np.abs(v)) for v in ref.values())
-    worst = max(ref, key=lambda k: np.max(np.abs(got[k] - ref[k])))
-    assert np.max(np.abs(got[worst] - ref[worst])) <= tol * scale, worst
-
-
 @pytest.fixture(scope="module")
 def single_device():
     """Loss, gradients and decode logits of the unsharded model (device 0)."""
@@ -136,12 +124,15 @@ def test_scan_and_remat_leave_loss_stats_and_gradients_unchanged(single_device):
     for k in ref_metrics:
         np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    # gradients through the scan and a remat policy, on the 3-layer model (its one pair scans, length 1)
+    # gradients through the scan and each remat policy, on the 3-layer model (its one pair scans, length 1), with
+    # the attention in 3 query chunks (each rematerialised under remat) and the loss in 5 chunks
     assert scan_range(ModelConfig.preset("tiny", **SMALL)) == (1, 3)
     (ref_loss, ref_grads), _ = single_device
-    loss, grads = loss_and_grads(small_model(scan_layers=True, remat="dots"), tokens, segs)
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    assert_grads_close(grads, ref_grads)
+    for remat in ("block", "dots"):
+        model = small_model(scan_layers=True, remat=remat, attn_chunk=8, loss_chunk=5)
+        loss, grads = loss_and_grads(model, tokens, segs)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        assert_grads_close(grads, ref_grads)
 
 
 @pytest.mark.parametrize("name", ["flash_train", "flash_decode", "pro_train", "pro_decode"])
@@ -158,17 +149,19 @@ def test_spec_examples_and_collisions():
     model = abstract_model("flash")
     specs = sharding.flat_specs(model, sharding.TRAIN_RULES)
     assert specs["layers.2.ffn.experts.w1"] == ["expert", "tensor", "fsdp"]
-    assert specs["layers.2.attn.wq_b"] == [["tensor", "fsdp"], None]  # heads over tensor (TP), then FSDP
-    assert specs["layers.2.attn.wo_a"] == ["tensor", "fsdp"]  # output groups over tensor
-    assert specs["layers.2.attn.indexer.wq_b"] == ["tensor", None]  # indexer heads over tensor
-    assert specs["embed"] == ["tensor", "fsdp"]
+    fsdp = ["fsdp", "expert"]  # FSDP of all but the routed experts spans the expert axis too
+    assert specs["layers.2.ffn.shared_experts.w1"] == ["tensor", fsdp]
+    assert specs["layers.2.attn.wq_b"] == [["tensor", *fsdp], None]  # heads over tensor (TP), then FSDP
+    assert specs["layers.2.attn.wo_a"] == ["tensor", fsdp]  # output groups over tensor
+    assert specs["layers.2.attn.indexer.wq_b"] == [["tensor", *fsdp], None]  # indexer heads over tensor, FSDP
+    assert specs["embed"] == ["tensor", fsdp]
     decode = sharding.flat_specs(model, sharding.DECODE_RULES)
     assert decode["embed"] == ["tensor", None] and decode["layers.2.attn.wq_b"] == ["tensor", None]  # no FSDP
     assert not any("fsdp" in str(v) for v in decode.values())
-    # FSDP for the rest: every weight of 1M+ elements has a dim on fsdp, bar the indexer's wq_b (docs/sharding.md)
-    sizes = {".".join(map(str, p)): np.prod(v.shape) for p, v in nnx.to_flat_state(nnx.state(model))}
-    unsharded = {k for k, v in specs.items() if sizes[k] >= 2 ** 20 and "fsdp" not in str(v)}
-    assert unsharded == {f"layers.{i}.attn.indexer.wq_b" for i in range(2, 43, 2)}
+    assert {k for k, v in decode.items() if "expert" in str(v)} == {k for k in decode if ".experts." in k}
+    # FSDP for the rest: every parameter of more than 64K elements has a dim on fsdp
+    sizes = {".".join(map(str, p)): np.prod(v.shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert {k for k, n in sizes.items() if n > 2 ** 16 and "fsdp" not in str(specs[k])} == set()
     with pytest.raises(ValueError, match="one mesh axis"):
         sharding.logical_to_spec(("heads", "experts"), {"heads": "tensor", "experts": "tensor"})
     with pytest.raises(ValueError, match="one mesh axis"):  # a tuple rule collides too

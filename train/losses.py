@@ -21,10 +21,31 @@ import jax.numpy as jnp
 import optax
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean next-token cross entropy (nats) over the positions where mask is true; logits [b, s, v] fp32."""
+def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Summed next-token cross entropy (nats) over the positions where mask is true; logits [b, s, v] fp32."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
+    return jnp.sum(ce * mask)
+
+
+def head_cross_entropy(model, x: jax.Array, site, norm, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean cross entropy of model.logits(x, site, norm) over the masked positions, cfg.loss_chunk positions at
+    a time, each chunk rematerialised: the fp32 logits (2.1 GB per 4096 positions at V4's 129K vocab) exist one
+    chunk at a time, in the forward pass and again in the backward."""
+    b, s = targets.shape
+    chunk = min(model.cfg.loss_chunk, s)
+    n = -(-s // chunk)
+
+    def split(a):  # [b, s, ...] -> [n, b, chunk, ...], padded positions masked out
+        a = jnp.pad(a, [(0, 0), (0, n * chunk - s)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_sum(c):
+        z, t, m = c
+        return cross_entropy_sum(model.logits(z, site, norm), t, m)
+
+    total = jnp.sum(jax.lax.map(chunk_sum, (split(x), split(targets), split(mask))))
+    return total / jnp.maximum(jnp.sum(mask), 1)
 
 
 def mtp_weight(step, decay_start: int, before: float = 0.3, after: float = 0.1):
@@ -41,17 +62,17 @@ def objective(model, tokens: jax.Array, segment_ids: jax.Array, weights: dict):
     inputs, segs = tokens[:, :-1], segment_ids[:, :-1]
     same_doc = segment_ids[:, 1:] == segs  # target i + 1 belongs to position i's document
     x, stats = model.hidden(inputs, segs, with_stats=True)
-    lm = cross_entropy(model.logits(x, model.hc_head, model.norm), tokens[:, 1:], same_doc)
+    lm = head_cross_entropy(model, x, model.hc_head, model.norm, tokens[:, 1:], same_doc)
     metrics = {"lm_loss": lm}
     loss = weights["lm"] * lm
     if model.mtp is not None:
         # The MTP block is fed token i + 1 at position i and predicts token i + 2; the row's last position has
         # no i + 2, and a target in another document does not count.
-        mtp_logits, mtp_stats = model.mtp_logits(x, tokens[:, 1:], segs, with_stats=True)
+        y, mtp_stats = model.mtp_hidden(x, tokens[:, 1:], segs)
         stats.update(mtp_stats)
         target = jnp.pad(tokens[:, 2:], ((0, 0), (0, 1)))
         mask = jnp.pad(segment_ids[:, 2:] == segs[:, :-1], ((0, 0), (0, 1)))
-        metrics["mtp_loss"] = cross_entropy(mtp_logits, target, mask)
+        metrics["mtp_loss"] = head_cross_entropy(model, y, model.mtp.hc_head, model.mtp.norm, target, mask)
         loss = loss + weights["lm"] * weights["mtp"] * metrics["mtp_loss"]
     balance = [v for k, v in stats.items() if k.endswith("balance_loss")]
     if balance:

@@ -194,7 +194,8 @@ class Indexer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
-        self.wq_b = param(rngs, (cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank), ("index_heads", "q_lora"), pd)
+        self.wq_b = param(rngs, (cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank), ("index_q_rows", "q_lora"),
+                          pd)
         self.weights_proj = param(rngs, (cfg.index_n_heads, cfg.dim), ("index_heads", "embed"), pd)
         self.compressor = Compressor(cfg, 4, cfg.index_head_dim, rotate=True, rngs=rngs)
 
@@ -259,7 +260,7 @@ class Attention(nnx.Module):
         self.attn_sink = param(rngs, (h,), ("heads",), jnp.float32, "const")
         self.wq_a = param(rngs, (cfg.q_lora_rank, cfg.dim), ("q_lora", "embed"), pd)
         self.q_norm = param(rngs, (cfg.q_lora_rank,), ("norm",), pd, "const", 1.0)
-        self.wq_b = param(rngs, (h * hd, cfg.q_lora_rank), ("heads", "q_lora"), pd)
+        self.wq_b = param(rngs, (h * hd, cfg.q_lora_rank), ("q_rows", "q_lora"), pd)
         self.wkv = param(rngs, (hd, cfg.dim), ("kv", "embed"), pd)
         self.kv_norm = param(rngs, (hd,), ("norm",), pd, "const", 1.0)
         self.wo_a = param(rngs, (cfg.o_groups * cfg.o_lora_rank, h * hd // cfg.o_groups), ("o_groups", "o_group_in"), pd)
@@ -362,7 +363,10 @@ class Attention(nnx.Module):
                 return o, indexer_kl(c["q"], kv, lse, comp, logits, scale)
             return o, (jnp.zeros(()), jnp.zeros((), jnp.int32))
 
-        o, (kl_sum, kl_count) = jax.lax.map(one_chunk, xs)  # o: [n_chunks, b, chunk, h, hd]
+        # Under remat, the backward pass recomputes each chunk: the map then keeps the chunk's inputs, not every
+        # chunk's gathered key rows and probabilities ([chunk, keys, head_dim] and [chunk, heads, keys] each).
+        body = one_chunk if cfg.remat == "none" else jax.checkpoint(one_chunk)
+        o, (kl_sum, kl_count) = jax.lax.map(body, xs)  # o: [n_chunks, b, chunk, h, hd]
         if kl_on:
             self.sow(nnx.Intermediate, "indexer_kl", jnp.sum(kl_sum) / jnp.maximum(jnp.sum(kl_count), 1))
         return jnp.moveaxis(o, 0, 1).reshape(b, n_chunks * chunk, h, hd)[:, :S]

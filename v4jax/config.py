@@ -71,6 +71,7 @@ class ModelConfig:
     # None = n_local * k, the worst case, which never drops. Smaller saves memory; drops are counted (ep_dropped).
     moe_ep_capacity: float | None = None
     attn_chunk: int = 256  # queries per chunk in compressed attention: bounds memory to O(chunk * T)
+    loss_chunk: int = 1024  # positions per chunk of the training loss's head + cross entropy (fp32 logits)
     csa_dense: bool = False  # CSA attends every visible compressed entry (the dense training phase, spec §6.2)
     indexer_loss: bool = False  # CSA layers sow the V3.2 indexer KL loss; the indexer's inputs are detached
     # "auto": Pallas kernels where the backend has them (GPU, TPU), else the pure-jnp references; or force
@@ -141,8 +142,8 @@ class ModelConfig:
             bad("kernels", f"is {self.kernels!r}", "Use 'auto', 'pallas', 'pallas_interpret' or 'reference'")
         if self.remat not in ("none", "block", "dots"):
             bad("remat", f"is {self.remat!r}", "Use 'none', 'block' (recompute blocks) or 'dots' (keep matmuls)")
-        if self.attn_chunk < 1:
-            bad("attn_chunk", f"is {self.attn_chunk}", "Use a positive query chunk size")
+        if self.attn_chunk < 1 or self.loss_chunk < 1:
+            bad("attn_chunk / loss_chunk", f"are {self.attn_chunk} / {self.loss_chunk}", "Use positive chunk sizes")
         if self.qat:
             # The simulation quantizes in fixed blocks (spec §3.8): the dims must split into whole blocks.
             for f, v, b in (("dim", self.dim, 128), ("q_lora_rank", self.q_lora_rank, 128),
@@ -195,8 +196,8 @@ class ModelConfig:
 
     def to_official_dict(self) -> dict:
         """The official inference/config.json fields (what configs/model/*.json hold)."""
-        ours = {"qat", "compute_dtype", "param_dtype", "moe_impl", "moe_ep_capacity", "attn_chunk", "csa_dense",
-                "indexer_loss", "kernels", "remat", "scan_layers"}
+        ours = {"qat", "compute_dtype", "param_dtype", "moe_impl", "moe_ep_capacity", "attn_chunk", "loss_chunk",
+                "csa_dense", "indexer_loss", "kernels", "remat", "scan_layers"}
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ours}
         d["compress_ratios"] = list(self.compress_ratios)
         return d

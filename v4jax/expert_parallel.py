@@ -79,10 +79,10 @@ def ep_routed(x: jax.Array, weights: jax.Array, ids: jax.Array, w1: jax.Array, w
     cap = capacity_rows(m, n_dev, capacity)
     exchange = default_exchange(mesh)
 
-    # FSDP: the weights come in as they are stored (their model dim over the axis the rules give `embed`) and
-    # are gathered inside, in the compute dtype; under remat the gather is recomputed in the backward pass and
-    # its transpose reduce-scatters the gradient (no full-size fp32 weight or gradient per device).
-    embed = (active_rules() or {}).get("embed")
+    # FSDP: the weights come in as they are stored (their model dim over the axis the rules give `expert_embed`)
+    # and are gathered inside, in the compute dtype; under remat the gather is recomputed in the backward pass
+    # and its transpose reduce-scatters the gradient (no full-size fp32 weight or gradient per device).
+    embed = (active_rules() or {}).get("expert_embed")
     fsdp = embed if embed in names and embed not in ("expert", tensor) else None
     w1, w2, w3 = (w.astype(x.dtype) for w in (w1, w2, w3))
 

@@ -128,11 +128,11 @@ class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, n: int | None, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
         lead, lead_axes = ((n,), ("experts",)) if n else ((), ())
-        f_axis = "expert_ffw" if n else "ffw"
+        f_axis, d_axis = ("expert_ffw", "expert_embed") if n else ("ffw", "embed")
         f, d = cfg.moe_inter_dim, cfg.dim
-        self.w1 = param(rngs, lead + (f, d), lead_axes + (f_axis, "embed"), pd)
-        self.w2 = param(rngs, lead + (d, f), lead_axes + ("embed", f_axis), pd)
-        self.w3 = param(rngs, lead + (f, d), lead_axes + (f_axis, "embed"), pd)
+        self.w1 = param(rngs, lead + (f, d), lead_axes + (f_axis, d_axis), pd)
+        self.w2 = param(rngs, lead + (d, f), lead_axes + (d_axis, f_axis), pd)
+        self.w3 = param(rngs, lead + (f, d), lead_axes + (f_axis, d_axis), pd)
 
 
 class MoE(nnx.Module):

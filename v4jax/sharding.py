@@ -4,9 +4,10 @@ Every parameter names its logical axes (see the `param(...)` calls in the model)
 mesh axis. A rule set maps each logical name to a mesh axis (`data`, `fsdp`, `expert`, `tensor`), a tuple of
 them, or None (replicated). Two presets:
 
-- TRAIN: FSDP (the model dim of every weight over `fsdp`, or another dim where it has none), experts over
-  `expert`, attention heads / output groups / indexer heads / expert hidden / vocab over `tensor`; the batch
-  over data, fsdp and expert (the expert axis is a data-parallel axis for everything but the routed experts).
+- TRAIN: FSDP (the model dim of every weight over `fsdp` and `expert`, or another dim where it has none; the
+  routed experts' over `fsdp`), experts over `expert`, attention heads / output groups / indexer heads / expert
+  hidden / vocab over `tensor`; the batch over data, fsdp and expert (the expert axis is a data-parallel axis
+  for everything but the routed experts).
 - DECODE: no FSDP (weights stay resident, sharded over tensor and expert), sequences over `data`.
 
 Activations are constrained only at block boundaries (`constrain`, a no-op outside `use_rules`). On one device
@@ -29,21 +30,26 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 Rules = dict[str, "str | tuple[str, ...] | None"]
 
 # FSDP takes the model dim where a weight has one, else another dim that no other rule of that array uses
-# (query heads, the output groups' input, the mHC maps' input). Activation names (used by `constrain`): batch,
-# seq (None: room for context parallelism), act_embed.
+# (the query up-projections' rows: heads x head dim; the output groups' input; the mHC maps' input), over
+# `fsdp` and `expert`: every device holds a slice of each weight, but the routed experts' model dim
+# (`expert_embed`) goes over `fsdp` alone (`expert` holds their expert dim). Activation names (used by
+# `constrain`): batch, seq (None: room for context parallelism), act_embed.
+FSDP = ("fsdp", "expert")
 TRAIN_RULES: Rules = {
-    "vocab": "tensor", "embed": "fsdp", "heads": ("tensor", "fsdp"), "index_heads": "tensor", "o_groups": "tensor",
-    "o_group_in": "fsdp", "hc_embed": "fsdp", "experts": "expert", "expert_ffw": "tensor", "ffw": "tensor",
-    "mtp": "tensor", "batch": ("data", "fsdp", "expert"), "seq": None, "act_embed": None,
+    "vocab": "tensor", "embed": FSDP, "expert_embed": "fsdp", "heads": "tensor", "q_rows": ("tensor", *FSDP),
+    "index_heads": "tensor", "index_q_rows": ("tensor", *FSDP), "o_groups": "tensor", "o_group_in": FSDP,
+    "hc_embed": FSDP, "experts": "expert", "expert_ffw": "tensor", "ffw": "tensor", "mtp": "tensor",
+    "batch": ("data", "fsdp", "expert"), "seq": None, "act_embed": None,
 }
 
 
 def _without_fsdp(rule):
-    kept = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if a != "fsdp")
+    kept = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if a not in FSDP)
     return kept[0] if len(kept) == 1 else (kept or None)
 
 
-DECODE_RULES: Rules = {**{k: _without_fsdp(v) for k, v in TRAIN_RULES.items()}, "batch": "data"}
+# Decoding: no FSDP (weights resident), routed experts over `expert`, sequences over `data`.
+DECODE_RULES: Rules = {**{k: _without_fsdp(v) for k, v in TRAIN_RULES.items()}, "experts": "expert", "batch": "data"}
 PRESETS = {"train": TRAIN_RULES, "decode": DECODE_RULES}
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
+from conftest import assert_grads_close
 from train import losses
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
@@ -19,7 +21,7 @@ def test_cross_entropy_counts_only_masked_positions():
     targets = jnp.asarray([[1, 2, 3, 4, 5], [0, 1, 2, 3, 4]])
     mask = jnp.asarray([[1, 1, 0, 0, 1], [0, 0, 0, 0, 1]], bool)
     ce = -jax.nn.log_softmax(logits)[jnp.arange(2)[:, None], jnp.arange(5), targets]
-    assert np.isclose(losses.cross_entropy(logits, targets, mask), ce[mask].mean(), rtol=1e-6)
+    assert np.isclose(losses.cross_entropy_sum(logits, targets, mask), ce[mask].sum(), rtol=1e-6)
 
 
 def test_mtp_weight_drops_when_the_lr_decay_starts():
@@ -27,10 +29,12 @@ def test_mtp_weight_drops_when_the_lr_decay_starts():
     assert np.allclose(got, [0.3, 0.3, 0.1, 0.1])
 
 
-def test_objective_matches_a_direct_computation_on_packed_rows():
+@pytest.mark.parametrize("loss_chunk", [1024, 7])
+def test_objective_matches_a_direct_computation_on_packed_rows(loss_chunk):
     """lm loss = CE of tokens i + 1 within each document; MTP = CE of token i + 2 from mtp_logits fed token
-    i + 1, within the document; the total adds 0.3 * MTP and 1e-4 * the summed balance losses."""
-    cfg = ModelConfig.preset("tiny", compute_dtype="float32")
+    i + 1, within the document; the total adds 0.3 * MTP and 1e-4 * the summed balance losses. loss_chunk 7
+    splits the 40 positions into 6 chunks, the last one padded."""
+    cfg = ModelConfig.preset("tiny", compute_dtype="float32", loss_chunk=loss_chunk)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 41)))
@@ -51,6 +55,24 @@ def test_objective_matches_a_direct_computation_on_packed_rows():
     assert np.isclose(loss, lm + 0.3 * mtp + 1e-4 * metrics["balance_loss"], rtol=1e-6)
     assert len(loads) == cfg.n_layers + 1 and all(float(v.sum()) == 80 * cfg.n_activated_experts
                                                    for v in loads.values())
+
+
+def test_chunked_loss_has_the_gradients_of_the_whole_one():
+    """The rematerialised, chunked head + cross entropy (loss_chunk 7 over 24 positions) gives the gradients
+    of one chunk (loss_chunk 1024), head and MTP weights included."""
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(1, 1024, (2, 25)))
+    seg = jnp.asarray(np.repeat([[0] * 11 + [1] * 14], 2, axis=0))
+    weights = {"lm": 1.0, "mtp": 0.3, "balance": 1e-4, "indexer": 0.0}
+    grads = []
+    for chunk in (1024, 7):
+        model = Transformer(ModelConfig.preset("tiny", compute_dtype="float32", loss_chunk=chunk), rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        loss_fn = lambda p: losses.objective(nnx.merge(graphdef, p, rest), tokens, seg, weights)[0]  # noqa: E731
+        g = jax.jit(jax.grad(loss_fn))(params)
+        grads.append({path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(g)})
+    assert np.max(np.abs(grads[0][("head",)])) > 0
+    assert_grads_close(grads[1], grads[0])
 
 
 def skewed_moe():
