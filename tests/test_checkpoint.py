@@ -84,16 +84,17 @@ def test_loading_onto_a_mesh_shards_weights_scales_and_packed_experts():
     model = abstract_model(cfg)
     mesh = make_mesh({"fsdp": 4, "expert": 2})
     load_hub_state(model, hub.HubCheckpoint(FIXTURE), weights="quantized", mesh=mesh, rules=TRAIN_RULES)
-    w1 = model.layers[3].ffn.experts.w1.get_value()  # ('experts', 'expert_ffw', 'embed') -> expert, tensor, fsdp
+    w1 = model.layers[3].ffn.experts.w1.get_value()  # ('experts', 'expert_ffw', 'expert_embed') -> expert, tensor, fsdp
     assert w1.packed.sharding.spec == PartitionSpec("expert", "tensor", "fsdp") and w1.packed.shape == (16, 128, 64)
     assert w1.scale.sharding.spec == PartitionSpec("expert", "tensor", "fsdp") and w1.scale.shape == (16, 128, 4)
-    w2 = model.layers[3].ffn.experts.w2.get_value()  # ('experts', 'embed', 'expert_ffw'): 2 scale columns
+    w2 = model.layers[3].ffn.experts.w2.get_value()  # ('experts', 'expert_embed', 'expert_ffw'): 2 scale columns
     assert w2.scale.shape == (16, 128, 4) and w2.scale.sharding.spec == PartitionSpec("expert", "fsdp", "tensor")
-    wkv = model.layers[3].attn.wkv.get_value()  # ('kv', 'embed'): a 1x1 scale grid cannot split over fsdp=4
-    assert wkv.data.sharding.spec == PartitionSpec(None, "fsdp") and wkv.scale.sharding.spec == PartitionSpec(None, None)
+    wkv = model.layers[3].attn.wkv.get_value()  # ('kv', 'embed'): a 1x1 scale grid cannot split over fsdp x expert
+    assert wkv.data.sharding.spec == PartitionSpec(None, ("fsdp", "expert"))
+    assert wkv.scale.sharding.spec == PartitionSpec(None, None)
     raw = hub.load_hub_checkpoint(FIXTURE)
     np.testing.assert_array_equal(np.asarray(w1.packed[11]), raw["layers.3.ffn.experts.11.w1.weight"].view(np.uint8))
-    wq_b = model.layers[3].attn.wq_b.get_value()  # ('heads', 'q_lora'): heads -> tensor (size 1 here)
+    wq_b = model.layers[3].attn.wq_b.get_value()  # ('q_rows', 'q_lora'): its values, sharded
     np.testing.assert_array_equal(np.asarray(wq_b.scale), raw["layers.3.attn.wq_b.scale"].view(np.uint8))
 
 
