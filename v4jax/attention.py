@@ -22,7 +22,7 @@ from kernels.indexer.reference import range_mask
 from kernels.sparse_attention import sparse_attention
 from v4jax import kv_cache
 from v4jax.config import ModelConfig
-from v4jax.layers import apply_rope, param, rms_norm, rope_frequencies
+from v4jax.layers import apply_rope, param, rms_norm, rope_frequencies, split_chunks
 from v4jax.quant import dense, einsum, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant, ordered_sum, softmax
 
 
@@ -329,17 +329,10 @@ class Attention(nnx.Module):
         b, S, h, hd = q.shape
         n_comp = kv.shape[1] - comp_offset if ratio else 0
         chunk = min(cfg.attn_chunk, S)
-        n_chunks = -(-S // chunk)
-        pad = n_chunks * chunk - S
-
-        def split(a, fill=0):  # [b, S, ...] -> [n_chunks, b, chunk, ...]
-            a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
-            return jnp.moveaxis(a.reshape(b, n_chunks, chunk, *a.shape[2:]), 1, 0)
-
-        xs = {k: split(a, fill) for k, (a, fill) in query_info.items()}
-        xs["q"] = split(q)
+        xs = {k: split_chunks(a, chunk, fill) for k, (a, fill) in query_info.items()}
+        xs["q"] = split_chunks(q, chunk)
         if index is not None:
-            xs["iq"], xs["iw"] = split(index[0]), split(index[1])
+            xs["iq"], xs["iw"] = split_chunks(index[0], chunk), split_chunks(index[1], chunk)
         sink, scale = self.attn_sink[...], hd**-0.5
         kl_on = index is not None and cfg.indexer_loss and n_comp > 0 and sow_stats
 
@@ -369,7 +362,7 @@ class Attention(nnx.Module):
         o, (kl_sum, kl_count) = jax.lax.map(body, xs)  # o: [n_chunks, b, chunk, h, hd]
         if kl_on:
             self.sow(nnx.Intermediate, "indexer_kl", jnp.sum(kl_sum) / jnp.maximum(jnp.sum(kl_count), 1))
-        return jnp.moveaxis(o, 0, 1).reshape(b, n_chunks * chunk, h, hd)[:, :S]
+        return jnp.moveaxis(o, 0, 1).reshape(b, -1, h, hd)[:, :S]
 
     # ---- inference: the same layer over a cache ------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, kv_format: str, index_format: str) -> "AttentionCache":

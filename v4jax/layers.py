@@ -80,6 +80,15 @@ def swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
+def split_chunks(a: jax.Array, chunk: int, fill=0) -> jax.Array:
+    """[b, s, ...] -> [ceil(s / chunk), b, chunk, ...]: positions in chunks for a lax.map, the last chunk padded
+    with `fill`."""
+    b, s = a.shape[:2]
+    n = -(-s // chunk)
+    a = jnp.pad(a, [(0, 0), (0, n * chunk - s)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
+
+
 # ---- parameters ---------------------------------------------------------------------------------------------
 # Init (DeepSeek did not publish V4's, spec §7.1): matrices N(0, 0.006^2) as DeepSeek-V3 states for all its
 # weights; RMSNorm weights 1; mHC gating factors 0.01 and biases 0 (Megatron's mHC, so every site starts as
