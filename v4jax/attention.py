@@ -135,15 +135,16 @@ class Compressor(nnx.Module):
         return CompressorState(jnp.zeros((batch, rows, width), jnp.float32),
                                jnp.full((batch, rows, width), -jnp.inf, jnp.float32))
 
-    def step(self, x: jax.Array, start: jax.Array, n_new: jax.Array, state: "CompressorState"):
-        """Compress the next tokens of each sequence: x [b, C, dim] at positions start + j, of which the first
-        n_new [b] are real. The state holds the projections of the current (incomplete) window, slot = position
-        mod ratio, preceded for the overlap by the last complete window. -> (entries [b, K, head_dim], their
-        indices [b, K] (-1: none), new state); K = C // ratio + 2 windows are examined."""
+    def advance(self, kv: jax.Array, score: jax.Array, start: jax.Array, n_new: jax.Array, state: "CompressorState"):
+        """Compress the next tokens of each sequence from their projections kv, score [b, C, width] (`project` at
+        positions start + j), of which the first n_new [b] are real. The state holds the projections of the
+        current (incomplete) window, slot = position mod ratio, preceded for the overlap by the last complete
+        window. -> (entries [b, K, head_dim], their indices [b, K] (-1: none), new state); K = C // ratio + 2
+        windows are examined. Nothing here depends on tokens past n_new, so the same projections advance a
+        state by any prefix of them (speculative verification commits the accepted prefix this way)."""
         m = self.ratio
-        b, C, _ = x.shape
+        b, C, _ = kv.shape
         off, w0 = start % m, start // m
-        kv, score = self.project(x, start[:, None] + jnp.arange(C))
         # rows r of the buffer hold positions w0 * m + r: the state's partial window, then the new tokens
         n_win = C // m + 2
         r = jnp.arange(n_win * m)[None, :]
@@ -164,13 +165,16 @@ class Compressor(nnx.Module):
             prev_score = jnp.concatenate([state.score[:, None, :m], win_score[:, :-1]], axis=1)
         else:
             prev_kv, prev_score = win_kv, win_score  # unused without overlap
-        entries = self.pool(win_kv, win_score, prev_kv, prev_score, win > 0, win, x.dtype)
+        entries = self.pool(win_kv, win_score, prev_kv, prev_score, win > 0, win, self.cfg.compute_dtype)
         index = jnp.where(jnp.arange(n_win)[None] < done[:, None], win, -1)
 
         def pick(a, k):  # window k [b] of a [b, n_win, m, width]
             return jnp.take_along_axis(a, k[:, None, None, None], 1)[:, 0]
 
-        new_cur = [pick(a, done) for a in (win_kv, win_score)]
+        # the new partial window: rows past the filled ones take the empty state's values (0, -inf), so the
+        # state depends only on the tokens fed, never on what followed them in the chunk
+        filled = (jnp.arange(m)[None] < ((off + n_new) % m)[:, None])[..., None]
+        new_cur = [jnp.where(filled, pick(a, done), empty) for a, empty in ((win_kv, 0.0), (win_score, -jnp.inf))]
         if self.overlap:  # the last complete window becomes "previous" (unchanged if none completed)
             last = jnp.maximum(done - 1, 0)
             new_prev = [jnp.where((done > 0)[:, None, None], pick(a, last), old[:, :m])
@@ -277,9 +281,15 @@ class Attention(nnx.Module):
         qr = rms_norm(linear(x, dense(self.wq_a), quantized=True, qat=cfg.qat), self.q_norm[...], cfg.norm_eps)
         q = linear(qr, dense(self.wq_b), quantized=True, qat=cfg.qat).reshape(b, s, cfg.n_heads, cfg.head_dim)
         q = apply_rope(rms_norm(q, None, cfg.norm_eps), positions, freqs)  # weightless per-head RMS, then rope
+        return q, self.kv(x, positions), qr
+
+    def kv(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """The key/value entries [b, s, d] of inputs x [b, s, dim]: kv_norm(wkv(x)), roped, fake-quantized under
+        qat."""
+        cfg = self.cfg
         kv = rms_norm(linear(x, dense(self.wkv), quantized=True, qat=cfg.qat), self.kv_norm[...], cfg.norm_eps)
-        kv = apply_rope(kv, positions, freqs)
-        return q, (kv_fake_quant(kv, cfg.rope_head_dim) if cfg.qat else kv), qr
+        kv = apply_rope(kv, positions, rope_frequencies(cfg, compressed=bool(self.ratio)))
+        return kv_fake_quant(kv, cfg.rope_head_dim) if cfg.qat else kv
 
     def _output(self, o: jax.Array, positions: jax.Array, dtype) -> jax.Array:
         """Inverse rope of the outputs, then the grouped low-rank projection (heads in o_groups contiguous
@@ -381,26 +391,22 @@ class Attention(nnx.Module):
 
     def step(self, x: jax.Array, cache: "AttentionCache", start: jax.Array, n_new: jax.Array):
         """The next tokens of each sequence, x [b, C, dim] at positions start [b] + j (the first n_new [b] real;
-        any C, 1 for decoding) -> ([b, C, dim], the updated cache). Keys are the rows of
-        [window ring (W) ; these tokens (C) ; compressed entries (max_len // ratio)]."""
+        any C, 1 for decoding) -> ([b, C, dim], the cache advanced by n_new, the chunk's Pending writes). Keys
+        are the rows of [window ring (W) ; these tokens (C) ; compressed entries (max_len // ratio)].
+        `commit(cache, pending, start, n)` advances the cache before this step by any n <= n_new instead."""
         m, W = self.ratio, self.cfg.window_size
         C = x.shape[1]
         pos = start[:, None] + jnp.arange(C)
         q, kv, qr = self._project(x, pos)
-
+        xi, qri = self._index_inputs(x, qr)
+        pending = Pending(kv=kv, comp=self.compressor.project(x, pos) if m else None,
+                          index=self.indexer.compressor.project(xi, pos) if self.indexer is not None else None)
         # New entries and keys are encoded into the cache's storage format, then the whole buffer is read back
         # (decoded) for attention: this step's own tokens see stored entries exactly as later steps will.
-        new_cache, entries = cache, []
-        if m:
-            ent, slot, state = self.compressor.step(x, start, n_new, cache.state)
-            new_cache = new_cache._replace(entries=kv_cache.write(cache.entries, ent, slot), state=state)
-            entries = [kv_cache.read(new_cache.entries, kv.dtype)]  # [b, max_len // m, d]
+        new_cache = self.commit(cache, pending, start, n_new)
+        entries = [kv_cache.read(new_cache.entries, kv.dtype)] if m else []  # [b, max_len // m, d]
         index = None
         if self.indexer is not None:
-            xi, qri = self._index_inputs(x, qr)
-            keys_new, slot, state = self.indexer.compressor.step(xi, start, n_new, cache.index_state)
-            new_cache = new_cache._replace(index_keys=kv_cache.write(cache.index_keys, keys_new, slot),
-                                           index_state=state)
             index = (*self.indexer.queries(xi, qri, pos), kv_cache.read(new_cache.index_keys, kv.dtype))
         kv_all = jnp.concatenate([kv_cache.read(cache.window, kv.dtype), kv] + entries, axis=1)
 
@@ -412,11 +418,37 @@ class Attention(nnx.Module):
 
         o = self._attend(q, kv_all, index, {"pos": (pos, 0), "start": (jnp.broadcast_to(start[:, None], pos.shape), 0)},
                          keys, W + C, False)
-        # the ring keeps the last W real tokens: position p in slot p mod W
-        j = jnp.arange(C)[None]
-        keep = (j < n_new[:, None]) & (j >= n_new[:, None] - W)
-        window = kv_cache.write(cache.window, kv, jnp.where(keep, pos % W, -1))
-        return self._output(o, pos, x.dtype), new_cache._replace(window=window)
+        return self._output(o, pos, x.dtype), new_cache, pending
+
+    def commit(self, cache: "AttentionCache", pending: "Pending", start: jax.Array, n: jax.Array) -> "AttentionCache":
+        """The cache advanced by the first n [b] tokens of a chunk whose projections are `pending` (Attention.step
+        at positions start [b] + j): the window ring, the compressors' partial windows, the finished compressed
+        entries and indexer keys, exactly as a step over those n tokens alone would leave them."""
+        new = cache
+        if self.ratio:
+            ent, slot, state = self.compressor.advance(*pending.comp, start, n, cache.state)
+            new = new._replace(entries=kv_cache.write(cache.entries, ent, slot), state=state)
+        if self.indexer is not None:
+            keys, slot, state = self.indexer.compressor.advance(*pending.index, start, n, cache.index_state)
+            new = new._replace(index_keys=kv_cache.write(cache.index_keys, keys, slot), index_state=state)
+        pos = start[:, None] + jnp.arange(pending.kv.shape[1])
+        return new._replace(window=kv_cache.write(cache.window, pending.kv, ring_slots(pos, n, self.cfg.window_size)))
+
+
+def ring_slots(pos: jax.Array, n: jax.Array, window: int) -> jax.Array:
+    """Slots of a window ring (position p in slot p mod window) for a chunk at positions pos [b, C] of which the
+    first n [b] are kept: the last `window` of them get their slot, the rest -1 (not written)."""
+    j = jnp.arange(pos.shape[1])[None]
+    return jnp.where((j < n[:, None]) & (j >= n[:, None] - window), pos % window, -1)
+
+
+class Pending(NamedTuple):
+    """What a cached attention step computed for its chunk and writes into the cache: the window kv [b, C, d] and
+    the projections (values, gate logits) [b, C, width] of the compressor and the indexer's compressor."""
+
+    kv: jax.Array
+    comp: tuple[jax.Array, jax.Array] | None
+    index: tuple[jax.Array, jax.Array] | None
 
 
 class AttentionCache(NamedTuple):

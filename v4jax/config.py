@@ -6,7 +6,13 @@ are ours (marked below): numerics (`qat`, dtypes) and implementation switches. P
 (the released models) and `tiny` (every V4 feature at toy size, for tests and the demo).
 
 `compress_ratios` has n_layers + n_mtp_layers entries, as in the released configs: 0 = sliding window only,
-4 = CSA (overlapping compressor + lightning indexer), 128 = HCA. The MTP entry is 0.
+4 = CSA (overlapping compressor + lightning indexer), 128 = HCA. The MTP entries are 0.
+
+Two checkpoint layouts share the backbone (spec v4-ga-dspark §2). The April preview (`flash`, `pro`) has one MTP
+block (n_mtp_layers = 1). The GA checkpoints (`flash-0731`, `pro-0813`) set the `dspark_*` fields and hold a DSpark
+drafter of n_mtp_layers stages (3) in the same `mtp.*` namespace; their HF `num_nextn_predict_layers` still says 1
+and is not what counts: the stage count is `n_mtp_layers` (official config), else len(compress_ratios) - n_layers,
+else the `mtp.N.` prefixes of the checkpoint index.
 """
 
 from __future__ import annotations
@@ -57,6 +63,11 @@ class ModelConfig:
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
+    # DSpark drafter (GA checkpoints; dspark_block_size 0 = the preview's MTP block instead)
+    dspark_block_size: int = 0  # B: draft slots per block (anchor + B - 1 noise tokens)
+    dspark_noise_token_id: int = 0  # the token filling the block after the anchor
+    dspark_target_layer_ids: tuple[int, ...] = ()  # backbone layers whose outputs feed the drafter
+    dspark_markov_rank: int = 0  # rank of the Markov (previous draft token) logit correction
     # checkpoint storage format (official names; they describe the released files, see spec §5)
     dtype: str = "fp8"
     scale_fmt: str | None = "ue8m0"
@@ -81,10 +92,16 @@ class ModelConfig:
     scan_layers: bool = False  # run the repeating (CSA, HCA) block pairs as one lax.scan (faster compiles)
 
     def __post_init__(self):
-        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        for f in ("compress_ratios", "dspark_target_layer_ids"):
+            object.__setattr__(self, f, tuple(getattr(self, f)))
         self.validate()
 
     # ---- derived ----
+    @property
+    def dspark(self) -> bool:
+        """True for the GA layout: the mtp.* stages are a DSpark drafter, not the preview's MTP block."""
+        return self.dspark_block_size > 0
+
     @property
     def nope_head_dim(self) -> int:
         return self.head_dim - self.rope_head_dim
@@ -97,18 +114,40 @@ class ModelConfig:
         def bad(field, problem, fix):
             raise ConfigError(f"ModelConfig.{field}: {problem}. {fix}")
 
+        for f in ("compress_ratios", "dspark_target_layer_ids"):
+            if not all(isinstance(r, int) and not isinstance(r, bool) for r in getattr(self, f)):
+                bad(f, f"is {getattr(self, f)!r}", "Give a list of integers")
         n_ratios = self.n_layers + self.n_mtp_layers
         if len(self.compress_ratios) != n_ratios:
             bad("compress_ratios", f"has {len(self.compress_ratios)} entries but n_layers + n_mtp_layers = {n_ratios}",
-                "Give one ratio per layer plus one per MTP layer (the released configs end with 0 for MTP)")
+                "Give one ratio per layer plus one per MTP layer or drafter stage (0 each: they are window-only)")
         for i, r in enumerate(self.compress_ratios):
             if r not in (0, 4, 128):
                 bad("compress_ratios", f"entry {i} is {r}", "Use 0 (window only), 4 (CSA) or 128 (HCA)")
         for i in range(self.n_layers, n_ratios):
             if self.compress_ratios[i] != 0:
-                bad("compress_ratios", f"MTP entry {i} is {self.compress_ratios[i]}", "The MTP block is window-only: use 0")
-        if self.n_mtp_layers not in (0, 1):
-            bad("n_mtp_layers", f"is {self.n_mtp_layers}", "V4 has MTP depth 1; use 0 or 1")
+                bad("compress_ratios", f"MTP entry {i} is {self.compress_ratios[i]}", "MTP / drafter stages are window-only: use 0")
+        dspark_set = [f for f in ("dspark_block_size", "dspark_markov_rank", "dspark_target_layer_ids") if getattr(self, f)]
+        if self.dspark:
+            if len(dspark_set) < 3:
+                missing = sorted({"dspark_markov_rank", "dspark_target_layer_ids"} - set(dspark_set))
+                bad(missing[0], "is missing or 0 while dspark_block_size is set",
+                    "A GA (DSpark) config sets dspark_block_size, dspark_noise_token_id, dspark_target_layer_ids and "
+                    "dspark_markov_rank together")
+            if self.n_mtp_layers < 1:
+                bad("n_mtp_layers", "is 0 with the dspark_* fields set", "The DSpark drafter needs at least one stage")
+            for t in self.dspark_target_layer_ids:
+                if not 0 <= t < self.n_layers:
+                    bad("dspark_target_layer_ids", f"names layer {t}", f"Name backbone layers 0..{self.n_layers - 1}")
+            if not 0 <= self.dspark_noise_token_id < self.vocab_size:
+                bad("dspark_noise_token_id", f"is {self.dspark_noise_token_id}", f"Use a token id below vocab_size {self.vocab_size}")
+        elif dspark_set:
+            bad("dspark_block_size", f"is 0 while {dspark_set} are set",
+                "Set dspark_block_size (GA layout, e.g. 5) or drop the dspark_* fields (preview layout)")
+        elif self.n_mtp_layers not in (0, 1):
+            bad("n_mtp_layers", f"is {self.n_mtp_layers} without the dspark_* fields",
+                "The preview layout has one MTP block (0 or 1); several stages are a GA DSpark drafter: set the "
+                "dspark_* fields of its config")
         if self.n_heads % self.o_groups:
             bad("o_groups", f"{self.o_groups} does not divide n_heads = {self.n_heads}",
                 "Choose o_groups so that n_heads is a multiple of it")
@@ -167,6 +206,8 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"official config: unknown fields {unknown}. Check the file is an inference/config.json")
         kw = {k: v for k, v in d.items() if k in known}
+        if "n_mtp_layers" not in kw and "compress_ratios" in kw:
+            kw["n_mtp_layers"] = len(kw["compress_ratios"]) - kw.get("n_layers", cls.n_layers)
         return cls(**{**kw, **overrides})
 
     @classmethod
@@ -192,14 +233,28 @@ class ModelConfig:
         kw["dtype"] = "fp8" if qc.get("quant_method") == "fp8" else "bf16"
         kw["scale_fmt"] = qc.get("scale_fmt")
         kw["expert_dtype"] = d.get("expert_dtype")
+        if any(k.startswith("dspark_") for k in d):  # GA: the drafter's stage count is not num_nextn_predict_layers
+            kw.update({f: d[f] for f in _DSPARK_FIELDS if f in d})
+            kw["n_mtp_layers"] = _ga_stage_count(d, source)
+        elif "compress_ratios" in d and len(d["compress_ratios"]) - kw.get("n_layers", cls.n_layers) != kw.get(
+                "n_mtp_layers", cls.n_mtp_layers):
+            raise ConfigError(
+                f"HF config: compress_ratios has {len(d['compress_ratios'])} entries for {kw.get('n_layers')} layers "
+                f"and num_nextn_predict_layers {kw.get('n_mtp_layers')}: the layout is neither the preview's (one MTP "
+                "block: n_layers + 1 entries) nor a GA checkpoint's (n_layers + stages entries and the dspark_* "
+                "fields). Check the file is a DeepSeek-V4 config.json as released")
         return cls(**{**kw, **overrides})
 
     def to_official_dict(self) -> dict:
         """The official inference/config.json fields (what configs/model/*.json hold)."""
         ours = {"qat", "compute_dtype", "param_dtype", "moe_impl", "moe_ep_capacity", "attn_chunk", "loss_chunk",
                 "csa_dense", "indexer_loss", "kernels", "remat", "scan_layers"}
+        if not self.dspark:
+            ours |= set(_DSPARK_FIELDS)
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ours}
         d["compress_ratios"] = list(self.compress_ratios)
+        if self.dspark:
+            d["dspark_target_layer_ids"] = list(self.dspark_target_layer_ids)
         return d
 
     def to_hf_config(self) -> dict:
@@ -211,6 +266,10 @@ class ModelConfig:
                              "topk_method": "noaux_tc", "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
         d.update({hf: getattr(self, ours) for hf, ours in _HF_NAMES.items()})
         d["compress_ratios"] = list(self.compress_ratios)
+        if self.dspark:  # as released: num_nextn_predict_layers stays 1, the stages follow from compress_ratios
+            d["num_nextn_predict_layers"] = 1
+            d.update({f: getattr(self, f) for f in _DSPARK_FIELDS})
+            d["dspark_target_layer_ids"] = list(self.dspark_target_layer_ids)
         if self.original_seq_len:
             d["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": self.rope_factor,
                                  "original_max_position_embeddings": self.original_seq_len,
@@ -244,6 +303,25 @@ _HF_NAMES = {
     "hc_mult": "hc_mult", "hc_sinkhorn_iters": "hc_sinkhorn_iters", "hc_eps": "hc_eps",
 }
 
+_DSPARK_FIELDS = ("dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank")
+
+
+def _ga_stage_count(d: dict, source) -> int:
+    """The DSpark drafter's stage count of a GA HF config: an explicit n_mtp_layers, else
+    len(compress_ratios) - num_hidden_layers, else the `mtp.N.` prefixes of the checkpoint index beside the file."""
+    if "n_mtp_layers" in d:
+        return int(d["n_mtp_layers"])
+    if "compress_ratios" in d and "num_hidden_layers" in d:
+        return len(d["compress_ratios"]) - int(d["num_hidden_layers"])
+    if not isinstance(source, dict):
+        index = Path(source) / "model.safetensors.index.json" if Path(source).is_dir() else \
+            Path(source).with_name("model.safetensors.index.json")
+        if index.exists():
+            names = json.loads(index.read_text()).get("weight_map", {})
+            return len({n.split(".")[1] for n in names if n.startswith("mtp.")})
+    raise ConfigError("HF config: a GA (dspark_*) config without compress_ratios and no checkpoint index beside it: "
+                      "the drafter's stage count is unknown. Give compress_ratios (n_layers + stages entries)")
+
 
 # The release's quantization_config (FP8 e4m3, 128x128 blocks, dynamic activation scales; spec §5.1).
 HF_FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
@@ -268,6 +346,17 @@ PRESETS: dict[str, dict] = {
         dim=7168, moe_inter_dim=3072, n_layers=61, n_heads=128, n_routed_experts=384, route_scale=2.5,
         q_lora_rank=1536, o_groups=16, index_topk=1024, compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0),
     ),
+    # The GA checkpoints (spec v4-ga-dspark §2): the preview backbone, a 3-stage DSpark drafter under mtp.*.
+    "flash-0731": dict(
+        compress_ratios=(0, 0) + (4, 128) * 20 + (4,) + (0, 0, 0), n_mtp_layers=3, dspark_block_size=5,
+        dspark_noise_token_id=128799, dspark_target_layer_ids=(40, 41, 42), dspark_markov_rank=256,
+    ),
+    "pro-0813": dict(
+        dim=7168, moe_inter_dim=3072, n_layers=61, n_heads=128, n_routed_experts=384, route_scale=2.5,
+        q_lora_rank=1536, o_groups=16, index_topk=1024, compress_ratios=(128, 128) + (4, 128) * 29 + (4,) + (0, 0, 0),
+        n_mtp_layers=3, dspark_block_size=5, dspark_noise_token_id=128799, dspark_target_layer_ids=(58, 59, 60),
+        dspark_markov_rank=512,
+    ),
     # Every V4 feature at toy size: window-only (layer 0 and MTP), CSA (1, 3, 5), HCA (2, 4), two hash layers,
     # 4 output groups, top-k 8 < the 16+ compressed entries visible at test lengths; YaRN active from 256.
     "tiny": dict(
@@ -277,4 +366,9 @@ PRESETS: dict[str, dict] = {
         index_topk=8, attn_chunk=128,
     ),
 }
+# tiny with a GA-style DSpark drafter: 3 stages fed by the last three layers, blocks of 4 slots.
+PRESETS["tiny-dspark"] = dict(
+    PRESETS["tiny"], compress_ratios=PRESETS["tiny"]["compress_ratios"] + (0, 0), n_mtp_layers=3, dspark_block_size=4,
+    dspark_noise_token_id=1023, dspark_target_layer_ids=(3, 4, 5), dspark_markov_rank=32,
+)
 

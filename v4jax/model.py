@@ -25,63 +25,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax import kv_cache
-from v4jax.attention import Attention, AttentionCache
+from v4jax.attention import AttentionCache
+from v4jax.block import STREAMS, Block, HCSite
 from v4jax.config import ModelConfig
-from v4jax.hyper_connection import hc_head, hc_post, hc_pre
+from v4jax.dspark import Drafter
+from v4jax.hyper_connection import hc_head
 from v4jax.layers import param, rms_norm
 from v4jax.moe import MoE
-from v4jax.quant import dense, linear
+from v4jax.quant import dense, linear, mean
 from v4jax.sharding import constrain
 
-STREAMS = ("batch", "seq", None, "act_embed")  # logical axes of the residual streams [b, s, hc, d]
 REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
-class HCSite(nnx.Module):
-    """The parameters of one mHC site (fn, base, scale) or, with `head=True`, of a head collapse."""
-
-    def __init__(self, cfg: ModelConfig, head: bool, *, rngs: nnx.Rngs):
-        hc = cfg.hc_mult
-        n_mix = hc if head else (2 + hc) * hc
-        self.fn = param(rngs, (n_mix, hc * cfg.dim), ("hc_mix", "hc_embed"), jnp.float32)
-        self.base = param(rngs, (n_mix,), ("hc_mix",), jnp.float32, "const", 0.0)
-        self.scale = param(rngs, (1 if head else 3,), ("hc_gate",), jnp.float32, "const", 0.01)
-
-
-class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
-        pd = jnp.dtype(cfg.param_dtype)
-        self.cfg = cfg
-        self.attn_norm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
-        self.ffn_norm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
-        self.hc_attn = HCSite(cfg, False, rngs=rngs)
-        self.hc_ffn = HCSite(cfg, False, rngs=rngs)
-        self.attn = Attention(cfg, layer, rngs=rngs)
-        self.ffn = MoE(cfg, layer, rngs=rngs)
-
-    def _site(self, x, site: HCSite, norm, sublayer):
-        cfg = self.cfg
-        u, post, comb = hc_pre(x, site.fn[...], site.scale[...], site.base[...], hc=cfg.hc_mult,
-                               iters=cfg.hc_sinkhorn_iters, eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
-        return hc_post(sublayer(rms_norm(u, norm[...], cfg.norm_eps)), x, post, comb)
-
-    def __call__(self, x: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """x [b, s, hc, d] streams, token_ids [b, s] (hash routing), segment_ids [b, s] packed documents
-        (None: one per row) -> [b, s, hc, d]."""
-        x = self._site(x, self.hc_attn, self.attn_norm, lambda y: self.attn(y, segment_ids))
-        return self._site(x, self.hc_ffn, self.ffn_norm, lambda y: self.ffn(y, token_ids))
-
-    def step(self, x, token_ids, cache: AttentionCache, start, n_new):
-        """The block over a cache: the next tokens of each sequence (see Attention.step) -> (x, new cache)."""
-        out = {}
-
-        def attn(y):
-            y, out["cache"] = self.attn.step(y, cache, start, n_new)
-            return y
-
-        x = self._site(x, self.hc_attn, self.attn_norm, attn)
-        return self._site(x, self.hc_ffn, self.ffn_norm, lambda y: self.ffn(y, token_ids, False)), out["cache"]
 
 
 class MTPBlock(Block):
@@ -122,7 +77,8 @@ class Transformer(nnx.Module):
         self.norm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
         self.hc_head = HCSite(cfg, True, rngs=rngs)
         self.head = param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pd)
-        self.mtp = MTPBlock(cfg, rngs=rngs) if cfg.n_mtp_layers else None
+        self.mtp = MTPBlock(cfg, rngs=rngs) if cfg.n_mtp_layers and not cfg.dspark else None
+        self.dspark = Drafter(cfg, rngs=rngs) if cfg.dspark else None
 
     def embed_tokens(self, token_ids: jax.Array) -> jax.Array:
         """token_ids [b, s] -> [b, s, d]. Rows come from a table whole along d: with d sharded (FSDP) and the ids
@@ -206,23 +162,65 @@ class Transformer(nnx.Module):
         kv_cache.check_formats(kv_format, index_format)
         layers = tuple(blk.attn.init_cache(batch, max_len, kv_format, index_format) for blk in self.layers)
         mtp = self.mtp.attn.init_cache(batch, max_len, kv_format, index_format) if self.mtp is not None else None
+        rings = self.dspark.init_rings(batch, kv_format) if self.dspark is not None else None
         return Cache(lengths=jnp.zeros((batch,), jnp.int32),  # distinct buffers: steps donate the cache
-                     layers=layers, mtp=mtp, mtp_lengths=jnp.zeros((batch,), jnp.int32))
+                     layers=layers, mtp=mtp, mtp_lengths=jnp.zeros((batch,), jnp.int32), dspark=rings)
+
+    def _cached_forward(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None):
+        """The layers over the cache -> (logits, final streams, n_new, the layers' caches advanced by n_new,
+        Pending (the chunk's writes and the drafter's main_hidden, for commit))."""
+        b, C = token_ids.shape
+        n_new = jnp.full((b,), C, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
+        x = self.streams(token_ids)
+        layers, writes, captured = [], [], {}
+        targets = self.cfg.dspark_target_layer_ids
+        for i, (block, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            x, layer_cache, pending = block.step(x, token_ids, layer_cache, cache.lengths, n_new)
+            x = constrain(x, STREAMS)
+            layers.append(layer_cache)
+            writes.append(pending)
+            if i in targets:
+                captured[i] = mean(x.astype(jnp.float32), axis=2).astype(x.dtype)  # mean over the hc streams
+        main_hidden = jnp.concatenate([captured[i] for i in targets], axis=-1) if targets else None
+        return self.logits(x, self.hc_head, self.norm), x, n_new, tuple(layers), Pending(tuple(writes), main_hidden)
 
     def step(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None = None):
         """Feed the next tokens of each sequence: token_ids [b, C] (any C: a prefill chunk, or 1 to decode), of
         which the first n_new [b] are real (default all). -> (logits [b, C, vocab], final streams
-        [b, C, hc, d], the cache advanced by n_new)."""
-        b, C = token_ids.shape
-        n_new = jnp.full((b,), C, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
-        x = self.streams(token_ids)
-        layers = []
-        for block, layer_cache in zip(self.layers, cache.layers):
-            x, layer_cache = block.step(x, token_ids, layer_cache, cache.lengths, n_new)
-            x = constrain(x, STREAMS)
-            layers.append(layer_cache)
-        new = cache._replace(lengths=cache.lengths + n_new, layers=tuple(layers))
-        return self.logits(x, self.hc_head, self.norm), x, new
+        [b, C, hc, d], the cache advanced by n_new). With a DSpark drafter, its rings take these positions."""
+        logits, x, n_new, layers, pending = self._cached_forward(cache, token_ids, n_new)
+        return logits, x, self._advance(cache, layers, pending, n_new)
+
+    def verify(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None = None):
+        """A speculative chunk over the cache, committed later: -> (logits [b, C, vocab], Pending). Logits are
+        exactly step's; `commit(cache, pending, n)` then advances the cache before this call by the first n [b]
+        tokens of each row, as if only those had been fed (the rejected drafts leave no trace)."""
+        logits, _, _, _, pending = self._cached_forward(cache, token_ids, n_new)
+        return logits, pending
+
+    def commit(self, cache: "Cache", pending: "Pending", n: jax.Array) -> "Cache":
+        """The cache advanced by the first n [b] tokens of the chunk `verify` returned `pending` for."""
+        n = n.astype(jnp.int32)
+        layers = tuple(block.attn.commit(c, w, cache.lengths, n)
+                       for block, c, w in zip(self.layers, cache.layers, pending.writes))
+        return self._advance(cache, layers, pending, n)
+
+    def _advance(self, cache: "Cache", layers, pending: "Pending", n: jax.Array) -> "Cache":
+        """The new layer caches and lengths, and the drafter's rings given the main_hidden of positions
+        lengths .. lengths + n - 1."""
+        new = cache._replace(lengths=cache.lengths + n, layers=layers)
+        if self.dspark is not None:
+            new = new._replace(dspark=self.dspark.write_rings(cache.dspark, pending.main_hidden, cache.lengths, n))
+        return new
+
+    def draft(self, cache: "Cache", anchor: jax.Array, temperature: float = 0.0, key: jax.Array | None = None):
+        """One DSpark draft block after the committed tokens of `cache`: anchor [b] is the next token (sampled
+        from the target, not yet fed), at position lengths. -> (tokens [b, B], Markov-corrected logits
+        [b, B, vocab] fp32, confidence logits [b, B] fp32)."""
+        if self.dspark is None:
+            raise ValueError("this config has no DSpark drafter (a GA checkpoint's dspark_* fields are not set)")
+        return self.dspark.draft(cache.dspark, cache.lengths, anchor, self.embed_tokens, self.head[...],
+                                 temperature, key)
 
     def mtp_step(self, cache: "Cache", x: jax.Array, token_ids: jax.Array, n_new: jax.Array | None = None):
         """The MTP block over its own cache: x [b, C, hc, d] the main streams at its next positions and
@@ -230,7 +228,7 @@ class Transformer(nnx.Module):
         b, C = token_ids.shape
         n_new = jnp.full((b,), C, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
         y = self.mtp.mix_inputs(x, self.embed_tokens(token_ids))
-        y, mtp_cache = self.mtp.step(y, token_ids, cache.mtp, cache.mtp_lengths, n_new)
+        y, mtp_cache, _ = self.mtp.step(y, token_ids, cache.mtp, cache.mtp_lengths, n_new)
         new = cache._replace(mtp=mtp_cache, mtp_lengths=cache.mtp_lengths + n_new)
         return self.logits(y, self.mtp.hc_head, self.mtp.norm), new
 
@@ -281,13 +279,23 @@ def scan_range(cfg: ModelConfig) -> tuple[int, int]:
 
 
 class Cache(NamedTuple):
-    """The model's inference state: tokens seen per sequence [b], one AttentionCache per layer, and the MTP
-    block's cache with its own length (it runs one position behind: it needs the next token)."""
+    """The model's inference state: tokens seen per sequence [b], one AttentionCache per layer, the MTP
+    block's cache with its own length (it runs one position behind: it needs the next token) and the DSpark
+    drafter's window rings, one per stage (they hold positions < lengths, like the layers)."""
 
     lengths: jax.Array
     layers: tuple[AttentionCache, ...]
     mtp: AttentionCache | None
     mtp_lengths: jax.Array
+    dspark: tuple | None = None
+
+
+class Pending(NamedTuple):
+    """A verified chunk's cache writes: one attention.Pending per layer, and the drafter's input main_hidden
+    [b, C, n_targets * dim] (None without a drafter)."""
+
+    writes: tuple
+    main_hidden: jax.Array | None
 
 
 def pop_stats(model: nnx.Module) -> dict[str, jax.Array]:

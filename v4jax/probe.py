@@ -22,7 +22,8 @@ from kernels.indexer import index_scores, indexer_topk, visible_ranges
 from kernels.indexer.reference import range_mask
 from v4jax.attention import Attention, entry_layout, token_layout
 from v4jax.hyper_connection import hc_mixes, split_sinkhorn
-from v4jax.model import Block, HCSite, Transformer, pop_stats
+from v4jax.block import Block, HCSite
+from v4jax.model import Transformer, pop_stats
 
 
 class SiteMaps(NamedTuple):

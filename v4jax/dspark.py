@@ -1,0 +1,168 @@
+"""The DSpark drafter of the GA checkpoints (Flash-0731, Pro-0813), spec v4-ga-dspark §3-4.
+
+    target layers' outputs, mean over the hc streams, concatenated -> main_hidden [b, s, n_targets * dim]
+    main_x = main_norm(main_proj(main_hidden))           (stage 0's weights; once per committed position)
+    each stage keeps a window ring of kv_norm(wkv(main_x)) roped at its position (slot = position mod W)
+
+    one draft block after the committed positions < L, anchor = the next token (sampled from the target):
+    ids [anchor, noise x (B - 1)] at positions L .. L + B - 1 -> embed -> hc streams
+      -> for each stage: a V4 block (window-only, score-routed MoE) whose attention sees the stage's ring and
+         every slot of the block (bidirectional inside the block)
+      -> last stage: h = hc_head(x) (sigmoid gate), logits = head(norm(h)) in fp32
+      -> for i = 0 .. B-1 in order: e_i = markov_w1[out_i], logits_i += markov_w2 @ e_i, out_{i+1} = sample(logits_i)
+         (out_0 = anchor), confidence_i = proj([h_i ; e_i]) (pre-norm h)
+
+Slot i proposes the token at position L + 1 + i. The embedding and LM head are the target's. Parameter names
+follow the official per-stage modules: stage 0 owns main_proj / main_norm, the last stage the head pieces.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels.sparse_attention import sparse_attention
+from v4jax import kv_cache
+from v4jax.attention import Attention, ring_slots
+from v4jax.block import STREAMS, Block, HCSite
+from v4jax.config import ModelConfig
+from v4jax.hyper_connection import hc_head
+from v4jax.layers import param, rms_norm
+from v4jax.quant import dense, linear
+from v4jax.sharding import constrain
+
+
+class DSparkAttention(Attention):
+    """A drafter stage's attention: queries and the block's own keys from the block, the other keys from the
+    stage's ring of main_x entries (`kv(main_x, positions)`, written by Drafter.write_rings)."""
+
+    def __call__(self, x: jax.Array, ring: jax.Array, n_ring: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [b, B, dim] (attn-normed block), ring [b, W, d] (decoded), n_ring [b] its filled slots (min(L, W)),
+        positions [b, B] -> [b, B, dim]. Every query sees the filled ring slots and all B block keys."""
+        cfg = self.cfg
+        b, B, _ = x.shape
+        W = ring.shape[1]
+        q, kv, _ = self._project(x, positions)
+        slots = jnp.arange(W)
+        keys = jnp.concatenate([jnp.where(slots[None] < n_ring[:, None], slots, -1),
+                                jnp.broadcast_to(W + jnp.arange(B), (b, B))], axis=-1)  # [b, W + B]
+        idx = jnp.broadcast_to(keys[:, None], (b, B, W + B))
+        o = sparse_attention(q, jnp.concatenate([ring.astype(kv.dtype), kv], axis=1), self.attn_sink[...], idx,
+                             cfg.head_dim**-0.5, implementation=cfg.kernels)
+        return self._output(o, positions, x.dtype)
+
+
+class MarkovHead(nnx.Module):
+    """The low-rank correction from the previous draft token: markov_w1 is an embedding [vocab, rank],
+    markov_w2 a rank -> vocab linear in the [out, in] layout."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.markov_w1 = param(rngs, (cfg.vocab_size, cfg.dspark_markov_rank), ("vocab", "markov_rank"), pd)
+        self.markov_w2 = param(rngs, (cfg.vocab_size, cfg.dspark_markov_rank), ("vocab", "markov_rank"), pd)
+
+
+class ConfidenceHead(nnx.Module):
+    """One acceptance logit per draft slot from [h ; e] (no bias), in fp32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.proj = param(rngs, (1, cfg.dim + cfg.dspark_markov_rank), (None, "confidence_in"),
+                          jnp.dtype(cfg.param_dtype))
+
+
+class DSparkStage(Block):
+    """Stage s of the drafter: a V4 block at layer id n_layers + s (window-only, score routed) with DSpark
+    attention; stage 0 also holds main_proj / main_norm, the last stage the head collapse, norm, Markov and
+    confidence heads."""
+
+    attention_cls = DSparkAttention
+
+    def __init__(self, cfg: ModelConfig, stage: int, *, rngs: nnx.Rngs):
+        super().__init__(cfg, cfg.n_layers + stage, rngs=rngs)
+        pd = jnp.dtype(cfg.param_dtype)
+        if stage == 0:
+            n_in = len(cfg.dspark_target_layer_ids) * cfg.dim
+            self.main_proj = param(rngs, (cfg.dim, n_in), ("mtp", "embed"), pd)
+            self.main_norm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
+        if stage == cfg.n_mtp_layers - 1:
+            self.norm = param(rngs, (cfg.dim,), ("norm",), pd, "const", 1.0)
+            self.hc_head = HCSite(cfg, True, rngs=rngs)
+            self.markov_head = MarkovHead(cfg, rngs=rngs)
+            self.confidence_head = ConfidenceHead(cfg, rngs=rngs)
+
+    def __call__(self, x, ring, n_ring, positions, token_ids):
+        """x [b, B, hc, d] streams of the block -> the same after this stage."""
+        x = self._site(x, self.hc_attn, self.attn_norm, lambda y: self.attn(y, ring, n_ring, positions))
+        return self._site(x, self.hc_ffn, self.ffn_norm, lambda y: self.ffn(y, token_ids, False))
+
+
+class Drafter(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.stages = nnx.List([DSparkStage(cfg, s, rngs=rngs) for s in range(cfg.n_mtp_layers)])
+
+    def main_x(self, main_hidden: jax.Array) -> jax.Array:
+        """main_hidden [b, s, n_targets * dim] -> the rings' input main_x [b, s, dim]."""
+        cfg, first = self.cfg, self.stages[0]
+        y = linear(main_hidden, dense(first.main_proj), quantized=True, qat=cfg.qat)
+        return rms_norm(y, first.main_norm[...], cfg.norm_eps)
+
+    def init_rings(self, batch: int, kv_format: str) -> tuple:
+        cfg = self.cfg
+        return tuple(kv_cache.empty_kv(kv_format, (batch, cfg.window_size), cfg.head_dim, cfg.rope_head_dim)
+                     for _ in self.stages)
+
+    def write_rings(self, rings: tuple, main_hidden: jax.Array, start: jax.Array, n: jax.Array) -> tuple:
+        """The rings after positions start [b] + j, j < n [b], whose main_hidden [b, C, ..] is given."""
+        main_x = self.main_x(main_hidden)
+        pos = start[:, None] + jnp.arange(main_x.shape[1])
+        slots = ring_slots(pos, n, self.cfg.window_size)
+        return tuple(kv_cache.write(ring, stage.attn.kv(main_x, pos), slots) for stage, ring in zip(self.stages, rings))
+
+    def draft(self, rings: tuple, lengths: jax.Array, anchor: jax.Array, embed_tokens, head: jax.Array,
+              temperature: float = 0.0, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One block of B drafts after `lengths` [b] committed tokens, anchor [b] the next token (see the module
+        docstring). Tokens are sampled from softmax(logits / temperature) (argmax at 0; key needed otherwise).
+        -> (tokens [b, B] int32, Markov-corrected logits [b, B, vocab] fp32, confidence logits [b, B] fp32)."""
+        cfg = self.cfg
+        b, B = anchor.shape[0], cfg.dspark_block_size
+        ids = jnp.concatenate([anchor[:, None].astype(jnp.int32),
+                               jnp.full((b, B - 1), cfg.dspark_noise_token_id, jnp.int32)], axis=1)
+        pos = lengths[:, None] + jnp.arange(B)
+        e0 = embed_tokens(ids)
+        x = constrain(jnp.broadcast_to(e0[:, :, None, :], (b, B, cfg.hc_mult, cfg.dim)), STREAMS)
+        n_ring = jnp.minimum(lengths, cfg.window_size)
+        for stage, ring in zip(self.stages, rings):
+            x = constrain(stage(x, kv_cache.read(ring, x.dtype), n_ring, pos, ids), STREAMS)
+        last = self.stages[-1]
+        site = last.hc_head
+        h = hc_head(x, site.fn[...], site.scale[...], site.base[...], eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
+        logits = linear(rms_norm(h, last.norm[...], cfg.norm_eps).astype(jnp.float32), head.astype(jnp.float32))
+        tokens, logits, e = markov_sample(logits, anchor, last.markov_head, temperature, key, x.dtype)
+        conf = linear(jnp.concatenate([h.astype(jnp.float32), e.astype(jnp.float32)], axis=-1),
+                      last.confidence_head.proj[...].astype(jnp.float32))[..., 0]
+        return tokens, logits, conf
+
+
+def markov_sample(logits: jax.Array, anchor: jax.Array, markov: MarkovHead, temperature: float,
+                  key: jax.Array | None, dtype):
+    """The sequential Markov correction over the slots of logits [b, B, vocab] (fp32): slot i adds
+    markov_w2 @ markov_w1[out_i] (out_0 = anchor, out_{i+1} the token drawn from slot i) -> (tokens [b, B],
+    corrected logits [b, B, vocab], the embeddings e_i [b, B, rank])."""
+    w1, w2 = markov.markov_w1[...], markov.markov_w2[...].astype(jnp.float32)
+    B = logits.shape[1]
+    if temperature > 0 and key is None:
+        raise ValueError("sampling drafts (temperature > 0) needs a PRNG key")
+    keys = jax.random.split(key, B) if temperature > 0 else jnp.zeros((B,), jnp.uint32)
+
+    def slot(prev, xs):
+        li, ki = xs
+        e = w1[prev].astype(dtype)
+        li = li + linear(e.astype(jnp.float32), w2)
+        tok = jnp.argmax(li, axis=-1) if temperature == 0 else jax.random.categorical(ki, li / temperature, axis=-1)
+        tok = tok.astype(jnp.int32)
+        return tok, (tok, li, e)
+
+    _, (tokens, logits, e) = jax.lax.scan(slot, anchor.astype(jnp.int32), (jnp.moveaxis(logits, 1, 0), keys))
+    return tuple(jnp.moveaxis(a, 0, 1) for a in (tokens, logits, e))
