@@ -1,7 +1,8 @@
 """`v4jax-generate`: generate text from a checkpoint over the compressed KV cache, streaming tokens.
 
     v4jax-generate CHECKPOINT --tokenizer tokenizer.json --prompt "def " [--max-new-tokens 64] [--temperature 0.8]
-                   [--top-k 0] [--top-p 1.0] [--seed 0] [--speculative] [--kv-format fp8 --index-format fp4]
+                   [--top-k 0] [--top-p 1.0] [--seed 0] [--speculative {mtp,dspark} [--confidence 0.5]]
+                   [--kv-format fp8 --index-format fp4]
 
 CHECKPOINT is one of: a released-layout folder (config.json + safetensors, FP8 / MXFP4 loaded as is), a folder
 written by `v4jax-convert to-orbax`, or a training run config (configs/train/*.yaml: its latest checkpoint, and
@@ -15,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from infer.generate import SamplingParams, generate, generate_speculative
+from infer.generate import SamplingParams, generate, generate_dspark, generate_speculative
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 
@@ -57,7 +56,11 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", type=int, nargs="*", default=[], help="stop token ids")
-    ap.add_argument("--speculative", action="store_true", help="greedy decoding with MTP drafts")
+    ap.add_argument("--speculative", nargs="?", const="mtp", choices=["mtp", "dspark"],
+                    help="mtp: greedy decoding with the preview's MTP drafts; dspark: the GA checkpoints' DSpark "
+                         "drafter (greedy or sampled, lossless)")
+    ap.add_argument("--confidence", type=float, help="dspark: cut each draft block at the first slot whose "
+                    "confidence is below this (0..1)")
     ap.add_argument("--kv-format", choices=["fp32", "bf16", "fp8"])
     ap.add_argument("--index-format", choices=["fp32", "bf16", "fp8", "fp4"])
     args = ap.parse_args(argv)
@@ -69,22 +72,31 @@ def main(argv=None) -> int:
     prompt = ([args.bos] if args.bos >= 0 else []) + tok.encode(args.prompt).ids
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
-    if args.speculative:
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, stop_tokens=tuple(args.stop), seed=args.seed)
+    shown: list[int] = []
+
+    def show(new: list[int]) -> None:  # print the text the new tokens add
+        before = tok.decode(shown)
+        shown.extend(new)
+        print(tok.decode(shown)[len(before):], end="", flush=True)
+
+    if args.speculative == "mtp":
         tokens, rate = generate_speculative(model, prompt, args.max_new_tokens, tuple(args.stop))
         print(tok.decode(tokens), flush=True)
         extra = f", MTP draft acceptance {rate:.0%}"
+    elif args.speculative == "dspark":
+        out, stats = generate_dspark(model, [prompt], params, confidence=args.confidence,
+                                     on_tokens=lambda rows: show(rows[0]),
+                                     kv_format=args.kv_format, index_format=args.index_format)
+        tokens = out[0]
+        print()
+        extra = (f"; DSpark: {stats.mean_accepted:.2f} drafts accepted per pass ({stats.accepted}/{stats.drafted}), "
+                 f"{stats.tokens_per_pass:.2f} tokens per target pass, "
+                 f"{stats.emitted / max(stats.seconds, 1e-9):.1f} tokens/s after the first token")
     else:
-        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                max_new_tokens=args.max_new_tokens, stop_tokens=tuple(args.stop), seed=args.seed)
-        shown: list[int] = []
-
-        def stream(step_tokens: np.ndarray) -> None:  # print the text each new token adds
-            before = tok.decode(shown)
-            shown.append(int(step_tokens[0]))
-            print(tok.decode(shown)[len(before):], end="", flush=True)
-
-        tokens = generate(model, [prompt], params, on_tokens=stream, kv_format=args.kv_format,
-                          index_format=args.index_format)[0]
+        tokens = generate(model, [prompt], params, on_tokens=lambda step_tokens: show([int(step_tokens[0])]),
+                          kv_format=args.kv_format, index_format=args.index_format)[0]
         print()
         extra = ""
     seconds = time.perf_counter() - start

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Callable
 
 import jax
@@ -39,6 +40,12 @@ def sample(logits: jax.Array, key: jax.Array, p: SamplingParams) -> jax.Array:
     """logits [b, vocab] -> tokens [b]: greedy at temperature 0, else temperature / top-k / top-p sampling."""
     if p.temperature == 0:
         return jnp.argmax(logits, axis=-1)
+    return jax.random.categorical(key, sampling_logits(logits, p), axis=-1)
+
+
+def sampling_logits(logits: jax.Array, p: SamplingParams) -> jax.Array:
+    """The logits [..., vocab] of the distribution `sample` draws from at temperature > 0: scaled by the
+    temperature, -inf outside the top-k and the top-p nucleus."""
     logits = logits.astype(jnp.float32) / p.temperature
     if p.top_k:
         kth = jax.lax.top_k(logits, p.top_k)[0][..., -1:]
@@ -48,9 +55,9 @@ def sample(logits: jax.Array, key: jax.Array, p: SamplingParams) -> jax.Array:
         probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
         # keep the smallest prefix whose mass reaches top_p (always at least the most likely token)
         drop_sorted = jnp.cumsum(probs, axis=-1) - probs >= p.top_p
-        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        drop = jnp.put_along_axis(jnp.zeros_like(drop_sorted), order, drop_sorted, axis=-1, inplace=False)
         logits = jnp.where(drop, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1)
+    return logits
 
 
 def _step_fn(model: Transformer, cache: Cache, tokens: jax.Array, n_new: jax.Array):
@@ -157,3 +164,146 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
             out = out[: min(i for i, t in enumerate(out) if t in stop_tokens) + 1]
             break
     return out[:max_new_tokens], accepted / max(drafts, 1)
+
+
+# ---- DSpark speculative decoding (GA checkpoints) -------------------------------------------------------------
+def speculative_accept(target_logits: jax.Array, draft_logits: jax.Array, drafts: jax.Array, n_draft: jax.Array,
+                       p: SamplingParams, key: jax.Array):
+    """The standard speculative acceptance rule, per row, for drafts [b, k] proposed by draft_logits [b, k, vocab]
+    (slot i's token drawn from softmax(draft_logits_i / T)) and checked by target_logits [b, k + 1, vocab]
+    (position i scores the token after i accepted drafts); only the first n_draft [b] drafts count.
+
+    Greedy (T = 0): accept while the draft equals the target's argmax, then take the target's argmax.
+    Sampling: accept draft i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw from
+    normalize(max(p_i - q_i, 0)); after n_draft acceptances draw a bonus token from p. p is the target's sampling
+    distribution (temperature, top-k, top-p), q the draft's: every emitted token is distributed as the target's.
+    -> (accepted drafts [b], the next token [b])."""
+    b, k = drafts.shape
+    rows = jnp.arange(b)
+    if p.temperature == 0:
+        ok = drafts == jnp.argmax(target_logits[:, :k], axis=-1)
+    else:
+        k_u, k_next = jax.random.split(key)
+        probs = jax.nn.softmax(sampling_logits(target_logits, p), axis=-1)
+        q = jax.nn.softmax(draft_logits.astype(jnp.float32) / p.temperature, axis=-1)
+        p_d = jnp.take_along_axis(probs[:, :k], drafts[..., None], axis=-1)[..., 0]
+        q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+        ok = jax.random.uniform(k_u, (b, k)) * q_d < p_d  # u < p / q, without dividing by a tiny q
+    ok &= jnp.arange(k)[None] < n_draft[:, None]
+    accepted = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
+    if p.temperature == 0:
+        return accepted, jnp.argmax(target_logits[rows, accepted], axis=-1).astype(jnp.int32)
+    p_a = probs[rows, accepted]
+    q_a = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)[rows, accepted]  # zero after the last draft
+    rest = jnp.where((accepted < n_draft)[:, None], jnp.maximum(p_a - q_a, 0.0), p_a)
+    rest = jnp.where(jnp.sum(rest, -1, keepdims=True) > 0, rest, p_a)  # p == q: a rejection has probability 0
+    return accepted, jax.random.categorical(k_next, jnp.log(rest), axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class SpeculationStats:
+    """Counts over the decode loop, per row: row_rounds (verify passes, summed over rows), drafted / accepted
+    (draft tokens verified / accepted), emitted (tokens the rounds emitted: accepted + the target's own, clipped
+    at max_new_tokens and stop tokens); rounds (batched verify passes) and seconds (decode loop wall time,
+    prefill and the first token excluded)."""
+
+    row_rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Draft tokens accepted per row and verify pass."""
+        return self.accepted / max(self.row_rounds, 1)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens emitted per row and target pass (about mean_accepted + 1): the speed-up over plain decoding at
+        equal pass cost."""
+        return self.emitted / max(self.row_rounds, 1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
+def _dspark_round(graphdef, state, cache: Cache, anchor, active, p: SamplingParams, confidence: float | None, key):
+    """One speculative round, jitted as a pure function of the model state: draft a block after the cache,
+    verify [anchor, drafts] with the target, accept per row, commit the anchor and the accepted drafts.
+    -> (cache, drafts [b, B], drafts verified [b], accepted [b], the next anchor [b])."""
+    model = nnx.merge(graphdef, state)
+    k_draft, k_accept = jax.random.split(key)
+    drafts, draft_logits, conf = model.draft(cache, anchor, p.temperature, k_draft)
+    n_draft = jnp.full(anchor.shape, drafts.shape[1], jnp.int32)
+    if confidence is not None:  # truncate at the first slot the drafter itself doubts (lossless: fewer checks)
+        n_draft = jnp.sum(jnp.cumprod(jax.nn.sigmoid(conf) >= confidence, axis=1), axis=1).astype(jnp.int32)
+    n_draft = jnp.where(active, n_draft, 0)
+    chunk = jnp.concatenate([anchor[:, None], drafts], axis=1)
+    logits, pending = model.verify(cache, chunk, jnp.where(active, 1 + n_draft, 0))
+    accepted, nxt = speculative_accept(logits, draft_logits, drafts, n_draft, p, k_accept)
+    cache = model.commit(cache, pending, jnp.where(active, accepted + 1, 0))
+    return cache, drafts, n_draft, accepted, nxt
+
+
+def generate_dspark(model: Transformer, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
+                    max_len: int | None = None, confidence: float | None = None,
+                    on_tokens: Callable[[list[list[int]]], None] | None = None,
+                    kv_format: str | None = None, index_format: str | None = None):
+    """Continue each prompt with DSpark speculation (GA checkpoints): per round the drafter proposes a block of
+    dspark_block_size tokens, one target pass over [anchor, drafts] verifies them and every row keeps its own
+    accepted prefix (speculative_accept: greedy output equals plain greedy decoding; sampled output is
+    distributed as the target's). confidence (0..1) truncates each row's block at its first slot whose
+    sigmoid(confidence logit) is below it. on_tokens(new tokens of each row) is called after every round.
+    -> (new tokens of each row, SpeculationStats)."""
+    if model.dspark is None:
+        raise ValueError("DSpark decoding needs a GA checkpoint's drafter (dspark_* config fields); "
+                         "for the preview's MTP block use generate_speculative")
+    if params.temperature < 0 or confidence is not None and not 0.0 <= confidence <= 1.0:
+        raise ValueError(f"temperature {params.temperature} / confidence {confidence}: use temperature >= 0 and "
+                         "a confidence threshold in [0, 1]")
+    B = model.cfg.dspark_block_size
+    max_len = max_len or max(len(p) for p in prompts) + params.max_new_tokens + B + 1
+    cache, logits, _ = prefill(model, prompts, max_len, kv_format=kv_format, index_format=index_format)
+    key = jax.random.key(params.seed)
+    key, sub = jax.random.split(key)
+    anchor = np.asarray(sample(logits, sub, params)).astype(np.int32)
+    b = len(prompts)
+    out: list[list[int]] = [[int(t)] for t in anchor]
+    done = np.array([_finished(o, params) for o in out])
+    if on_tokens is not None:
+        on_tokens([list(o) for o in out])
+    graphdef, state = nnx.split(model)
+    stats = SpeculationStats()
+    start = time.perf_counter()
+    while not done.all():
+        key, sub = jax.random.split(key)
+        cache, drafts, n_draft, accepted, nxt = _dspark_round(graphdef, state, cache, jnp.asarray(anchor),
+                                                              jnp.asarray(~done), params, confidence, sub)
+        drafts, n_draft, accepted, nxt = map(np.asarray, (drafts, n_draft, accepted, nxt))
+        new: list[list[int]] = [[] for _ in range(b)]
+        for i in np.flatnonzero(~done):
+            new[i] = [int(t) for t in drafts[i, : accepted[i]]] + [int(nxt[i])]
+            new[i] = _clip(out[i], new[i], params)
+            out[i] += new[i]
+            done[i] = _finished(out[i], params)
+            stats.row_rounds += 1
+            stats.drafted += int(n_draft[i])
+            stats.accepted += int(accepted[i])
+            stats.emitted += len(new[i])
+        stats.rounds += 1
+        anchor = nxt
+        if on_tokens is not None:
+            on_tokens(new)
+    stats.seconds = time.perf_counter() - start
+    return out, stats
+
+
+def _clip(before: list[int], new: list[int], p: SamplingParams) -> list[int]:
+    """The part of `new` that follows `before` up to max_new_tokens and the first stop token (kept)."""
+    new = new[: p.max_new_tokens - len(before)]
+    stops = [j for j, t in enumerate(new) if t in p.stop_tokens]
+    return new[: stops[0] + 1] if stops else new
+
+
+def _finished(out: list[int], p: SamplingParams) -> bool:
+    return len(out) >= p.max_new_tokens or bool(out) and out[-1] in p.stop_tokens
