@@ -40,16 +40,7 @@ def generate(out_dir: str, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     specs = {}
     for name, shape, _ in hub.hub_tensor_specs(CONFIG):
-        fmt = hub.release_dtype(name)
-        scale = name[: -len(".weight")] + ".scale"
-        if fmt == "fp8":
-            specs[name] = (hub.E4M3, shape)
-            specs[scale] = (hub.UE8M0, (-(-shape[0] // 128), -(-shape[1] // 128)))
-        elif fmt == "fp4":
-            specs[name] = (np.dtype(np.int8), (shape[0], shape[1] // 2))
-            specs[scale] = (hub.UE8M0, (shape[0], shape[1] // 32))
-        else:
-            specs[name] = (fmt, shape)
+        specs.update(hub.release_specs(name, shape))
 
     def produce(name):
         dtype, shape = specs[name]

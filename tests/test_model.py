@@ -145,6 +145,26 @@ def test_flash_and_pro_parameter_counts():
     assert round(flash["total_without_mtp"] / 1e9) == 284  # the report's 284B
 
 
+def test_ga_parameter_counts_include_the_dspark_drafter():
+    """Flash-0731 / Pro-0813: the preview backbone (same counts without the mtp namespace) plus three drafter
+    stages, each a window-only score-routed block, and the stage-specific tensors of spec v4-ga-dspark §3,
+    counted here by hand from the tensor table: Flash's drafter is 19,845,850,983 (the spec's "about 19.8B")."""
+    def drafter(d, n_heads, q_lora, o_groups, experts, rank, vocab=129280, hd=512, o_lora=1024, inter=None, hc=4):
+        attn = (q_lora * d + q_lora + n_heads * hd * q_lora + hd * d + hd + o_groups * o_lora * (n_heads * hd // o_groups)
+                + d * o_groups * o_lora + n_heads)
+        block = attn + 2 * d + 2 * ((2 + hc) * hc * hc * d + (2 + hc) * hc + 3) + experts * d + experts \
+            + 3 * d * inter * (experts + 1)
+        heads = 3 * d * d + 2 * d + hc * hc * d + hc + 1 + 2 * vocab * rank + d + rank
+        return 3 * block + heads
+
+    for preview, ga, want in (("flash", "flash-0731", drafter(4096, 64, 1024, 8, 256, 256, inter=2048)),
+                              ("pro", "pro-0813", drafter(7168, 128, 1536, 16, 384, 512, inter=3072))):
+        old, new = param_counts(ModelConfig.preset(preview)), param_counts(ModelConfig.preset(ga))
+        assert new["total_without_mtp"] == old["total_without_mtp"] and new["activated"] == old["activated"]
+        assert new["mtp"] == want and new["total"] == old["total_without_mtp"] + want
+    assert param_counts(ModelConfig.preset("flash-0731"))["mtp"] == 19_845_850_983
+
+
 def test_flash_shapes_match_released_tensor_table():
     """A few released tensor shapes (spec §5.2) come out of the abstract Flash model."""
     from v4jax.checkpoint import model_variables

@@ -1,8 +1,9 @@
 """`python -m v4jax`: the parameter report of the presets and a smoke run of the model (run.sh trains instead).
 
-It prints the Flash / Pro / tiny parameter counts, then runs one jitted forward pass of a randomly
-initialized model (main head and MTP head) on random token ids, with the logits' shapes, finiteness, a few
-statistics and the wall time. The `tiny` preset runs in seconds on a CPU; flash and pro need real hardware.
+It prints the parameter counts of Flash / Pro (preview: one MTP block), Flash-0731 / Pro-0813 (GA: a 3-stage
+DSpark drafter) and tiny, then runs one jitted forward pass of a randomly initialized model (main head and MTP
+head; for GA presets a cached prefill and one draft block) on random token ids, with the logits' shapes, finiteness, a few statistics and the wall time. The `tiny`
+preset runs in seconds on a CPU; flash and pro need real hardware.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ def human(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def param_report(names=("flash", "pro", "tiny")) -> None:
-    rows = [("preset", "total", "without MTP", "activated/token")]
+def param_report(names=("flash", "pro", "flash-0731", "pro-0813", "tiny")) -> None:
+    rows = [("preset", "total", "without MTP", "MTP / drafter", "activated/token")]
     for name in names:
         c = param_counts(ModelConfig.preset(name))  # abstract: no memory used
-        rows.append((name, human(c["total"]), human(c["total_without_mtp"]), human(c["activated"])))
+        rows.append((name, *(human(c[k]) for k in ("total", "total_without_mtp", "mtp", "activated"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(r[0].ljust(widths[0]) if i == 0 else s.rjust(widths[i]) for i, s in enumerate(r)))
@@ -57,15 +58,18 @@ def main(argv=None) -> None:
 
     @nnx.jit
     def forward(model, ids, next_ids):
+        if model.dspark is not None:  # GA: prefill the cache (and the drafter's rings), draft one block
+            logits, _, cache = model.step(model.init_cache(ids.shape[0], ids.shape[1] + 8), ids)
+            return logits, model.draft(cache, next_ids[:, -2])[1]
         x = model.hidden(ids)  # the final streams feed both heads
         return model.logits(x, model.hc_head, model.norm), model.mtp_logits(x, next_ids)
 
     for attempt in ("compile + run", "second run"):
         t0 = time.perf_counter()
-        logits, mtp = jax.block_until_ready(forward(model, ids, next_ids))
+        logits, extra = jax.block_until_ready(forward(model, ids, next_ids))
         print(f"forward ({attempt}): {time.perf_counter() - t0:.2f}s")
     print(describe("logits", logits))
-    print(describe("mtp_logits", mtp))
+    print(describe("draft_logits" if cfg.dspark else "mtp_logits", extra))
 
 
 if __name__ == "__main__":

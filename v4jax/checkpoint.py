@@ -4,7 +4,8 @@ restoring a converted Orbax checkpoint onto any mesh.
 The hub (official) name <-> v4jax path <-> HF name table lives in v4jax.hub (numpy-only, shared with the HF
 oracle). The v4jax tree mirrors the official module names; routed experts `ffn.experts.E.w{1,2,3}` are stacked
 along a leading expert axis in `ffn.experts.w{1,2,3}`. Shapes stay in the checkpoint's [out, in] layout, so no
-tensor is transposed.
+tensor is transposed. The model's config says which layout `mtp.*` holds: the preview's MTP block (`mtp.0.X` ->
+`mtp.X`) or, for a GA config (cfg.dspark), the DSpark drafter's stages (`mtp.S.X` -> `dspark.stages.S.X`).
 
 A weight can be held in one of these forms (`weights=`):
   * None / "float32" / "bfloat16": dense (FP8 and MXFP4 dequantized), for training;
@@ -89,10 +90,35 @@ def _stored_shape(name: str, source: Mapping) -> tuple[tuple[int, ...], str | No
     return shape, None
 
 
+def _mtp_layout_problem(cfg, names) -> str | None:
+    """What is wrong with the layout of the checkpoint's `mtp.*` tensors for the config (the preview's MTP block,
+    or a GA DSpark drafter of cfg.n_mtp_layers stages), with the fix; None if it fits."""
+    only = hub.mtp_layout_names(names)
+    if only[False] and only[True]:
+        return (f"the mtp.* tensors fit neither layout: {only[False][:3]} belong to the preview's MTP block, "
+                f"{only[True][:3]} to a GA DSpark drafter; the checkpoint mixes two releases: re-download it")
+    stages = len({n.split(".")[1] for n in names if n.startswith("mtp.")})
+    if cfg.dspark and only[False]:
+        return (f"the checkpoint's mtp.* tensors are the preview's MTP block (e.g. {only[False][:2]}) but the "
+                f"config is a GA one with a {cfg.n_mtp_layers}-stage DSpark drafter: load it with a preview config "
+                "(its own config.json, no dspark_* fields; preset flash or pro)")
+    if not cfg.dspark and only[True]:
+        return (f"the checkpoint's mtp.* tensors are a GA DSpark drafter of {stages} stages (e.g. {only[True][:2]}) "
+                "but the config is a preview one (one MTP block, no dspark_* fields): load it with its own "
+                "config.json (ModelConfig.from_hf_config(checkpoint_dir) reads the dspark_* fields) or a GA preset "
+                "(flash-0731, pro-0813)")
+    if cfg.dspark and stages and stages != cfg.n_mtp_layers:
+        return (f"the checkpoint's DSpark drafter has {stages} stages (mtp.0 .. mtp.{stages - 1}) but the config's "
+                f"n_mtp_layers is {cfg.n_mtp_layers}: give the config n_mtp_layers = {stages} (and compress_ratios "
+                f"with n_layers + {stages} entries)")
+    return None
+
+
 def plan_hub(model: nnx.Module, source: Mapping) -> dict[str, list[str]]:
     """{v4jax path: hub names (one, or one per expert)} after checking, from headers only, that `source`
-    ({hub name: array}, e.g. a hub.HubCheckpoint) fits the model: unknown, missing and orphan-scale names,
-    shapes and dtypes; every problem is listed in one CheckpointMismatch."""
+    ({hub name: array}, e.g. a hub.HubCheckpoint) fits the model: the mtp.* layout (the preview's MTP block or a
+    GA DSpark drafter, as the model's config says), unknown, missing and orphan-scale names, shapes and dtypes;
+    every problem is listed in one CheckpointMismatch."""
     variables = model_variables(model)
     plan: dict[str, dict[int | None, str]] = {}
     unknown, problems = [], []
@@ -102,7 +128,7 @@ def plan_hub(model: nnx.Module, source: Mapping) -> dict[str, list[str]]:
                 problems.append(f"{name}: a scale without its .weight")
             continue
         try:
-            path, expert = hub_to_path(name)
+            path, expert = hub_to_path(name, model.cfg.dspark)
         except KeyError:
             path, expert = None, None
         if path not in variables or expert is not None and expert >= variables[path].shape[0]:
@@ -124,6 +150,9 @@ def plan_hub(model: nnx.Module, source: Mapping) -> dict[str, list[str]]:
     missing = sorted(set(hub_names(model)) - set(source.keys()))
     if missing:
         problems.insert(0, f"missing tensors: {missing}")
+    layout = _mtp_layout_problem(model.cfg, list(source.keys()))
+    if layout:
+        problems.insert(0, layout)
     if problems:
         raise CheckpointMismatch("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
     return {p: [names[e] for e in sorted(names, key=lambda e: -1 if e is None else e)] for p, names in plan.items()}

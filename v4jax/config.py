@@ -233,9 +233,10 @@ class ModelConfig:
         kw["dtype"] = "fp8" if qc.get("quant_method") == "fp8" else "bf16"
         kw["scale_fmt"] = qc.get("scale_fmt")
         kw["expert_dtype"] = d.get("expert_dtype")
-        if any(k.startswith("dspark_") for k in d):  # GA: the drafter's stage count is not num_nextn_predict_layers
+        stages = hf_drafter_stages(d, source)
+        if stages is not None:  # GA: the drafter's stage count is not num_nextn_predict_layers
             kw.update({f: d[f] for f in _DSPARK_FIELDS if f in d})
-            kw["n_mtp_layers"] = _ga_stage_count(d, source)
+            kw["n_mtp_layers"] = stages
         elif "compress_ratios" in d and len(d["compress_ratios"]) - kw.get("n_layers", cls.n_layers) != kw.get(
                 "n_mtp_layers", cls.n_mtp_layers):
             raise ConfigError(
@@ -306,14 +307,17 @@ _HF_NAMES = {
 _DSPARK_FIELDS = ("dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank")
 
 
-def _ga_stage_count(d: dict, source) -> int:
-    """The DSpark drafter's stage count of a GA HF config: an explicit n_mtp_layers, else
-    len(compress_ratios) - num_hidden_layers, else the `mtp.N.` prefixes of the checkpoint index beside the file."""
+def hf_drafter_stages(d: dict, source=None) -> int | None:
+    """The DSpark drafter's stage count of an HF config.json dict, None for the preview layout (no dspark_* field):
+    an explicit n_mtp_layers, else len(compress_ratios) - num_hidden_layers, else the `mtp.N.` prefixes of the
+    checkpoint index beside `source` (the config file or its directory)."""
+    if not any(k.startswith("dspark_") for k in d):
+        return None
     if "n_mtp_layers" in d:
         return int(d["n_mtp_layers"])
     if "compress_ratios" in d and "num_hidden_layers" in d:
         return len(d["compress_ratios"]) - int(d["num_hidden_layers"])
-    if not isinstance(source, dict):
+    if source is not None and not isinstance(source, dict):
         index = Path(source) / "model.safetensors.index.json" if Path(source).is_dir() else \
             Path(source).with_name("model.safetensors.index.json")
         if index.exists():

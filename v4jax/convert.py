@@ -12,10 +12,12 @@ saving (each unit committed atomically). Host memory therefore holds about one u
 journal beside DST lists the committed units, so running the same command again after an interruption resumes
 where it stopped; DST itself appears only when the last unit is in (Orbax finalize renames it into place).
 
-to-hub writes the official layout (shards + index + config.json, MTP in the last shard), one variable at a
-time, into a temp directory renamed to DST at the end. `release` re-encodes to FP8 / MXFP4 (byte for byte
-what was read, for a checkpoint converted with --weights quantized); `bfloat16` stores FP8 / FP4 tensors as
-BF16 (what HF transformers and most engines load without a quantizer).
+to-hub writes the official layout (shards + index + config.json, the MTP block or a GA checkpoint's DSpark
+drafter in the last shard), one variable at a time, into a temp directory renamed to DST at the end. `release`
+re-encodes to FP8 / MXFP4 (byte for byte what was read, for a checkpoint converted with --weights quantized);
+`bfloat16` stores FP8 / FP4 tensors as BF16 (what HF transformers and most engines load without a quantizer).
+
+verify compares the logits of the source and the conversion and, for a GA checkpoint, the drafter's draft block.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from v4jax import hub
 from v4jax.checkpoint import (OrbaxReader, _is_stacked, abstract_model, hub_tensors, leaf_sharding, load_hub_state,
@@ -185,13 +188,8 @@ def _export_specs(path: str, meta, weights: str) -> dict:
     for e in ([None] if lead is None else range(lead)):
         name = hub.path_to_hub(path, e)
         fmt = hub.release_dtype(name)
-        scale = name[: -len(".weight")] + ".scale"
-        if weights == "release" and fmt == "fp8":
-            out[name] = (hub.E4M3, shape)
-            out[scale] = (hub.UE8M0, (-(-shape[0] // 128), -(-shape[1] // 128)))
-        elif weights == "release" and fmt == "fp4":
-            out[name] = (np.dtype(np.int8), (shape[0], shape[1] // 2))
-            out[scale] = (hub.UE8M0, (shape[0], -(-shape[1] // 32)))
+        if weights == "release":
+            out.update(hub.release_specs(name, shape))
         else:
             out[name] = (hub.BF16 if fmt in ("fp8", "fp4") else fmt, shape)
     return out
@@ -244,20 +242,30 @@ def write_hub(dst, variables: dict, read, hf_config: dict, weights: str, max_sha
         progress.close()
 
 
-def verify(hub_dir, orbax_dir, n_tokens: int = 16, seed: int = 0) -> float:
-    """Max relative logits error (per position, over the vocab) of the converted checkpoint against the source
-    on `n_tokens` random token ids, both run in fp32 on one device."""
-    from flax import nnx
+@nnx.jit
+def verify_outputs(model, ids) -> list:
+    """What verify compares, fp32: the logits [b, s, vocab] of ids [b, s]; with a DSpark drafter, the logits of the
+    ids prefilled over a cache (which fills the drafter's rings) and the draft block after them (anchor: the last
+    position's argmax): its Markov-corrected logits [b, B, vocab] and confidence logits [b, B]."""
+    if model.dspark is None:
+        return [model(ids)]
+    logits, _, cache = model.step(model.init_cache(*ids.shape), ids)
+    _, draft, confidence = model.draft(cache, jax.numpy.argmax(logits[:, -1], axis=-1))
+    return [logits, draft, confidence]
 
+
+def verify(hub_dir, orbax_dir, n_tokens: int = 16, seed: int = 0) -> float:
+    """Max relative error (per position over the vocab; over the slots for the confidences) of the converted
+    checkpoint's verify_outputs against the source's on `n_tokens` random token ids, both run in fp32 on one
+    device."""
     cfg = ModelConfig.from_hf_config(_hf_config(hub_dir), compute_dtype="float32")
     ids = jax.numpy.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (1, n_tokens)))
-    forward = nnx.jit(lambda m, x: m(x))
     source = abstract_model(cfg)
     load_hub_state(source, hub_dir)
-    want = np.asarray(forward(source, ids), np.float64)
+    want = [np.asarray(a, np.float64) for a in verify_outputs(source, ids)]
     del source
-    got = np.asarray(forward(restore_orbax(orbax_dir, compute_dtype="float32"), ids), np.float64)
-    return float(np.max(np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)))
+    got = [np.asarray(a, np.float64) for a in verify_outputs(restore_orbax(orbax_dir, compute_dtype="float32"), ids)]
+    return max(float(np.max(np.linalg.norm(g - w, axis=-1) / np.linalg.norm(w, axis=-1))) for g, w in zip(got, want))
 
 
 def _parse_mesh(text: str | None) -> dict | None:
@@ -281,12 +289,14 @@ def main(argv=None) -> int:
     a.add_argument("--mesh", help="mesh axis sizes, e.g. fsdp=4,expert=2 (default: one device)")
     a.add_argument("--rules", default="train", choices=sorted(RULES))
     a.add_argument("--unit-gb", type=float, default=1.0, help="bytes read and saved per step (memory bound)")
-    a.add_argument("--verify", action="store_true", help="then compare logits of source and result")
+    a.add_argument("--verify", action="store_true",
+                   help="then compare logits (and a DSpark drafter's drafts) of source and result")
     b = sub.add_parser("to-hub", help="Orbax checkpoint -> released-layout safetensors")
     b.add_argument("src"), b.add_argument("dst")
     b.add_argument("--weights", default="release", choices=["release", "bfloat16"])
     b.add_argument("--shard-gb", type=float, default=4.0)
-    c = sub.add_parser("verify", help="compare logits of a safetensors checkpoint and its Orbax conversion")
+    c = sub.add_parser("verify", help="compare logits (and a DSpark drafter's drafts) of a safetensors checkpoint "
+                                      "and its Orbax conversion")
     c.add_argument("hub_dir"), c.add_argument("orbax_dir")
     c.add_argument("--tokens", type=int, default=16)
     args = ap.parse_args(argv)

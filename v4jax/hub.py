@@ -10,10 +10,11 @@ What is here:
     lossless MXFP4 -> FP8 re-encode of the official convert.py (spec §5.4 step 5);
   * THE name table: hub (official) names <-> v4jax parameter paths <-> HF transformers names, with each
     tensor's released storage format (spec §5.2-5.3);
-  * `random_hub_checkpoint`, an unquantized random checkpoint with every released tensor name.
+  * `random_hub_checkpoint`, an unquantized random checkpoint with every released tensor name (preview or GA
+    layout), and `write_random_checkpoint`, the same stored as released.
 
-This module must stay free of jax / torch / flax: the HF oracle imports it from its own
-Python 3.11 torch environment (tests/oracle/).
+This module must stay free of jax / torch / flax (v4jax.config is plain Python): the HF oracle imports it from
+its own Python 3.11 torch environment (tests/oracle/).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ import tempfile
 
 import ml_dtypes
 import numpy as np
+
+from v4jax.config import hf_drafter_stages
 
 # safetensors dtype tag <-> numpy dtype.
 _ST_DTYPES = {
@@ -339,6 +342,7 @@ def write_hub_checkpoint(out_dir, specs, produce, max_shard_bytes=4 << 30, extra
                         progress(n, a.nbytes)
             weight_map.update({n: fname for n in names})
         for fname, text in (extra_files or {}).items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, fname)), exist_ok=True)  # e.g. inference/config.json
             with open(os.path.join(tmp, fname), "w") as f:
                 f.write(text)
         with open(os.path.join(tmp, INDEX_FILE), "w") as f:
@@ -485,7 +489,7 @@ def dequantize_hub_state(raw):
 def release_dtype(name):
     """The dtype tag(s) the release stores a hub tensor in: "fp8" / "fp4" (weight + `.scale`), or the plain
     numpy dtype (BF16, F32, I64). None for names outside the table."""
-    hit = _lookup(name)
+    hit = _lookup(name, None)
     return None if hit is None else hit[0][3]
 
 
@@ -500,6 +504,17 @@ def encode_release(name, value):
     return {name: np.asarray(value).astype(fmt)}
 
 
+def release_specs(name, shape):
+    """{hub name: (dtype, shape)} of what the release stores for the unquantized tensor `name` of `shape`
+    ([.., out, in]): FP8 e4m3 + a 128x128 UE8M0 grid, packed MXFP4 + 1x32 UE8M0 scales, or one plain tensor."""
+    fmt, scale = release_dtype(name), name[: -len(".weight")] + ".scale"
+    if fmt == "fp8":
+        return {name: (E4M3, tuple(shape)), scale: (UE8M0, (-(-shape[0] // 128), -(-shape[1] // 128)))}
+    if fmt == "fp4":
+        return {name: (np.dtype(np.int8), (shape[0], shape[1] // 2)), scale: (UE8M0, (shape[0], -(-shape[1] // 32)))}
+    return {name: (np.dtype(fmt), tuple(shape))}
+
+
 def quantize_hub_state(state):
     """An unquantized hub state (e.g. random_hub_checkpoint) -> the exact released storage layout."""
     out = {}
@@ -510,8 +525,11 @@ def quantize_hub_state(state):
 
 # ----------------------------------------------------------------------------- the name table
 # One row per released tensor: (hub name, v4jax parameter path, HF transformers name, released storage).
-# Rows under _BLOCK are relative to `layers.N.` (hub, v4jax) / `model.layers.N.` (HF); the MTP block uses them
-# under `mtp.0.` (hub) / `mtp.` (v4jax) and has no HF counterpart (HF does not build MTP). Routed-expert rows
+# Rows under _BLOCK are relative to `layers.N.` (hub, v4jax) / `model.layers.N.` (HF). The `mtp.*` namespace holds
+# one of two layouts (spec v4-ga-dspark §1-3), which the config tells apart: the preview's MTP block, `mtp.0.`
+# (hub) / `mtp.` (v4jax), _BLOCK + _MTP_ONLY; or a GA checkpoint's DSpark drafter, stage s at `mtp.s.` (hub) /
+# `dspark.stages.s.` (v4jax), _BLOCK + _DSPARK_ONLY (stage 0 holds main_proj / main_norm, the last stage the
+# head pieces). Neither has an HF counterpart (HF builds no MTP or drafter). Routed-expert rows
 # (`{e}`) are one tensor per expert on the hub and one stacked [E, ..] array in v4jax; HF stacks them too:
 # gate_up_proj[e] = concat(w1[e], w3[e]) -> [E, 2I, d], down_proj[e] = w2[e] -> [E, d, I].
 # Verified against transformers 5.23 modeling_deepseek_v4.py + conversion_mapping.py["deepseek_v4"].
@@ -566,70 +584,102 @@ _BLOCK = [
     ("ffn.experts.{e}.w2.weight", "ffn.experts.w2", "mlp.experts.down_proj", "fp4"),
     ("ffn.experts.{e}.w3.weight", "ffn.experts.w3", "mlp.experts.gate_up_proj", "fp4"),
 ]
+_HEAD = [("norm.weight", "norm", None, BF16),
+         *[(f"hc_head_{p}", f"hc_head.{p}", None, F32) for p in ("fn", "base", "scale")]]
 _MTP_ONLY = [
     ("e_proj.weight", "e_proj", None, "fp8"), ("h_proj.weight", "h_proj", None, "fp8"),
-    ("enorm.weight", "enorm", None, BF16), ("hnorm.weight", "hnorm", None, BF16), ("norm.weight", "norm", None, BF16),
-    *[(f"hc_head_{p}", f"hc_head.{p}", None, F32) for p in ("fn", "base", "scale")],
+    ("enorm.weight", "enorm", None, BF16), ("hnorm.weight", "hnorm", None, BF16), *_HEAD,
+]
+_DSPARK_ONLY = [
+    ("main_proj.weight", "main_proj", None, "fp8"), ("main_norm.weight", "main_norm", None, BF16), *_HEAD,
+    ("markov_head.markov_w1.weight", "markov_head.markov_w1", None, BF16),  # [vocab, rank]: an embedding
+    ("markov_head.markov_w2.weight", "markov_head.markov_w2", None, BF16),  # [vocab, rank]: rank -> vocab, [out, in]
+    ("confidence_head.proj.weight", "confidence_head.proj", None, BF16),  # [1, dim + rank], no bias
 ]
 _HUB_TOP = {r[0]: r for r in _TOP}
 _HUB_BLOCK = {r[0]: r for r in _BLOCK}
-_HUB_MTP = {**_HUB_BLOCK, **{r[0]: r for r in _MTP_ONLY}}
+_HUB_MTP = {False: {**_HUB_BLOCK, **{r[0]: r for r in _MTP_ONLY}},  # by layout: dspark False / True
+            True: {**_HUB_BLOCK, **{r[0]: r for r in _DSPARK_ONLY}}}
 _V4_TOP = {r[1]: r for r in _TOP}
 _V4_BLOCK = {r[1]: r for r in _BLOCK}
 _V4_MTP = {**_V4_BLOCK, **{r[1]: r for r in _MTP_ONLY}}
-_PREFIX = re.compile(r"^(layers\.(\d+)|mtp\.0)\.(.+)$")
+_V4_DSPARK = {**_V4_BLOCK, **{r[1]: r for r in _DSPARK_ONLY}}
+_PREFIX = re.compile(r"^(layers\.\d+|mtp\.(\d+))\.(.+)$")
+_V4_PREFIX = re.compile(r"^(layers\.\d+|mtp|dspark\.stages\.(\d+))\.(.+)$")
 _HUB_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123]\.weight)$")
 
 
-def _lookup(name):
-    """Hub name -> (its row, block prefix ('layers.N' / 'mtp.0' / ''), expert index or None); None if unknown."""
+def _lookup(name, dspark):
+    """Hub name -> (its row, block prefix ('layers.N' / 'mtp.S' / ''), expert index or None) in the preview
+    (dspark False: `mtp.0` is the MTP block) or GA layout (True: `mtp.S` is drafter stage S); None if unknown
+    there. dspark None: either layout (the two agree on the release dtype of the names both have)."""
+    if dspark is None:
+        return _lookup(name, False) or _lookup(name, True)
     if name in _HUB_TOP:
         return _HUB_TOP[name], "", None
     m = _PREFIX.match(name)
-    if m is None:
+    if m is None or m[2] is not None and m[2] != "0" and not dspark:
         return None
-    table = _HUB_MTP if m[1] == "mtp.0" else _HUB_BLOCK
+    table = _HUB_BLOCK if m[2] is None else _HUB_MTP[dspark]
     e = _HUB_EXPERT.match(m[3])
     row = table.get(f"ffn.experts.{{e}}.{e[2]}" if e else m[3])
     return None if row is None else (row, m[1], int(e[1]) if e else None)
 
 
-def hub_to_path(name):
-    """Hub tensor name -> (v4jax parameter path, routed-expert index or None); KeyError for unknown names."""
-    hit = _lookup(name)
+def hub_to_path(name, dspark=False):
+    """Hub tensor name -> (v4jax parameter path, routed-expert index or None) in the preview layout, or with
+    `dspark` (the config's) the GA one; KeyError for names unknown there."""
+    hit = _lookup(name, dspark)
     if hit is None:
-        raise KeyError(f"{name}: not a DeepSeek-V4 hub tensor name")
+        raise KeyError(f"{name}: not a DeepSeek-V4 hub tensor name of the {'GA' if dspark else 'preview'} layout")
     row, prefix, expert = hit
-    v4_prefix = {"": "", "mtp.0": "mtp."}.get(prefix, prefix + ".")
-    return v4_prefix + row[1], expert
+    if prefix.startswith("mtp."):
+        prefix = f"dspark.stages.{prefix[4:]}" if dspark else "mtp"
+    return (prefix + "." if prefix else "") + row[1], expert
 
 
 def path_to_hub(path, expert=None):
-    """v4jax parameter path (+ routed-expert index for stacked experts) -> hub tensor name."""
+    """v4jax parameter path (+ routed-expert index for stacked experts) -> hub tensor name (either layout: the
+    paths `mtp.*` and `dspark.stages.S.*` tell them apart)."""
     if path in _V4_TOP:
         return _V4_TOP[path][0]
-    m = re.match(r"^(layers\.\d+|mtp)\.(.+)$", path)
-    row = None if m is None else (_V4_MTP if m[1] == "mtp" else _V4_BLOCK).get(m[2])
+    m = _V4_PREFIX.match(path)
+    table = None if m is None else _V4_MTP if m[1] == "mtp" else _V4_BLOCK if m[2] is None else _V4_DSPARK
+    row = None if table is None else table.get(m[3])
     if row is None:
         raise KeyError(f"{path}: not a v4jax parameter path with a hub name")
     if ("{e}" in row[0]) != (expert is not None):
         raise KeyError(f"{path}: the expert index is {'missing' if expert is None else 'not expected'}")
-    return ("mtp.0" if m[1] == "mtp" else m[1]) + "." + row[0].replace("{e}", str(expert))
+    prefix = "mtp.0" if m[1] == "mtp" else m[1] if m[2] is None else f"mtp.{m[2]}"
+    return prefix + "." + row[0].replace("{e}", str(expert))
+
+
+def mtp_layout_names(names):
+    """The `mtp.*` tensor names (scales excepted) only one layout knows, sorted: {False: the preview MTP block's
+    (e.g. mtp.0.e_proj.weight), True: a GA DSpark drafter's (mtp.0.main_proj.weight, anything under mtp.1)}.
+    The names fit the preview layout if the True list is empty, the GA layout if the False list is."""
+    out = {False: [], True: []}
+    for n in sorted(names):
+        if n.startswith("mtp.") and not n.endswith(".scale"):
+            preview, ga = _lookup(n, False) is not None, _lookup(n, True) is not None
+            if preview != ga:
+                out[ga].append(n)
+    return out
 
 
 def hub_to_hf(state, n_layers):
-    """Dequantized hub-named tensors -> HF DeepseekV4ForCausalLM state_dict names. `mtp.*` is dropped
-    (HF has no MTP). Routed experts are stacked: gate_up_proj[e] = concat(w1[e], w3[e], axis=0)
-    -> [E, 2I, d] (gate first, then up; no transpose, HF applies F.linear), down_proj = stack(w2)
-    -> [E, d, I]."""
+    """Dequantized hub-named tensors -> HF DeepseekV4ForCausalLM state_dict names. `mtp.*` is dropped in both
+    layouts (HF builds neither the MTP block nor the DSpark drafter). Routed experts are stacked:
+    gate_up_proj[e] = concat(w1[e], w3[e], axis=0) -> [E, 2I, d] (gate first, then up; no transpose, HF applies
+    F.linear), down_proj = stack(w2) -> [E, d, I]."""
     out, experts, unknown = {}, {}, []
     for name, a in state.items():
-        hit = _lookup(name)
+        hit = _lookup(name, None)
         if hit is None or hit[1].startswith("layers.") and int(hit[1].split(".")[1]) >= n_layers:
             unknown.append(name)
             continue
         row, prefix, expert = hit
-        if prefix == "mtp.0":
+        if prefix.startswith("mtp."):
             continue
         hf = row[2] if prefix == "" else f"model.{prefix}.{row[2]}"
         if expert is None:
@@ -689,24 +739,37 @@ def _layer_specs(cfg, prefix, ratio, hash_layer):
     return [(prefix + n, shape, kind) for n, shape, kind in s]
 
 
+def _head_specs(prefix, d, hc):
+    """(name, shape, kind) of a head collapse + final norm: the model's, the MTP block's, the drafter's last stage."""
+    return [(prefix + "norm.weight", (d,), "norm"), (prefix + "hc_head_fn", (hc, hc * d), "hc_fn"),
+            (prefix + "hc_head_base", (hc,), "hc_base"), (prefix + "hc_head_scale", (1,), "hc_scale")]
+
+
 def hub_tensor_specs(hf_config):
-    """(name, shape, kind) of every unquantized released tensor of a config, in checkpoint order."""
+    """(name, shape, kind) of every unquantized released tensor of a config, in checkpoint order: the preview's
+    MTP block, or for a GA config (dspark_* fields) the DSpark drafter's stages (config.hf_drafter_stages)."""
     cfg = hf_config
     d, hc, n_layers, vocab = cfg["hidden_size"], cfg.get("hc_mult", 4), cfg["num_hidden_layers"], cfg["vocab_size"]
-    n_mtp = cfg.get("num_nextn_predict_layers", 1)
+    stages = hf_drafter_stages(cfg)
+    n_mtp = cfg.get("num_nextn_predict_layers", 1) if stages is None else stages
     ratios = list(cfg["compress_ratios"]) + [0] * (n_layers + n_mtp)
     n_hash = cfg.get("num_hash_layers", 0)
-    specs = [("embed.weight", (vocab, d), "embed"), ("head.weight", (vocab, d), "mat"),
-             ("norm.weight", (d,), "norm"), ("hc_head_fn", (hc, hc * d), "hc_fn"),
-             ("hc_head_base", (hc,), "hc_base"), ("hc_head_scale", (1,), "hc_scale")]
+    specs = [("embed.weight", (vocab, d), "embed"), ("head.weight", (vocab, d), "mat"), *_head_specs("", d, hc)]
     for i in range(n_layers):
         specs += _layer_specs(cfg, f"layers.{i}.", ratios[i], i < n_hash)
-    for j in range(n_mtp):  # MTP blocks: score routing, compress ratio from the list's tail
+    for j in range(n_mtp):  # MTP blocks / drafter stages: score routing, compress ratio from the list's tail
         p = f"mtp.{j}."
-        specs += [(p + "e_proj.weight", (d, d), "mat"), (p + "h_proj.weight", (d, d), "mat"),
-                  (p + "enorm.weight", (d,), "norm"), (p + "hnorm.weight", (d,), "norm"),
-                  (p + "norm.weight", (d,), "norm"), (p + "hc_head_fn", (hc, hc * d), "hc_fn"),
-                  (p + "hc_head_base", (hc,), "hc_base"), (p + "hc_head_scale", (1,), "hc_scale")]
+        if stages is None:  # the preview's MTP block
+            specs += [(p + "e_proj.weight", (d, d), "mat"), (p + "h_proj.weight", (d, d), "mat"),
+                      (p + "enorm.weight", (d,), "norm"), (p + "hnorm.weight", (d,), "norm"), *_head_specs(p, d, hc)]
+        if stages is not None and j == 0:  # drafter stage 0: main_hidden (the target layers' outputs) -> main_x
+            n_in = len(cfg["dspark_target_layer_ids"]) * d
+            specs += [(p + "main_proj.weight", (d, n_in), "mat"), (p + "main_norm.weight", (d,), "norm")]
+        if stages is not None and j == n_mtp - 1:  # the last stage's heads. markov_w1 is an embedding and w2
+            rank = cfg["dspark_markov_rank"]  # [out, in]: the Markov term w2 @ w1[token] is O(1), as the logits
+            specs += [*_head_specs(p, d, hc), (p + "markov_head.markov_w1.weight", (vocab, rank), "embed"),
+                      (p + "markov_head.markov_w2.weight", (vocab, rank), "mat"),
+                      (p + "confidence_head.proj.weight", (1, d + rank), "mat")]
         specs += _layer_specs(cfg, p, ratios[n_layers + j], False)
     return specs
 
@@ -738,3 +801,21 @@ def random_hub_tensors(hf_config, seed):
 def random_hub_checkpoint(hf_config, seed):
     """random_hub_tensors as a dict {name: array}."""
     return dict(random_hub_tensors(hf_config, seed))
+
+
+def write_random_checkpoint(out_dir, hf_config, seed, max_shard_bytes=4 << 30, extra_files=None):
+    """random_hub_tensors(hf_config, seed) stored as released (encode_release) in a checkpoint directory
+    (write_hub_checkpoint: shards, index, MTP or drafter alone in the last shard) with `config.json` = hf_config
+    and `extra_files` {path: text}; one tensor in memory at a time."""
+    specs = {}
+    for name, shape, _ in hub_tensor_specs(hf_config):
+        specs.update(release_specs(name, shape))
+    tensors, encoded = random_hub_tensors(hf_config, seed), {}
+
+    def produce(name):  # asked for in specs' order, which is random_hub_tensors' order
+        if name not in encoded:
+            encoded.update(encode_release(*next(tensors)))
+        return encoded.pop(name)
+
+    files = {"config.json": json.dumps(hf_config, indent=2) + "\n", **(extra_files or {})}
+    write_hub_checkpoint(out_dir, specs, produce, max_shard_bytes, files)

@@ -317,8 +317,10 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
     total: every floating-point weight incl. the router biases and MTP (the released checkpoint's count;
     FP4 elements counted unpacked, block scales and the integer tid2eid table not counted).
-    activated: what one token uses in the main model: everything but MTP, the embedding table and the
-    routed experts it does not pick (the LM head counts, as in DeepSeek's 13B / 49B figures).
+    mtp: the weights of the mtp.* namespace, the preview's MTP block or a GA config's DSpark drafter (all its
+    stages; the embedding and head it shares are not counted again); total_without_mtp: the rest.
+    activated: what one token uses in the main model: everything but MTP / the drafter, the embedding table and
+    the routed experts it does not pick (the LM head counts, as in DeepSeek's 13B / 49B figures).
     """
     from v4jax.checkpoint import model_variables
     from v4jax.moe import HashTable
@@ -326,8 +328,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     sizes = {p: math.prod(v.shape) for p, v in model_variables(model).items() if not isinstance(v, HashTable)}
     total = sum(sizes.values())
-    mtp = sum(n for p, n in sizes.items() if p.startswith("mtp."))
+    mtp = sum(n for p, n in sizes.items() if p.startswith(("mtp.", "dspark.")))
     per_expert = 3 * cfg.dim * cfg.moe_inter_dim
     unused = cfg.n_layers * (cfg.n_routed_experts - cfg.n_activated_experts) * per_expert
-    return {"total": total, "total_without_mtp": total - mtp,
+    return {"total": total, "total_without_mtp": total - mtp, "mtp": mtp,
             "activated": total - mtp - sizes["embed"] - unused}
