@@ -22,7 +22,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 # Fast path: everything importable and transformers knows deepseek_v4.
-if "$VENV/bin/python" - <<'PYEOF' 2>/dev/null
+if "$VENV/bin/python" -P - <<'PYEOF' 2>/dev/null
 import torch, numpy, ml_dtypes, transformers
 from transformers import DeepseekV4ForCausalLM  # noqa: F401
 assert torch.__version__.startswith("2.13.0"), torch.__version__
@@ -37,5 +37,5 @@ pip_install() {  # this machine's pip config lists local indexes that may be abs
 pip_install --upgrade pip
 pip_install "torch==2.13.0"
 pip_install "transformers>=5.2" numpy ml_dtypes safetensors
-"$VENV/bin/python" -c "import torch, transformers; from transformers import DeepseekV4ForCausalLM; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+"$VENV/bin/python" -P -c "import torch, transformers; from transformers import DeepseekV4ForCausalLM; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 echo "setup_env.sh: $VENV is ready"
