@@ -184,11 +184,12 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float, state_shardings)
 
 
 def update_router_biases(others, loads, speed: float):
-    """Apply the aux-loss-free bias rule to every RouterBias (path `<moe>.gate.bias`, loads keyed `<moe>`)."""
+    """Apply the aux-loss-free bias rule to every RouterBias (path `<moe>.gate.bias`, loads keyed `<moe>`) of the
+    MoEs that ran (a GA checkpoint's drafter does not run in training: its biases stay)."""
     def update(path, var):
-        if not isinstance(var, RouterBias):
-            return var
         moe = path_str(path).removesuffix(".gate.bias")
+        if not isinstance(var, RouterBias) or moe not in loads:
+            return var
         return var.replace(losses.router_bias_updates({moe: loads[moe]}, {moe: var[...]}, speed)[moe])
 
     return jax.tree_util.tree_map_with_path(update, others, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         attn = ATTENTION[stage["attention"]]
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(mcfg.replace(**attn), rngs=nnx.Rngs(0))))
         warmup = stage["attention"] == "indexer_warmup"
-        trainable = {path_str(p): (".indexer." in path_str(p)) or not warmup
+        # a GA checkpoint's DSpark drafter is not part of this objective: it stays as loaded (no decay either)
+        trainable = {path_str(p): not path_str(p).startswith("dspark.") and ((".indexer." in path_str(p)) or not warmup)
                      for p, _ in jax.tree_util.tree_leaves_with_path(params)}
         shardings = jax.tree.map(lambda x: x.sharding, (params, others, opt_state))
         train_step = make_train_step(graphdef, tx, trainable, lc["bias_update_speed"], shardings)

@@ -198,3 +198,31 @@ def test_finetune_from_released_weights_then_export(small_config, tmp_path):
         np.testing.assert_array_equal(np.asarray(var.get_value()), want, err_msg=path)
         moved += not np.array_equal(want, np.asarray(model_variables(released)[path].get_value()))
     assert moved > len(tuned) // 2  # the export holds the fine-tuned weights, not the released ones
+
+
+def test_finetune_of_a_ga_checkpoint_leaves_its_drafter_as_loaded(small_config, tmp_path):
+    """Fine-tuning a GA checkpoint (tiny DSpark fixture) trains the backbone; the drafter, not part of the LM
+    objective, keeps its released weights exactly (no weight decay) and its router biases (its MoEs do not run)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from ga_fixture import write_ga_fixture
+    from train.sample import restore_run
+    from v4jax.checkpoint import load_hub_state, model_variables
+    from v4jax.config import ModelConfig
+    from v4jax.model import Transformer
+
+    ckpt = tmp_path / "ga"
+    write_ga_fixture(ckpt)
+    config = tmp_path / "finetune.yaml"
+    config.write_text(FINETUNE.replace("FIXTURE", str(ckpt)).replace("DATA", str(small_config.parent / "data")))
+    run(["-m", "train.pretrain", str(config), f"run_dir={tmp_path / 'run'}"])
+    tuned = model_variables(restore_run([str(config), f"run_dir={tmp_path / 'run'}"])[0])
+    released = Transformer(ModelConfig.from_hf_config(ckpt, compute_dtype="float32"), rngs=nnx.Rngs(1))
+    load_hub_state(released, ckpt)
+    moved = {p: not np.array_equal(np.asarray(jax.device_get(tuned[p].get_value())), np.asarray(v.get_value()))
+             for p, v in model_variables(released).items()}
+    drafter = [p for p in moved if p.startswith("dspark.")]
+    assert drafter and not any(moved[p] for p in drafter), [p for p in drafter if moved[p]]
+    assert sum(moved[p] for p in moved if p.startswith("layers.")) > len(moved) // 3
