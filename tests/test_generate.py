@@ -1,12 +1,14 @@
-"""Generation: sampling rules, batched generation, MTP self-speculation equal to greedy."""
+"""Generation: sampling rules, batched generation, MTP self-speculation equal to greedy, the CLI (plain, MTP,
+DSpark)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from infer.generate import SamplingParams, generate, generate_speculative, sample
+from infer.generate import SamplingParams, generate, generate_dspark, generate_speculative, sample
 from test_decode import _model
 
 
@@ -86,3 +88,23 @@ def test_generate_cli_on_the_released_layout_fixture(capsys):
     assert streamed.strip() == ("def f(x):" + tok.decode(want)).strip()
     assert main(argv + ["--speculative"]) == 0
     assert capsys.readouterr().out.strip() == streamed.strip()
+
+
+def test_generate_cli_dspark_on_a_ga_checkpoint(tmp_path, capsys):
+    """v4jax-generate --speculative dspark on a GA checkpoint (tiny fixture, FP8 / MXFP4 as released) streams the
+    plain greedy text and reports the drafter's acceptance; a preview model asked for DSpark gets a clear error."""
+    from conftest import REPO
+    from ga_fixture import write_ga_fixture
+    from infer.cli import main
+
+    ckpt = tmp_path / "ga"
+    write_ga_fixture(ckpt)
+    tok_path = str(REPO / "train" / "assets" / "stdlib-bpe-1024.json")
+    argv = [str(ckpt), "--tokenizer", tok_path, "--prompt", "import os\n", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    plain = capsys.readouterr()
+    assert main(argv + ["--speculative", "dspark", "--confidence", "0.3"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out and "drafts accepted per pass" in spec.err
+    with pytest.raises(ValueError, match="GA checkpoint's drafter"):
+        generate_dspark(_model(), [[1, 2, 3]])
