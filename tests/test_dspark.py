@@ -180,3 +180,37 @@ def test_speculative_sampling_emits_the_target_distribution(params):
     # the same test catches a wrong rule: verifying against a draft distribution the drafts were not drawn from
     broken = _chain_samples(P, Q, params, 40_000, 4, seed=1, wrong_q=True)
     assert _chi_square_p(broken, P, params) < 1e-6
+
+
+def test_sampled_dspark_generation_has_the_target_distribution():
+    """End to end on a model with a 4-token vocabulary: 3,000 rows of one prompt sampled through
+    generate_dspark (drafts sampled from the Markov-corrected drafter, verified by the target, per-row commits);
+    the first three tokens' joint counts against the target's exact sequence probabilities (chi-square)."""
+    V = 4
+    model = Transformer(ModelConfig.preset("tiny-dspark", compute_dtype="float32", vocab_size=V,
+                                           dspark_noise_token_id=V - 1), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    # peaked, different target and draft distributions: a larger head, O(1) Markov and drafter mixing weights
+    model.head.set_value(model.head[...] * 60.0)
+    for path, var in nnx.to_flat_state(nnx.state(model.dspark)):
+        if any(k in ".".join(map(str, path)) for k in ("markov", "hc_head", "main_proj")):
+            var.set_value(jnp.asarray(rng.normal(0, var.shape[-1] ** -0.5, var.shape), jnp.float32))
+    prompt = [3, 1, 2, 1, 0, 2, 1]
+    params = SamplingParams(temperature=1.0, max_new_tokens=3, seed=4)
+    out, st = generate_dspark(model, [prompt] * 3_000, params)
+    samples = np.asarray(out)
+    assert 0.1 * st.drafted < st.accepted < 0.9 * st.drafted, st  # both acceptances and rejections happen
+    # exact: p(x1 | prompt) p(x2 | .., x1) p(x3 | .., x1, x2) from one forward over every 2-token continuation
+    seqs = np.stack(np.unravel_index(np.arange(V * V), (V, V)), axis=1)
+    logits = model(jnp.asarray([prompt + list(s) for s in seqs]))
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+    P = len(prompt)
+    joint = np.exp(logp[0, P - 1, seqs[:, 0]] + logp[np.arange(V * V), P, seqs[:, 1]])  # p(x1, x2) [V*V]
+    prob = (joint[:, None] * np.exp(logp[:, P + 1, :])).reshape(-1)  # p(x1, x2, x3) [V**3]
+    cells = np.ravel_multi_index(samples.T, (V,) * 3)
+    observed = np.bincount(cells, minlength=V**3)
+    expected = prob * len(samples)
+    small = expected < 5
+    obs = np.append(observed[~small], observed[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    assert stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
