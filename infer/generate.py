@@ -262,7 +262,11 @@ def generate_dspark(model: Transformer, prompts: list[list[int]], params: Sampli
         raise ValueError(f"temperature {params.temperature} / confidence {confidence}: use temperature >= 0 and "
                          "a confidence threshold in [0, 1]")
     B = model.cfg.dspark_block_size
-    max_len = max_len or max(len(p) for p in prompts) + params.max_new_tokens + B + 1
+    need = max(len(p) for p in prompts) + params.max_new_tokens + B + 1  # a verify chunk may reach past the end
+    if max_len is not None and max_len < need:
+        raise ValueError(f"max_len {max_len} is too small for DSpark decoding: the longest prompt plus "
+                         f"max_new_tokens plus a verify chunk of {B + 1} needs {need}; raise max_len or leave it None")
+    max_len = max_len or need
     cache, logits, _ = prefill(model, prompts, max_len, kv_format=kv_format, index_format=index_format)
     key = jax.random.key(params.seed)
     key, sub = jax.random.split(key)
@@ -273,12 +277,13 @@ def generate_dspark(model: Transformer, prompts: list[list[int]], params: Sampli
     if on_tokens is not None:
         on_tokens([list(o) for o in out])
     graphdef, state = nnx.split(model)
+    rule = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)  # the round's part
     stats = SpeculationStats()
     start = time.perf_counter()
     while not done.all():
         key, sub = jax.random.split(key)
         cache, drafts, n_draft, accepted, nxt = _dspark_round(graphdef, state, cache, jnp.asarray(anchor),
-                                                              jnp.asarray(~done), params, confidence, sub)
+                                                              jnp.asarray(~done), rule, confidence, sub)
         drafts, n_draft, accepted, nxt = map(np.asarray, (drafts, n_draft, accepted, nxt))
         new: list[list[int]] = [[] for _ in range(b)]
         for i in np.flatnonzero(~done):

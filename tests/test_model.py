@@ -150,8 +150,8 @@ def test_ga_parameter_counts_include_the_dspark_drafter():
     stages, each a window-only score-routed block, and the stage-specific tensors of spec v4-ga-dspark §3,
     counted here by hand from the tensor table: Flash's drafter is 19,845,850,983 (the spec's "about 19.8B")."""
     def drafter(d, n_heads, q_lora, o_groups, experts, rank, vocab=129280, hd=512, o_lora=1024, inter=None, hc=4):
-        attn = (q_lora * d + q_lora + n_heads * hd * q_lora + hd * d + hd + o_groups * o_lora * (n_heads * hd // o_groups)
-                + d * o_groups * o_lora + n_heads)
+        attn = (q_lora * d + q_lora + n_heads * hd * q_lora + hd * d + hd
+                + o_groups * o_lora * (n_heads * hd // o_groups) + d * o_groups * o_lora + n_heads)
         block = attn + 2 * d + 2 * ((2 + hc) * hc * hc * d + (2 + hc) * hc + 3) + experts * d + experts \
             + 3 * d * inter * (experts + 1)
         heads = 3 * d * d + 2 * d + hc * hc * d + hc + 1 + 2 * vocab * rank + d + rank

@@ -2,8 +2,9 @@
 
 It prints the parameter counts of Flash / Pro (preview: one MTP block), Flash-0731 / Pro-0813 (GA: a 3-stage
 DSpark drafter) and tiny, then runs one jitted forward pass of a randomly initialized model (main head and MTP
-head; for GA presets a cached prefill and one draft block) on random token ids, with the logits' shapes, finiteness, a few statistics and the wall time. The `tiny`
-preset runs in seconds on a CPU; flash and pro need real hardware.
+head; for GA presets a cached prefill and one draft block) on random token ids, with the logits' shapes,
+finiteness, a few statistics and the wall time. The `tiny` preset runs in seconds on a CPU; flash and pro need
+real hardware.
 """
 
 from __future__ import annotations

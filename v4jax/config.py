@@ -126,8 +126,10 @@ class ModelConfig:
                 bad("compress_ratios", f"entry {i} is {r}", "Use 0 (window only), 4 (CSA) or 128 (HCA)")
         for i in range(self.n_layers, n_ratios):
             if self.compress_ratios[i] != 0:
-                bad("compress_ratios", f"MTP entry {i} is {self.compress_ratios[i]}", "MTP / drafter stages are window-only: use 0")
-        dspark_set = [f for f in ("dspark_block_size", "dspark_markov_rank", "dspark_target_layer_ids") if getattr(self, f)]
+                bad("compress_ratios", f"MTP entry {i} is {self.compress_ratios[i]}",
+                    "MTP / drafter stages are window-only: use 0")
+        dspark_set = [f for f in ("dspark_block_size", "dspark_markov_rank", "dspark_target_layer_ids")
+                      if getattr(self, f)]
         if self.dspark:
             if len(dspark_set) < 3:
                 missing = sorted({"dspark_markov_rank", "dspark_target_layer_ids"} - set(dspark_set))
@@ -140,7 +142,8 @@ class ModelConfig:
                 if not 0 <= t < self.n_layers:
                     bad("dspark_target_layer_ids", f"names layer {t}", f"Name backbone layers 0..{self.n_layers - 1}")
             if not 0 <= self.dspark_noise_token_id < self.vocab_size:
-                bad("dspark_noise_token_id", f"is {self.dspark_noise_token_id}", f"Use a token id below vocab_size {self.vocab_size}")
+                bad("dspark_noise_token_id", f"is {self.dspark_noise_token_id}",
+                    f"Use a token id below vocab_size {self.vocab_size}")
         elif dspark_set:
             bad("dspark_block_size", f"is 0 while {dspark_set} are set",
                 "Set dspark_block_size (GA layout, e.g. 5) or drop the dspark_* fields (preview layout)")
