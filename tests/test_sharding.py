@@ -212,3 +212,33 @@ def test_optimizer_moments_follow_their_parameters():
     for x in moments:
         assert x.sharding.spec in by_shape[x.shape]
     assert not all(x.sharding.is_fully_replicated for x in moments)
+
+
+@nnx.jit
+def dspark_round(model, cache, prompt, chunk):
+    """Prefill, draft a block, verify a chunk and commit 2 of its tokens, draft again: both drafts' logits and
+    confidences."""
+    _, _, cache = model.step(cache, prompt)
+    first = model.draft(cache, chunk[:, 0])
+    _, pending = model.verify(cache, chunk)
+    cache = model.commit(cache, pending, jnp.full((chunk.shape[0],), 2, jnp.int32))
+    second = model.draft(cache, chunk[:, 2])
+    return first[1], first[2], second[1], second[2]
+
+
+def test_sharded_dspark_drafter_equals_single_device():
+    """A GA model's drafter under the decode rules on (data 2, expert 2, tensor 2): draft logits and confidences
+    after a prefill and after a verify / commit equal one device's."""
+    changes = dict(compress_ratios=(0, 4, 128, 0, 0), n_mtp_layers=2, dspark_block_size=3,
+                   dspark_noise_token_id=255, dspark_target_layer_ids=(1, 2), dspark_markov_rank=16)
+    prompt, chunk = random_ids((B, 11), SMALL["vocab_size"], seed=3), random_ids((B, 4), SMALL["vocab_size"], seed=4)
+    model = small_model(**changes)
+    ref = dspark_round(model, model.init_cache(B, 32), prompt, chunk)
+    mesh = sharding.make_mesh(dict(data=2, expert=2, tensor=2))
+    model = sharding.shard_model(small_model(**changes), mesh, sharding.DECODE_RULES)
+    assert model.dspark.stages[1].ffn.experts.w1[...].sharding.spec == P("expert", "tensor", None)
+    place = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, sharding.DECODE_RULES, a.ndim))  # noqa: E731
+    with sharding.use_rules(mesh, sharding.DECODE_RULES):
+        got = dspark_round(model, jax.tree.map(place, model.init_cache(B, 32)), place(prompt), place(chunk))
+    for g, r in zip(got, ref):  # logits per slot, confidences per row
+        assert np.max(rel_err(g, r)) < 1e-5
