@@ -1,14 +1,16 @@
 """Memory benchmark of v4jax-convert: peak RSS and throughput converting a generated released-layout
 checkpoint of more than 4 GB (safetensors -> Orbax, then Orbax -> safetensors).
 
-    .venv/bin/python bench/convert_memory.py [--workdir /tmp/v4jax-bench] [--keep]
+    .venv/bin/python bench/convert_memory.py [--workdir /tmp/v4jax-bench] [--keep] [--ga]
 
 The checkpoint has V4-Flash's real tensor shapes (d 4096, 256 experts of width 2048, vocab 129280) with one
 layer (CSA, hash-routed: every tensor kind of the release) and no MTP: 5.6 GB, whose largest arrays are the stacked routed experts of
 a layer (256 x 2048 x 4096 FP4 = 1.07 GB packed) and the BF16 embedding / head (1.06 GB). Its bytes are random
 codes in the released formats (no need for meaningful weights to measure I/O). Each conversion runs as a child
 process; its peak RSS is the kernel's VmHWM. The fixed overhead is the peak RSS of converting the 8 MB
-v4-tiny-flashlike fixture (Python, jax, orbax, tensorstore threads; no data to speak of).
+v4-tiny-flashlike fixture (Python, jax, orbax, tensorstore threads; no data to speak of). `--ga` adds one DSpark
+drafter stage in the GA layout (Flash-0731's shapes: its own 256 routed experts, main_proj, the Markov and
+confidence heads): 7.0 GB, the same largest arrays.
 """
 from __future__ import annotations
 
@@ -33,13 +35,15 @@ CONFIG = dict(
     index_topk=512, n_routed_experts=256, num_experts_per_tok=6, moe_intermediate_size=2048,
     num_hash_layers=1, compress_ratios=[4], num_nextn_predict_layers=0,
 )
+GA_CONFIG = dict(CONFIG, compress_ratios=[4, 0], num_nextn_predict_layers=1, dspark_block_size=5,
+                 dspark_noise_token_id=128799, dspark_target_layer_ids=[0], dspark_markov_rank=256)
 
 
-def generate(out_dir: str, seed: int = 0) -> None:
-    """Random bytes in the release's formats under every tensor name of CONFIG, written shard by shard."""
+def generate(out_dir: str, config: dict, seed: int = 0) -> None:
+    """Random bytes in the release's formats under every tensor name of config, written shard by shard."""
     rng = np.random.default_rng(seed)
     specs = {}
-    for name, shape, _ in hub.hub_tensor_specs(CONFIG):
+    for name, shape, _ in hub.hub_tensor_specs(config):
         specs.update(hub.release_specs(name, shape))
 
     def produce(name):
@@ -52,11 +56,11 @@ def generate(out_dir: str, seed: int = 0) -> None:
                 b[(b & 0x7F) == 0x7F] = 0  # no NaN codes
             return b.view(dtype)
         if dtype == np.int64:  # tid2eid
-            return rng.integers(0, CONFIG["n_routed_experts"], shape, dtype=np.int64)
+            return rng.integers(0, config["n_routed_experts"], shape, dtype=np.int64)
         return rng.standard_normal(shape, dtype=np.float32).astype(dtype) * np.asarray(0.02, dtype)
 
     hub.write_hub_checkpoint(out_dir, specs, produce, max_shard_bytes=2 << 30,
-                             extra_files={"config.json": json.dumps(CONFIG, indent=2)})
+                             extra_files={"config.json": json.dumps(config, indent=2)})
 
 
 # Runs a module (or code) and prints the process's own peak RSS when it ends, whatever it imported.
@@ -84,16 +88,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/v4jax-bench")
     ap.add_argument("--keep", action="store_true", help="keep the generated and converted checkpoints")
+    ap.add_argument("--ga", action="store_true", help="add a DSpark drafter stage (GA layout)")
     args = ap.parse_args()
+    config = GA_CONFIG if args.ga else CONFIG
     src, dst, back = (os.path.join(args.workdir, n) for n in ("hub", "orbax", "back"))
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
     t0 = time.time()
-    generate(src)
+    generate(src, config)
     ckpt = hub.HubCheckpoint(src)
     size = ckpt.nbytes()
     largest = max(ckpt[n].nbytes for n in ckpt.keys())
-    stacked = max(ckpt[f"layers.{i}.ffn.experts.0.w1.weight"].nbytes * CONFIG["n_routed_experts"] for i in range(CONFIG["num_hidden_layers"]))
+    stacked = ckpt["layers.0.ffn.experts.0.w1.weight"].nbytes * config["n_routed_experts"]
     print(f"generated {size / 1e9:.2f} GB in {time.time() - t0:.0f} s; largest hub tensor {largest / 1e9:.2f} GB, "
           f"largest converted array (stacked experts) {stacked / 1e9:.2f} GB")
 
@@ -109,7 +115,7 @@ def main() -> None:
         "to_orbax": {"seconds": round(t_in, 1), "mb_per_s": round(size / t_in / 1e6), "peak_rss_gb": round(rss_in, 2)},
         "to_hub": {"seconds": round(t_out, 1), "mb_per_s": round(size / t_out / 1e6), "peak_rss_gb": round(rss_out, 2)},
         "bound_gb (3 x largest + overhead)": round(3 * unit / 1e9 + overhead, 2),
-        "round_trip_byte_identical": same,
+        "round_trip_byte_identical": same, "ga_drafter": args.ga,
         "cpus": os.cpu_count(),
     }
     print(json.dumps(result, indent=1))

@@ -156,3 +156,16 @@ def test_every_drafter_parameter_is_sharded_like_the_backbone():
         as_list = [list(e) if isinstance(e, tuple) else e for e in (rules["mtp"], rules["embed"])]
         assert specs["dspark.stages.0.main_proj"] == as_list
         assert specs["dspark.stages.2.markov_head.markov_w1"][0] == rules["vocab"]
+
+
+def test_qat_drafts_simulate_the_fp8_path_of_the_same_weights():
+    """qat=True (the official simulation: FP8 inputs of the FP8 / FP4 matmuls, FP8 KV non-rope dims, in the rings
+    too) moves the draft logits by rounding-sized amounts, not more: same weights, a few % relative."""
+    ids = _ids(30, 4)
+    out = {}
+    for qat in (False, True):
+        model = _model(qat=qat)
+        _, _, cache = model.step(model.init_cache(1, 64), jnp.asarray(ids[:, :29]))
+        out[qat] = model.draft(cache, jnp.asarray(ids[:, 29]))
+    err = np.linalg.norm(_np(out[True][1]) - _np(out[False][1]), axis=-1) / np.linalg.norm(_np(out[False][1]), axis=-1)
+    assert 1e-4 < err.max() < 0.1, err
