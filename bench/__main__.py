@@ -34,6 +34,7 @@ BENCHMARKS = {  # name: (module, section title)
     "train": ("bench.train", "Training step: throughput and MFU"),
     "decode": ("bench.decode", "Decode over the compressed cache"),
     "kernels": ("bench.kernels", "Kernels: Pallas vs jnp reference vs dense alternative (issue 6)"),
+    "speculative": ("bench.speculative", "Speculative decoding: plain vs MTP vs DSpark (issue 14, mechanics only)"),
 }
 
 
