@@ -10,7 +10,7 @@ codes in the released formats (no need for meaningful weights to measure I/O). E
 process; its peak RSS is the kernel's VmHWM. The fixed overhead is the peak RSS of converting the 8 MB
 v4-tiny-flashlike fixture (Python, jax, orbax, tensorstore threads; no data to speak of). `--ga` adds one DSpark
 drafter stage in the GA layout (Flash-0731's shapes: its own 256 routed experts, main_proj, the Markov and
-confidence heads): 7.0 GB, the same largest arrays.
+confidence heads): 9.4 GB, the same largest arrays.
 """
 from __future__ import annotations
 
