@@ -347,7 +347,7 @@ class OrbaxReader:
 
         from v4jax.config import ModelConfig
 
-        self.path = os.fspath(path)
+        self.path = os.path.abspath(path)  # Orbax reads no metadata through a relative path
         if not ocp.is_orbax_checkpoint(self.path):
             raise hub.CheckpointError(
                 f"{self.path}: not a finished Orbax checkpoint (an interrupted conversion leaves "
