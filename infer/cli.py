@@ -42,6 +42,29 @@ def load_model(checkpoint: str, **config_overrides):
     return restore_orbax(path, **config_overrides), None
 
 
+class TextStream:
+    """Incremental detokenization for streaming: `add(tokens)` returns the text they add, holding back a trailing
+    character whose UTF-8 bytes are not all there yet (a byte-level tokenizer may split one across tokens and
+    decodes the incomplete part as U+FFFD); `flush()` returns whatever is still held back."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.printed = tokenizer, [], 0
+
+    def add(self, tokens: list[int]) -> str:
+        self.tokens.extend(tokens)
+        text = self.tokenizer.decode(self.tokens)
+        return self._emit(text, len(text.rstrip("\ufffd")))
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.tokens)
+        return self._emit(text, len(text))
+
+    def _emit(self, text: str, upto: int) -> str:
+        out = text[self.printed:upto]
+        self.printed = max(self.printed, upto)
+        return out
+
+
 def main(argv=None) -> int:
     from train import tokenizer as tokenizer_lib
 
@@ -74,12 +97,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, stop_tokens=tuple(args.stop), seed=args.seed)
-    shown: list[int] = []
+    stream = TextStream(tok)
 
-    def show(new: list[int]) -> None:  # print the text the new tokens add
-        before = tok.decode(shown)
-        shown.extend(new)
-        print(tok.decode(shown)[len(before):], end="", flush=True)
+    def show(new: list[int]) -> None:
+        print(stream.add(new), end="", flush=True)
 
     if args.speculative == "mtp":
         tokens, rate = generate_speculative(model, prompt, args.max_new_tokens, tuple(args.stop))
@@ -90,14 +111,14 @@ def main(argv=None) -> int:
                                      on_tokens=lambda rows: show(rows[0]),
                                      kv_format=args.kv_format, index_format=args.index_format)
         tokens = out[0]
-        print()
+        print(stream.flush())
         extra = (f"; DSpark: {stats.mean_accepted:.2f} drafts accepted per pass ({stats.accepted}/{stats.drafted}), "
                  f"{stats.tokens_per_pass:.2f} tokens per target pass, "
                  f"{stats.emitted / max(stats.seconds, 1e-9):.1f} tokens/s after the first token")
     else:
         tokens = generate(model, [prompt], params, on_tokens=lambda step_tokens: show([int(step_tokens[0])]),
                           kv_format=args.kv_format, index_format=args.index_format)[0]
-        print()
+        print(stream.flush())
         extra = ""
     seconds = time.perf_counter() - start
     print(f"[{len(tokens)} tokens in {seconds:.2f}s, {len(tokens) / seconds:.1f} tokens/s incl. compilation{extra}]",

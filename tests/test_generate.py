@@ -108,3 +108,23 @@ def test_generate_cli_dspark_on_a_ga_checkpoint(tmp_path, capsys):
     assert spec.out == plain.out and "drafts accepted per pass" in spec.err
     with pytest.raises(ValueError, match="GA checkpoint's drafter"):
         generate_dspark(_model(), [[1, 2, 3]])
+
+
+def test_streamed_text_keeps_multibyte_characters_split_across_tokens():
+    """The shipped byte-level BPE splits é, —, ï and 日本 across tokens; streaming token by token prints the text
+    exactly (the old per-token decode printed 'caf� � na�ve ��'), holding a partial character back until its
+    last byte arrives, and flush() returns what an interrupted character leaves."""
+    from conftest import REPO
+    from infer.cli import TextStream
+    from train import tokenizer as tokenizer_lib
+
+    tok = tokenizer_lib.load(str(REPO / "train" / "assets" / "stdlib-bpe-1024.json"))
+    text = "café — naïve 日本"
+    ids = tok.encode(text).ids
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the test needs characters split across tokens
+    stream = TextStream(tok)
+    pieces = [stream.add([i]) for i in ids]
+    assert "".join(pieces) + stream.flush() == text and all("\ufffd" not in p for p in pieces)
+    cut = TextStream(tok)
+    head = "".join(cut.add([i]) for i in ids[:-1])  # the last character's final byte never comes
+    assert head == text[:-1] and cut.flush() == tok.decode(ids[:-1])[len(head):]
