@@ -87,16 +87,25 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-format", choices=["fp32", "bf16", "fp8"])
     ap.add_argument("--index-format", choices=["fp32", "bf16", "fp8", "fp4"])
     args = ap.parse_args(argv)
+    # cheap checks before the weights load
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, stop_tokens=tuple(args.stop), seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"v4jax-generate: {e}") from None
+    if args.tokenizer and not Path(args.tokenizer).is_file():
+        raise SystemExit(f"v4jax-generate: no tokenizer file at {args.tokenizer}: pass the path of a tokenizer.json")
 
     model, run_tokenizer = load_model(args.checkpoint)
     if not (args.tokenizer or run_tokenizer):
         raise SystemExit("no tokenizer: pass --tokenizer path/to/tokenizer.json")
     tok = tokenizer_lib.load(args.tokenizer or run_tokenizer)
+    if tok.get_vocab_size() > model.cfg.vocab_size:
+        raise SystemExit(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary is "
+                         f"{model.cfg.vocab_size}: pass the tokenizer the model was trained with")
     prompt = ([args.bos] if args.bos >= 0 else []) + tok.encode(args.prompt).ids
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, stop_tokens=tuple(args.stop), seed=args.seed)
     stream = TextStream(tok)
 
     def show(new: list[int]) -> None:

@@ -35,6 +35,14 @@ class SamplingParams:
     stop_tokens: tuple[int, ...] = ()
     seed: int = 0
 
+    def __post_init__(self):
+        for name, ok, fix in (("temperature", self.temperature >= 0, "use 0 (greedy) or a positive value"),
+                              ("top_k", self.top_k >= 0, "use 0 (no cut) or a positive count"),
+                              ("top_p", 0 < self.top_p <= 1, "use a value in (0, 1]"),
+                              ("max_new_tokens", self.max_new_tokens >= 1, "ask for at least one token")):
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} is {getattr(self, name)!r}: {fix}")
+
 
 def sample(logits: jax.Array, key: jax.Array, p: SamplingParams) -> jax.Array:
     """logits [b, vocab] -> tokens [b]: greedy at temperature 0, else temperature / top-k / top-p sampling."""
@@ -83,6 +91,11 @@ def prefill(model: Transformer, prompts: list[list[int]], max_len: int, chunk: i
         raise ValueError("every prompt needs at least one token (e.g. the BOS token)")
     if longest > max_len:
         raise ValueError(f"a prompt has {longest} tokens but the cache holds {max_len}: raise max_len")
+    vocab = model.cfg.vocab_size
+    bad = sorted({int(t) for p in prompts for t in p if not 0 <= int(t) < vocab})
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:8]} are outside the model's vocabulary [0, {vocab}): check that the "
+                         "tokenizer is the model's")
     chunk = chunk or longest
     n_chunks = -(-longest // chunk)
     ids = np.zeros((b, n_chunks * chunk), np.int32)

@@ -128,3 +128,32 @@ def test_streamed_text_keeps_multibyte_characters_split_across_tokens():
     cut = TextStream(tok)
     head = "".join(cut.add([i]) for i in ids[:-1])  # the last character's final byte never comes
     assert head == text[:-1] and cut.flush() == tok.decode(ids[:-1])[len(head):]
+
+
+def test_bad_generation_input_gets_named_errors(tmp_path):
+    """Out-of-vocabulary prompt ids (were clamped), sampling parameters out of range (a negative temperature was
+    accepted), a missing tokenizer file (noticed only after loading the model) and a tokenizer larger than the
+    model's vocabulary: each a named error that says what to fix, the CLI's before it loads any weights."""
+    from infer.cli import main
+
+    model = _model()
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 1024\)"):
+        generate(model, [[5, 1024]], SamplingParams(max_new_tokens=2))
+    for bad, field in ((dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"),
+                       (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens")):
+        with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+            SamplingParams(**bad)
+    missing = str(tmp_path / "nothing-here")  # not a checkpoint either: the argument checks come first
+    with pytest.raises(SystemExit, match="temperature is -1.0"):
+        main([missing, "--temperature", "-1"])
+    with pytest.raises(SystemExit, match="no tokenizer file at"):
+        main([missing, "--tokenizer", str(tmp_path / "tok.json")])
+    from conftest import REPO
+    from v4jax import hub
+    from v4jax.config import ModelConfig
+
+    small = ModelConfig.preset("tiny", vocab_size=512, n_layers=2, n_hash_layers=1, compress_ratios=(0, 4, 0))
+    hub.write_random_checkpoint(tmp_path / "small", small.to_hf_config(), 0)
+    tok = str(REPO / "train" / "assets" / "stdlib-bpe-1024.json")
+    with pytest.raises(SystemExit, match="tokenizer has 1024 tokens but the model's vocabulary is 512"):
+        main([str(tmp_path / "small"), "--tokenizer", tok])
