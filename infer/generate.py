@@ -144,7 +144,8 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
                          stop_tokens: tuple[int, ...] = (), max_len: int | None = None):
     """Greedy decoding of one prompt with MTP drafts. -> (new tokens, acceptance rate of the drafts)."""
     if model.mtp is None:
-        raise ValueError("speculative decoding needs the MTP block: this config has n_mtp_layers = 0")
+        raise ValueError("MTP speculation needs the preview's MTP block: this model has none (n_mtp_layers = 0, or a "
+                         "GA checkpoint whose mtp.* stages are a DSpark drafter: use generate_dspark)")
     max_len = max_len or len(prompt) + max_new_tokens + 2
     cache, logits, x = prefill(model, [prompt], max_len)
     one, two = jnp.ones(1, jnp.int32), jnp.full((1,), 2, jnp.int32)
