@@ -7,8 +7,8 @@ The checkpoint has V4-Flash's real tensor shapes (d 4096, 256 experts of width 2
 layer (CSA, hash-routed: every tensor kind of the release) and no MTP: 5.6 GB, whose largest arrays are the stacked routed experts of
 a layer (256 x 2048 x 4096 FP4 = 1.07 GB packed) and the BF16 embedding / head (1.06 GB). Its bytes are random
 codes in the released formats (no need for meaningful weights to measure I/O). Each conversion runs as a child
-process; its peak RSS is the kernel's VmHWM. The fixed overhead is the peak RSS of converting the 8 MB
-v4-tiny-flashlike fixture (Python, jax, orbax, tensorstore threads; no data to speak of). `--ga` adds one DSpark
+process; its peak RSS is the kernel's VmHWM. The fixed overhead is the peak RSS of converting an 8 MB random
+checkpoint of the tiny preset (Python, jax, orbax, tensorstore threads; no data to speak of). `--ga` adds one DSpark
 drafter stage in the GA layout (Flash-0731's shapes: its own 256 routed experts, main_proj, the Markov and
 confidence heads): 9.4 GB, the same largest arrays.
 """
@@ -27,9 +27,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from v4jax import hub  # noqa: E402
+from v4jax.config import ModelConfig  # noqa: E402
 
+TINY = ModelConfig.preset("tiny").to_hf_config()  # the released layout of the tiny preset (FP8 / MXFP4)
 CONFIG = dict(
-    json.load(open(os.path.join(ROOT, "..", "shared", "fixtures", "v4-tiny-flashlike", "config.json"))),
+    TINY,
     vocab_size=129280, hidden_size=4096, num_hidden_layers=1, num_attention_heads=64, head_dim=512,
     q_lora_rank=1024, o_groups=8, o_lora_rank=1024, sliding_window=128, index_n_heads=64, index_head_dim=128,
     index_topk=512, n_routed_experts=256, num_experts_per_tok=6, moe_intermediate_size=2048,
@@ -103,7 +105,8 @@ def main() -> None:
     print(f"generated {size / 1e9:.2f} GB in {time.time() - t0:.0f} s; largest hub tensor {largest / 1e9:.2f} GB, "
           f"largest converted array (stacked experts) {stacked / 1e9:.2f} GB")
 
-    fixture = os.path.join(ROOT, "..", "shared", "fixtures", "v4-tiny-flashlike")
+    fixture = os.path.join(args.workdir, "tiny-hub")
+    hub.write_random_checkpoint(fixture, TINY, 0)
     _, overhead = run_child(_RUN_MODULE, "v4jax.convert", "to-orbax", fixture, os.path.join(args.workdir, "tiny"))
     t_in, rss_in = run_child(_RUN_MODULE, "v4jax.convert", "to-orbax", src, dst)
     t_out, rss_out = run_child(_RUN_MODULE, "v4jax.convert", "to-hub", dst, back)
