@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Eight CPU devices in every test process (before jax is imported): sharding tests build meshes over them;
@@ -13,9 +16,9 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from flashlike_fixture import REF, write_flashlike  # noqa: E402
 from v4jax.checkpoint import load_hub_state  # noqa: E402
 from v4jax.config import ModelConfig  # noqa: E402
 from v4jax.hub import dequantize_hub_state, load_hub_checkpoint  # noqa: E402
@@ -27,7 +30,19 @@ REPO = Path(__file__).resolve().parents[1]
 KERNEL_IMPL = os.environ.get("V4JAX_KERNEL_TEST_IMPL", "pallas_interpret")
 if KERNEL_IMPL not in ("pallas_interpret", "pallas"):
     raise ValueError(f"V4JAX_KERNEL_TEST_IMPL={KERNEL_IMPL!r}: use 'pallas_interpret' (default) or 'pallas' (GPU)")
-FIXTURE = REPO.parent / "shared" / "fixtures" / "v4-tiny-flashlike"
+
+
+def _write_fixture() -> Path:
+    """The tiny Flash-like checkpoint in the released layout (tests/flashlike_fixture.py: the committed config,
+    random weights of the references' seed), written once per test process (a fraction of a second) into a
+    temporary folder that is removed when the process ends."""
+    tmp = tempfile.mkdtemp(prefix="v4jax-flashlike-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    write_flashlike(os.path.join(tmp, "v4-tiny-flashlike"))
+    return Path(tmp) / "v4-tiny-flashlike"
+
+
+FIXTURE = _write_fixture()
 
 
 def rel_err(a, b) -> np.ndarray:
@@ -37,14 +52,19 @@ def rel_err(a, b) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
+def fixture_refs() -> dict:
+    """What HF transformers and DeepSeek's official code computed from FIXTURE (tests/fixtures/flashlike/ref.npz,
+    made by tests/oracle/make_flashlike_fixture.py; its docstring lists the arrays)."""
+    return dict(np.load(REF))
+
+
+@functools.lru_cache(maxsize=None)
 def _fixture_state():
     return dequantize_hub_state(load_hub_checkpoint(FIXTURE))
 
 
 def fixture_model(**overrides) -> Transformer:
-    """The v4-tiny-flashlike checkpoint loaded into a fresh model (fp32 compute unless overridden)."""
-    if not FIXTURE.exists():
-        pytest.fail(f"fixture checkpoint missing at {FIXTURE}: shared/ must sit beside the repository")
+    """The fixture checkpoint loaded into a fresh model (fp32 compute unless overridden)."""
     cfg = ModelConfig.from_hf_config(FIXTURE / "config.json", **{"compute_dtype": "float32", **overrides})
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     load_hub_state(model, _fixture_state())

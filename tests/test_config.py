@@ -45,7 +45,7 @@ def test_every_config_file_loads():
 
 def test_hf_and_official_loaders_agree_on_the_fixture():
     """The fixture's HF config.json and the official ModelArgs its reference run used describe one model."""
-    meta = json.loads((FIXTURE / "ref" / "official_fp32_noqat_meta.json").read_text())
+    meta = json.loads((REPO / "tests" / "fixtures" / "flashlike" / "meta.json").read_text())
     a = ModelConfig.from_hf_config(FIXTURE / "config.json")
     b = ModelConfig.from_official_config(meta["model_args"])
     assert a == b

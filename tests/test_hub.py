@@ -119,9 +119,7 @@ def test_bad_safetensors_files_are_refused_with_the_reason(tmp_path, case, messa
 def _sharded_copy(tmp_path, mutate=None):
     """A copy of the fixture checkpoint whose index / files `mutate(dir)` may damage."""
     d = tmp_path / "ckpt"
-    shutil.copytree(FIXTURE, d, ignore=shutil.ignore_patterns("ref"))
-    for f in d.iterdir():
-        os.chmod(f, 0o644)
+    shutil.copytree(FIXTURE, d)
     if mutate:
         mutate(d)
     return d

@@ -17,6 +17,9 @@ import sys
 
 import numpy as np
 import torch
+# Imported before the repository goes on sys.path: its `kernels` package would stand in for the hub package of
+# that name, which transformers probes for at import.
+from transformers import DeepseekV4ForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
@@ -31,8 +34,6 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=128, help="use the first T positions of --ids")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-
-    from transformers import DeepseekV4ForCausalLM
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, info = DeepseekV4ForCausalLM.from_pretrained(

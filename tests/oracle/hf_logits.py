@@ -3,11 +3,10 @@
 Runs in the oracle environment (Python 3.11 + torch CPU + transformers >= 5.2x):
 
     bash tests/oracle/setup_env.sh
+    .venv/bin/python tests/flashlike_fixture.py /tmp/flashlike   # e.g. the tests' released-layout checkpoint
     .venv-oracle/bin/python tests/oracle/hf_logits.py \
-        --config /work/shared/fixtures/v4-tiny-flashlike/config.json \
-        --weights /work/shared/fixtures/v4-tiny-flashlike \
-        --ids /work/shared/fixtures/v4-tiny-flashlike/ref/input_ids.npy --out /tmp/logits.npy \
-        [--compare /work/shared/fixtures/v4-tiny-flashlike/ref/logits.npy]
+        --config /tmp/flashlike/config.json --weights /tmp/flashlike \
+        --ids IDS.npy --out /tmp/logits.npy [--compare REFERENCE_LOGITS.npy]
 
 `--weights DIR` reads a released-layout checkpoint (FP8 / MXFP4 are dequantized in numpy by
 v4jax.hub); `--random-seed N` uses `v4jax.hub.random_hub_checkpoint(config, N)` instead.
@@ -22,6 +21,9 @@ import sys
 
 import numpy as np
 import torch
+# Imported before the repository goes on sys.path: its `kernels` package would stand in for the hub package of
+# that name, which transformers probes for at import.
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
@@ -30,8 +32,6 @@ from v4jax import hub  # noqa: E402  (numpy-only module)
 
 
 def build_model(hf_config: dict):
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
     cfg = dict(hf_config)
     # The oracle loads already-dequantized fp32 weights: no quantizer, no bf16.
     for k in ("quantization_config", "expert_dtype", "torch_dtype", "dtype", "architectures", "model_type"):
