@@ -11,7 +11,7 @@ and `seed` (random_hub_checkpoint's; the ids come from default_rng(seed + 1)). c
 format (compress_ratios has L+1 entries, the last is the MTP layer); it carries no
 quantization_config / expert_dtype (torch_dtype float32) because the random weights are plain fp32.
 
-  tiny_flashlike: the v4-tiny-flashlike fixture's config (Flash-like plan [0,4,128,4,128,4,0],
+  tiny_flashlike: tests/fixtures/flashlike/config.json (Flash-like plan [0,4,128,4,128,4,0],
                   2 hash layers, YaRN original 256), vocab 512, B=2, T=576.
   tiny_prolike:   Pro-like plan [128,128,4,128,4,128,0], 3 hash layers, d=256, 4 heads x 128,
                   o_groups 2 x 64, window 32, 16 indexer heads x 128, top-16, 8 experts top-2,
@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import hf_logits  # noqa: E402  (also puts the repo root on sys.path)
 
-FLASHLIKE_CONFIG = "/work/shared/fixtures/v4-tiny-flashlike/config.json"
+FLASHLIKE_CONFIG = os.path.join(ROOT, "tests", "fixtures", "flashlike", "config.json")
 OUT_DIR = os.path.join(ROOT, "tests", "fixtures", "parity")
 
 
