@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from infer.generate import SamplingParams, generate, generate_dspark, generate_speculative
-from v4jax.config import ModelConfig
+from v4jax.config import ModelConfig, cli_errors
 from v4jax.model import Transformer
 
 
@@ -34,7 +34,7 @@ def load_model(checkpoint: str, **config_overrides):
         model, tokenizer_path, _ = restore_run([checkpoint])
         return model, tokenizer_path
     if not path.is_dir():
-        raise SystemExit(f"{checkpoint}: not a folder or a run config (.yaml); see v4jax-generate --help")
+        raise FileNotFoundError(f"{checkpoint}: not a folder or a run config (.yaml); see v4jax-generate --help")
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
         model = Transformer(ModelConfig.from_hf_config(path / "config.json", **config_overrides), rngs=nnx.Rngs(0))
         load_hub_state(model, path, weights="quantized")
@@ -68,40 +68,52 @@ class TextStream:
 def main(argv=None) -> int:
     from train import tokenizer as tokenizer_lib
 
-    ap = argparse.ArgumentParser(prog="v4jax-generate", description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint")
+    ap = argparse.ArgumentParser(prog="v4jax-generate", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("checkpoint", help="released-layout folder, to-orbax folder or training run config (.yaml)")
     ap.add_argument("--tokenizer", help="tokenizer.json (a training run brings its own)")
-    ap.add_argument("--prompt", default="")
+    ap.add_argument("--prompt", default="", help="text to continue")
     ap.add_argument("--bos", type=int, default=0, help="token put before the prompt (-1: none)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated at most")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of this probability")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--stop", type=int, nargs="*", default=[], help="stop token ids")
     ap.add_argument("--speculative", nargs="?", const="mtp", choices=["mtp", "dspark"],
                     help="mtp: greedy decoding with the preview's MTP drafts; dspark: the GA checkpoints' DSpark "
                          "drafter (greedy or sampled, lossless)")
     ap.add_argument("--confidence", type=float, help="dspark: cut each draft block at the first slot whose "
                     "confidence is below this (0..1)")
-    ap.add_argument("--kv-format", choices=["fp32", "bf16", "fp8"])
-    ap.add_argument("--index-format", choices=["fp32", "bf16", "fp8", "fp4"])
+    ap.add_argument("--kv-format", choices=["fp32", "bf16", "fp8"], help="KV cache storage (None: compute dtype)")
+    ap.add_argument("--index-format", choices=["fp32", "bf16", "fp8", "fp4"],
+                    help="indexer key storage (None: compute dtype)")
+    ap.add_argument("--debug", action="store_true",
+                    help="show the traceback of an error (also: environment V4JAX_DEBUG=1)")
     args = ap.parse_args(argv)
+    with cli_errors("v4jax-generate", args.debug):
+        return _run(args, tokenizer_lib)
+
+
+def _run(args, tokenizer_lib) -> int:
     # cheap checks before the weights load
-    try:
-        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                max_new_tokens=args.max_new_tokens, stop_tokens=tuple(args.stop), seed=args.seed)
-    except ValueError as e:
-        raise SystemExit(f"v4jax-generate: {e}") from None
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, stop_tokens=tuple(args.stop), seed=args.seed)
+    if not args.tokenizer and Path(args.checkpoint).suffix not in (".yaml", ".yml"):
+        raise ValueError("no tokenizer: pass --tokenizer path/to/tokenizer.json (only a training run brings its own)")
     if args.tokenizer and not Path(args.tokenizer).is_file():
-        raise SystemExit(f"v4jax-generate: no tokenizer file at {args.tokenizer}: pass the path of a tokenizer.json")
+        raise FileNotFoundError(f"no tokenizer file at {args.tokenizer}: pass the path of a tokenizer.json")
+    if args.confidence is not None and not 0 <= args.confidence <= 1:
+        raise ValueError(f"--confidence {args.confidence}: give a threshold between 0 and 1")
+    if args.confidence is not None and args.speculative != "dspark":
+        raise ValueError("--confidence cuts DSpark draft blocks: use it with --speculative dspark")
 
     model, run_tokenizer = load_model(args.checkpoint)
     if not (args.tokenizer or run_tokenizer):
-        raise SystemExit("no tokenizer: pass --tokenizer path/to/tokenizer.json")
+        raise ValueError("no tokenizer: pass --tokenizer path/to/tokenizer.json")
     tok = tokenizer_lib.load(args.tokenizer or run_tokenizer)
     if tok.get_vocab_size() > model.cfg.vocab_size:
-        raise SystemExit(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary is "
+        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary is "
                          f"{model.cfg.vocab_size}: pass the tokenizer the model was trained with")
     prompt = ([args.bos] if args.bos >= 0 else []) + tok.encode(args.prompt).ids
     print(args.prompt, end="", flush=True)

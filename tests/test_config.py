@@ -54,7 +54,10 @@ def test_hf_and_official_loaders_agree_on_the_fixture():
 
 def test_released_hf_config_fields():
     """A released-style HF config (spec §2.1 field names) maps onto Flash."""
-    hf = {"hidden_size": 4096, "num_hidden_layers": 43, "num_attention_heads": 64, "num_key_value_heads": 1,
+    hf = {"vocab_size": 129280, "n_routed_experts": 256, "n_shared_experts": 1, "q_lora_rank": 1024, "head_dim": 512,
+          "o_groups": 8, "o_lora_rank": 1024, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512,
+          "hc_mult": 4,
+          "hidden_size": 4096, "num_hidden_layers": 43, "num_attention_heads": 64, "num_key_value_heads": 1,
           "moe_intermediate_size": 2048, "num_hash_layers": 3, "num_nextn_predict_layers": 1,
           "num_experts_per_tok": 6, "routed_scaling_factor": 1.5, "sliding_window": 128, "qk_rope_head_dim": 64,
           "scoring_func": "sqrtsoftplus", "compress_ratios": list(ModelConfig.preset("flash").compress_ratios),

@@ -17,14 +17,30 @@ else the `mtp.N.` prefixes of the checkpoint index.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A model configuration that cannot describe a V4 model; the message names the field and the fix."""
+
+
+@contextlib.contextmanager
+def cli_errors(prog: str, debug: bool = False):
+    """The error handling of the command line tools: a ValueError (ConfigError, CheckpointMismatch,
+    hub.CheckpointError, an argument check) or OSError (a missing, existing or unwritable path, a held lock) ends
+    the command with `prog: message` on stderr and exit status 1, without a traceback unless `debug` or the
+    environment sets V4JAX_DEBUG=1."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if debug or os.environ.get("V4JAX_DEBUG") == "1":
+            raise
+        raise SystemExit(f"{prog}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +109,8 @@ class ModelConfig:
 
     def __post_init__(self):
         for f in ("compress_ratios", "dspark_target_layer_ids"):
-            object.__setattr__(self, f, tuple(getattr(self, f)))
+            if isinstance(getattr(self, f), list):
+                object.__setattr__(self, f, tuple(getattr(self, f)))
         self.validate()
 
     # ---- derived ----
@@ -114,9 +131,15 @@ class ModelConfig:
         def bad(field, problem, fix):
             raise ConfigError(f"ModelConfig.{field}: {problem}. {fix}")
 
-        for f in ("compress_ratios", "dspark_target_layer_ids"):
-            if not all(isinstance(r, int) and not isinstance(r, bool) for r in getattr(self, f)):
-                bad(f, f"is {getattr(self, f)!r}", "Give a list of integers")
+        for f in dataclasses.fields(self):  # types first: the checks below compare numbers
+            value, optional = getattr(self, f.name), f.type.endswith(" | None")
+            check, fix = _TYPES[f.type.removesuffix(" | None")]
+            if not (check(value) or optional and value is None):
+                hf = {ours: hf for hf, ours in _HF_NAMES.items() if hf != ours}.get(f.name)
+                bad(f.name + (f" (HF config.json: {hf})" if hf else ""), f"is {value!r} ({type(value).__name__})", fix)
+        for f in _POSITIVE:
+            if getattr(self, f) < 1:
+                bad(f, f"is {getattr(self, f)}", "Give a size of at least 1")
         n_ratios = self.n_layers + self.n_mtp_layers
         if len(self.compress_ratios) != n_ratios:
             bad("compress_ratios", f"has {len(self.compress_ratios)} entries but n_layers + n_mtp_layers = {n_ratios}",
@@ -174,7 +197,7 @@ class ModelConfig:
         if self.moe_impl not in ("ragged", "dense"):
             bad("moe_impl", f"is {self.moe_impl!r}", "Use 'ragged' or 'dense'")
         cap = self.moe_ep_capacity
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+        if cap is not None and not cap > 0:
             bad("moe_ep_capacity", f"is {self.moe_ep_capacity!r}",
                 "Use a positive multiple of the balanced load (e.g. 2.0), or None for buffers that never drop")
         for f in ("compute_dtype", "param_dtype"):
@@ -209,9 +232,11 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"official config: unknown fields {unknown}. Check the file is an inference/config.json")
         kw = {k: v for k, v in d.items() if k in known}
-        if "n_mtp_layers" not in kw and "compress_ratios" in kw:
-            kw["n_mtp_layers"] = len(kw["compress_ratios"]) - kw.get("n_layers", cls.n_layers)
-        return cls(**{**kw, **overrides})
+        kw = {**kw, **overrides}
+        _require("official config", [f for f in _SIZE_FIELDS if f not in kw])
+        if "n_mtp_layers" not in kw and _counts(kw["compress_ratios"], kw["n_layers"]):
+            kw["n_mtp_layers"] = len(kw["compress_ratios"]) - kw["n_layers"]
+        return cls(**kw)
 
     @classmethod
     def from_hf_config(cls, source: dict | str | Path, **overrides) -> "ModelConfig":
@@ -240,8 +265,11 @@ class ModelConfig:
         if stages is not None:  # GA: the drafter's stage count is not num_nextn_predict_layers
             kw.update({f: d[f] for f in _DSPARK_FIELDS if f in d})
             kw["n_mtp_layers"] = stages
-        elif "compress_ratios" in d and len(d["compress_ratios"]) - kw.get("n_layers", cls.n_layers) != kw.get(
-                "n_mtp_layers", cls.n_mtp_layers):
+        hf_of = {ours: hf for hf, ours in _HF_NAMES.items()}
+        _require("HF config", [hf_of[f] for f in _SIZE_FIELDS if f not in kw and f not in overrides])
+        n_layers = overrides.get("n_layers", kw.get("n_layers"))
+        if (stages is None and _counts(d.get("compress_ratios"), n_layers)
+                and len(d["compress_ratios"]) - n_layers != kw.get("n_mtp_layers", cls.n_mtp_layers)):
             raise ConfigError(
                 f"HF config: compress_ratios has {len(d['compress_ratios'])} entries for {kw.get('n_layers')} layers "
                 f"and num_nextn_predict_layers {kw.get('n_mtp_layers')}: the layout is neither the preview's (one MTP "
@@ -306,6 +334,42 @@ _HF_NAMES = {
     "index_n_heads": "index_n_heads", "index_head_dim": "index_head_dim", "index_topk": "index_topk",
     "hc_mult": "hc_mult", "hc_sinkhorn_iters": "hc_sinkhorn_iters", "hc_eps": "hc_eps",
 }
+
+# The fields that set a shape (of a weight, the window ring or the indexer's selection): a config file must give
+# each of them, as the released ones do; the dataclass defaults (Flash's values) are for presets only.
+_SIZE_FIELDS = ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_hash_layers", "n_heads", "n_routed_experts",
+                "n_shared_experts", "n_activated_experts", "q_lora_rank", "head_dim", "rope_head_dim", "o_groups",
+                "o_lora_rank", "window_size", "compress_ratios", "index_n_heads", "index_head_dim", "index_topk",
+                "hc_mult")
+_POSITIVE = ("vocab_size", "dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts", "q_lora_rank",
+             "head_dim", "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ModelConfig field annotation -> (type check, what to give instead). JSON numbers: an int field takes no float
+# (128.0 included) or bool, a float field takes ints.
+_TYPES = {
+    "int": (_is_int, "Give an integer (not a string, a fraction or true / false)"),
+    "float": (lambda v: _is_int(v) or isinstance(v, float), "Give a number"),
+    "str": (lambda v: isinstance(v, str), "Give a string"),
+    "bool": (lambda v: isinstance(v, bool), "Give true or false"),
+    "tuple[int, ...]": (lambda v: isinstance(v, tuple) and all(map(_is_int, v)), "Give a list of integers"),
+}
+
+
+def _counts(ratios, n_layers) -> bool:
+    """Whether a stage count can be derived from these values (the type check in validate reports others)."""
+    return isinstance(ratios, (list, tuple)) and _is_int(n_layers)
+
+
+def _require(source: str, missing: list[str]) -> None:
+    if missing:
+        raise ConfigError(f"{source}: missing {missing}. Every field that sets a shape must be given (none is taken "
+                          "from a preset): use the model's own config file as released, complete")
+
 
 _DSPARK_FIELDS = ("dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank")
 

@@ -13,11 +13,15 @@ journal beside DST lists the committed units, so running the same command again 
 where it stopped; DST itself appears only when the last unit is in (Orbax finalize renames it into place).
 
 to-hub writes the official layout (shards + index + config.json, the MTP block or a GA checkpoint's DSpark
-drafter in the last shard), one variable at a time, into a temp directory renamed to DST at the end. `release`
+drafter in the last shard), one variable at a time, into DST.partial renamed to DST at the end; the same journal
+records the finished shards, so it resumes too (the kept shards' headers are checked first). `release`
 re-encodes to FP8 / MXFP4 (byte for byte what was read, for a checkpoint converted with --weights quantized);
 `bfloat16` stores FP8 / FP4 tensors as BF16 (what HF transformers and most engines load without a quantizer).
 
 verify compares the logits of the source and the conversion and, for a GA checkpoint, the drafter's draft block.
+
+A conversion holds DST.lock while it writes: a second one into the same DST fails at once, naming the process.
+Errors in the input are one line on stderr (exit status 1); --debug or V4JAX_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from flax import nnx
 from v4jax import hub
 from v4jax.checkpoint import (OrbaxReader, _is_stacked, abstract_model, hub_tensors, leaf_sharding, load_hub_state,
                               model_variables, plan_hub, read_leaf, restore_orbax, to_orbax_tree)
-from v4jax.config import HF_FP8_QUANTIZATION, ModelConfig
+from v4jax.config import HF_FP8_QUANTIZATION, ModelConfig, cli_errors
 from v4jax.sharding import DECODE_RULES, TRAIN_RULES, make_mesh
 
 RULES = {"train": TRAIN_RULES, "decode": DECODE_RULES}
@@ -47,22 +51,25 @@ _GB = 1e9
 
 
 class Progress:
-    """One status line per step (rewritten in place on a terminal): done / total bytes, throughput, item."""
+    """One status line per step (rewritten in place on a terminal): done / total bytes, throughput, item.
+    `progress(None, nbytes)` counts bytes an interrupted run already wrote: toward done, not the throughput."""
 
-    def __init__(self, label: str, total_bytes: int, stream=sys.stderr):
-        self.label, self.total, self.done, self.stream = label, total_bytes, 0, stream
+    def __init__(self, label: str, total_bytes: int, stream=None):
+        self.label, self.total, self.done, self.kept, self.stream = label, total_bytes, 0, 0, stream or sys.stderr
         self.t0 = self.shown = time.time()
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
-    def __call__(self, item: str, nbytes: int) -> None:
+    def __call__(self, item: str | None, nbytes: int) -> None:
         self.done += nbytes
+        if item is None:
+            self.kept += nbytes
         now = time.time()
         if now - self.shown < (0.2 if self.tty else 5.0) and self.done < self.total:
             return  # at most 5 updates a second on a terminal, one line per 5 s in a log
         self.shown = now
-        rate = self.done / max(now - self.t0, 1e-9)
+        rate = (self.done - self.kept) / max(now - self.t0, 1e-9)
         line = (f"{self.label}: {self.done / _GB:7.2f} / {self.total / _GB:.2f} GB  {rate / 1e6:6.0f} MB/s  "
-                f"{100 * self.done / max(self.total, 1):3.0f}%  {item}")
+                f"{100 * self.done / max(self.total, 1):3.0f}%  {item or 'kept from the interrupted run'}")
         self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
         self.stream.flush()
 
@@ -94,24 +101,21 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def convert(src, dst, weights: str = "quantized", mesh_shape: dict | None = None, rules: str = "train",
             unit_bytes: int = 1 << 30, progress=None) -> None:
     """Released safetensors directory `src` -> Orbax checkpoint `dst` (module docstring). `progress(item,
-    nbytes)` is called after each committed unit; an exception from it (or anything else) leaves a resumable
-    partial conversion."""
+    nbytes)` is called after each committed unit (and `progress(None, nbytes)` first for the units a resumed
+    conversion keeps); an exception from it (or anything else) leaves a resumable partial conversion. `DST.lock`
+    is held throughout (hub.destination_lock)."""
+    src, dst = os.path.abspath(src), os.path.abspath(dst)
+    with hub.destination_lock(dst):
+        _convert(src, dst, weights, mesh_shape, rules, unit_bytes, progress)
+
+
+def _convert(src, dst, weights, mesh_shape, rules, unit_bytes, progress) -> None:
     import orbax.checkpoint.experimental.v1 as ocp
     from orbax.checkpoint._src.handlers.base_pytree_checkpoint_handler import PartialSaveReplacementError
 
-    src, dst = os.path.abspath(src), os.path.abspath(dst)
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} exists: it is a finished conversion; delete it or pick another DST")
     source = hub.HubCheckpoint(src)
@@ -133,24 +137,15 @@ def convert(src, dst, weights: str = "quantized", mesh_shape: dict | None = None
 
     options = {"source": src, "shards": {s: os.path.getsize(f.path) for s, f in source.files.items()},
                "weights": weights, "mesh": dict(mesh.shape), "rules": rules, "units": units}
-    journal_path, partial_dir = dst + ".journal.json", dst + ".partial_save"
-    done: list[int] = []
-    if os.path.exists(journal_path):
-        with open(journal_path) as f:
-            journal = json.load(f)
-        if journal["options"] != options:
-            raise ValueError(f"{journal_path}: an interrupted conversion into {dst} used other options or another "
-                             f"source; rerun it with the same arguments, or delete {journal_path} and {partial_dir}")
-        done = journal["done"]
-    elif os.path.exists(partial_dir):
-        raise FileExistsError(f"{partial_dir} exists without {journal_path}: it is not a v4jax-convert "
-                              "conversion this command can resume; delete it")
-    else:
-        _write_json(journal_path, {"options": options, "done": done})
+    partial_dir = dst + ".partial_save"
+    journal = hub.Journal(dst, options, partial_dir)
 
     custom = {"v4jax": {"hf_config": hf_config, "weights": weights, "source": src,
                         "mesh": dict(mesh.shape), "rules": rules}}
-    progress = progress or Progress("to-orbax", sum(_stored_bytes(source, plan[p]) for p in variables))
+    unit_nbytes = [sum(_stored_bytes(source, plan[p]) for p in unit) for unit in units]
+    progress = progress or Progress("to-orbax", sum(unit_nbytes))
+    if journal.done:
+        progress(None, sum(unit_nbytes[i] for i in journal.done))
     def placed(path):
         """Read one variable and put it on the mesh. The shards' pages leave the resident set after each copy
         (read_leaf's stack / dequant, then device_put, which reads unstacked tensors straight from the map)
@@ -162,18 +157,17 @@ def convert(src, dst, weights: str = "quantized", mesh_shape: dict | None = None
         return value
 
     for i, unit in enumerate(units):
-        if i in done:
+        if i in journal.done:
             continue
         try:
             ocp.partial.save(dst, to_orbax_tree({path: placed(path) for path in unit}), custom_metadata=custom)
         except PartialSaveReplacementError:
             pass  # committed by a run that was interrupted before it could record it in the journal
         _return_freed_memory()
-        done.append(i)
-        _write_json(journal_path, {"options": options, "done": done})
-        progress(unit[-1], sum(_stored_bytes(source, plan[p]) for p in unit))
+        journal.commit(i)
+        progress(unit[-1], unit_nbytes[i])
     ocp.partial.finalize(dst)
-    os.unlink(journal_path)
+    journal.finish()
     for leftover in glob.glob(glob.escape(partial_dir) + ".orbax-checkpoint-tmp*"):  # a refused replacement's temp dir
         shutil.rmtree(leftover)
     if hasattr(progress, "close"):
@@ -196,10 +190,14 @@ def _export_specs(path: str, meta, weights: str) -> dict:
 
 
 def export(src, dst, weights: str = "release", max_shard_bytes: int = 4 << 30, progress=None) -> None:
-    """Orbax checkpoint `src` (from `convert`) -> released-layout safetensors directory `dst`."""
+    """Orbax checkpoint `src` (from `convert`) -> released-layout safetensors directory `dst`. Resumable: run
+    again after an interruption, it keeps the shards already written (hub.write_hub_checkpoint)."""
+    if os.path.exists(dst):  # before the source is opened
+        raise FileExistsError(f"{os.path.abspath(dst)} exists: choose a new output directory or delete it first")
     reader = OrbaxReader(src)
-    write_hub(dst, {p: reader.stored[p] for p in reader.variables}, lambda path: reader.read([path])[path], dict(reader.custom["hf_config"]),
-              weights, max_shard_bytes, progress)
+    write_hub(dst, {p: reader.stored[p] for p in reader.variables}, lambda path: reader.read([path])[path],
+              dict(reader.custom["hf_config"]), weights, max_shard_bytes, progress,
+              resume={"source": reader.path, "v4jax": reader.custom, "weights": weights})
 
 
 def export_model(model, dst, weights: str = "release", max_shard_bytes: int = 4 << 30, progress=None) -> None:
@@ -210,9 +208,11 @@ def export_model(model, dst, weights: str = "release", max_shard_bytes: int = 4 
               max_shard_bytes, progress)
 
 
-def write_hub(dst, variables: dict, read, hf_config: dict, weights: str, max_shard_bytes: int, progress) -> None:
+def write_hub(dst, variables: dict, read, hf_config: dict, weights: str, max_shard_bytes: int, progress,
+              resume=None) -> None:
     """Write variables {path: anything with .shape} in the official layout, reading each value with read(path)
-    only when its tensors are due (one variable's tensors in memory at a time)."""
+    only when its tensors are due (one variable's tensors in memory at a time); `resume`: see
+    hub.write_hub_checkpoint."""
     specs, leaf_of = {}, {}
     for path, meta in variables.items():
         s = _export_specs(path, meta, weights)
@@ -237,7 +237,8 @@ def write_hub(dst, variables: dict, read, hf_config: dict, weights: str, max_sha
     total = sum(math.prod(s) * np.dtype(d).itemsize for d, s in specs.values())
     progress = progress or Progress("to-hub", total)
     hub.write_hub_checkpoint(dst, specs, produce, max_shard_bytes,
-                             extra_files={"config.json": json.dumps(hf_config, indent=2) + "\n"}, progress=progress)
+                             extra_files={"config.json": json.dumps(hf_config, indent=2) + "\n"}, progress=progress,
+                             resume=resume)
     if hasattr(progress, "close"):
         progress.close()
 
@@ -272,50 +273,89 @@ def _parse_mesh(text: str | None) -> dict | None:
     if not text:
         return None
     try:
-        return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+        mesh = {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
     except ValueError:
-        raise SystemExit(f"--mesh {text!r}: write it as axis=size pairs, e.g. fsdp=4,expert=2") from None
+        mesh = None
+    if not mesh or min(mesh.values()) < 1:
+        raise ValueError(f"--mesh {text!r}: write it as axis=size pairs with sizes >= 1, e.g. fsdp=4,expert=2")
+    return mesh
+
+
+def _positive(cast):
+    """argparse type: cast(text), which must be > 0."""
+    def parse(text: str):
+        value = cast(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not > 0")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse names it in "invalid float value: 'x'"
+    return parse
+
+
+def _check_destination(dst: str) -> None:
+    """Before anything is read: DST's folder exists and is writable (convert / export refuse an existing DST)."""
+    dst = os.path.abspath(dst)
+    parent = os.path.dirname(dst)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{parent}: no such folder to write {os.path.basename(dst)} into; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{parent}: not writable, so {os.path.basename(dst)} cannot be written there")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: every option's default, and the module docstring as written."""
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="v4jax-convert", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="v4jax-convert", description=__doc__, formatter_class=_Help)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("to-orbax", help="released safetensors -> sharded Orbax checkpoint")
-    a.add_argument("src"), a.add_argument("dst")
+    a = sub.add_parser("to-orbax", help="released safetensors -> sharded Orbax checkpoint", formatter_class=_Help)
+    a.add_argument("src", help="released-layout folder: config.json + safetensors shards")
+    a.add_argument("dst", help="Orbax checkpoint folder to create")
     a.add_argument("--weights", default="quantized", choices=["quantized", "fp8", "float32", "bfloat16"],
                    help="quantized: FP8 + MXFP4 as released; fp8: experts re-encoded losslessly to FP8; "
                         "float32 / bfloat16: dequantized")
-    a.add_argument("--mesh", help="mesh axis sizes, e.g. fsdp=4,expert=2 (default: one device)")
-    a.add_argument("--rules", default="train", choices=sorted(RULES))
-    a.add_argument("--unit-gb", type=float, default=1.0, help="bytes read and saved per step (memory bound)")
+    a.add_argument("--mesh", help="mesh axis sizes, e.g. fsdp=4,expert=2 (None: one device)")
+    a.add_argument("--rules", default="train", choices=sorted(RULES), help="logical axis -> mesh axis rules")
+    a.add_argument("--unit-gb", type=_positive(float), default=1.0, help="bytes read and saved per step (memory bound)")
     a.add_argument("--verify", action="store_true",
                    help="then compare logits (and a DSpark drafter's drafts) of source and result")
-    b = sub.add_parser("to-hub", help="Orbax checkpoint -> released-layout safetensors")
-    b.add_argument("src"), b.add_argument("dst")
-    b.add_argument("--weights", default="release", choices=["release", "bfloat16"])
-    b.add_argument("--shard-gb", type=float, default=4.0)
+    b = sub.add_parser("to-hub", help="Orbax checkpoint -> released-layout safetensors", formatter_class=_Help)
+    b.add_argument("src", help="Orbax checkpoint folder written by to-orbax")
+    b.add_argument("dst", help="released-layout folder to create")
+    b.add_argument("--weights", default="release", choices=["release", "bfloat16"],
+                   help="release: FP8 / MXFP4 as released; bfloat16: FP8 / FP4 tensors stored as BF16")
+    b.add_argument("--shard-gb", type=_positive(float), default=4.0, help="largest shard size")
     c = sub.add_parser("verify", help="compare logits (and a DSpark drafter's drafts) of a safetensors checkpoint "
-                                      "and its Orbax conversion")
-    c.add_argument("hub_dir"), c.add_argument("orbax_dir")
-    c.add_argument("--tokens", type=int, default=16)
+                                      "and its Orbax conversion", formatter_class=_Help)
+    c.add_argument("hub_dir", help="released-layout folder")
+    c.add_argument("orbax_dir", help="its Orbax conversion")
+    c.add_argument("--tokens", type=_positive(int), default=16,
+                   help="random token ids compared")
+    for p in (a, b, c):
+        p.add_argument("--debug", action="store_true",
+                       help="show the traceback of an error (also: environment V4JAX_DEBUG=1)")
     args = ap.parse_args(argv)
 
-    if args.cmd == "to-orbax":
-        mesh = _parse_mesh(args.mesh)
-        if mesh and math.prod(mesh.values()) > 1:  # CPU hosts: fake devices (read when jax first starts)
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                       f" --xla_force_host_platform_device_count={math.prod(mesh.values())}")
-        convert(args.src, args.dst, args.weights, mesh, args.rules, int(args.unit_gb * _GB))
-        print(f"v4jax-convert: wrote {args.dst}")
-        if args.verify:
-            return _report_verify(args.src, args.dst, 16, args.weights)
-    elif args.cmd == "to-hub":
-        export(args.src, args.dst, args.weights, int(args.shard_gb * _GB))
-        print(f"v4jax-convert: wrote {args.dst}")
-    else:
-        weights = OrbaxReader(args.orbax_dir).custom["weights"]
-        return _report_verify(args.hub_dir, args.orbax_dir, args.tokens, weights)
+    with cli_errors("v4jax-convert", args.debug):
+        if args.cmd == "to-orbax":
+            mesh = _parse_mesh(args.mesh)
+            _check_destination(args.dst)
+            if mesh and math.prod(mesh.values()) > 1:  # CPU hosts: fake devices (read when jax first starts)
+                os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                           f" --xla_force_host_platform_device_count={math.prod(mesh.values())}")
+            convert(args.src, args.dst, args.weights, mesh, args.rules, int(args.unit_gb * _GB))
+            print(f"v4jax-convert: wrote {args.dst}")
+            if args.verify:
+                return _report_verify(args.src, args.dst, 16, args.weights)
+        elif args.cmd == "to-hub":
+            _check_destination(args.dst)
+            export(args.src, args.dst, args.weights, int(args.shard_gb * _GB))
+            print(f"v4jax-convert: wrote {args.dst}")
+        else:
+            weights = OrbaxReader(args.orbax_dir).custom["weights"]
+            return _report_verify(args.hub_dir, args.orbax_dir, args.tokens, weights)
     return 0
 
 

@@ -18,12 +18,15 @@ its own Python 3.11 torch environment (tests/oracle/).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import mmap
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 
@@ -48,6 +51,26 @@ INDEX_FILE = "model.safetensors.index.json"
 class CheckpointError(ValueError):
     """A checkpoint file or directory that cannot be read as the released format; the message names the file,
     the problem and what to do about it."""
+
+
+class UnsafeCheckpointPath(CheckpointError):
+    """A file name read from a checkpoint (a shard name of the index) that would lead outside the checkpoint's
+    folder: an absolute path, a `..` part, or a symlink to a file elsewhere."""
+
+
+def file_inside(folder, name, source):
+    """The path of the file `name`, read from `source` (for the message), inside `folder`; UnsafeCheckpointPath
+    unless it is a relative name without `..` whose real path (symlinks followed) stays inside the folder."""
+    folder = os.fspath(folder)
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in re.split(r"[\\/]", name):
+        raise UnsafeCheckpointPath(f"{source}: file name {name!r} points outside {folder}; a checkpoint names only "
+                                   "files inside its own folder: fix or re-download the index")
+    path = os.path.join(folder, name)
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.commonpath([real, root]) != root:
+        raise UnsafeCheckpointPath(f"{path} is a symlink to {real}, outside {folder}; a checkpoint reads only files "
+                                   "inside its own folder: copy the file in (e.g. download with --local-dir)")
+    return path
 
 
 # ----------------------------------------------------------------------------- safetensors reading
@@ -160,6 +183,8 @@ class HubCheckpoint:
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({e!r}); re-download it") from e
         elif os.path.exists(os.path.join(self.dir, "model.safetensors")):
@@ -167,12 +192,13 @@ class HubCheckpoint:
         else:
             raise CheckpointError(f"{self.dir}: neither {INDEX_FILE} nor model.safetensors found; "
                                   "point to the directory that holds the checkpoint's .safetensors files")
-        shards = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
-        missing = [s for s in shards if not os.path.exists(os.path.join(self.dir, s))]
+        shards = sorted(set(weight_map.values()), key=str) if weight_map is not None else ["model.safetensors"]
+        paths = {s: file_inside(self.dir, s, index) for s in shards}  # before anything is opened
+        missing = [s for s in shards if not os.path.exists(paths[s])]
         if missing:
             raise CheckpointError(f"{self.dir}: {len(missing)} shard(s) named in {INDEX_FILE} are missing: "
                                   f"{missing}; download them (or fix the index)")
-        self.files = {s: SafetensorsFile(os.path.join(self.dir, s)) for s in shards}
+        self.files = {s: SafetensorsFile(paths[s]) for s in shards}
         self.shard_of = {n: s for s, f in self.files.items() for n in f.keys()}
         if weight_map is not None:
             unlisted = sorted(set(self.shard_of) - set(weight_map))
@@ -224,6 +250,19 @@ def load_hub_checkpoint(ckpt_dir):
 
 
 # ----------------------------------------------------------------------------- safetensors writing
+def safetensors_header(specs):
+    """The header {name: {dtype, shape, data_offsets}} of a file holding `specs` {name: (dtype, shape)} in order."""
+    header, offset = {}, 0
+    for name, (dtype, shape) in specs.items():
+        dtype = np.dtype(dtype)
+        if dtype not in _ST_NAMES:
+            raise TypeError(f"{name}: dtype {dtype} has no safetensors tag")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    return header
+
+
 class SafetensorsWriter:
     """Streams one safetensors file: the header is written from `specs` {name: (dtype, shape)} up front, then
     `write(name, array)` in that order. The file appears under `path` only when every tensor has been written
@@ -231,14 +270,7 @@ class SafetensorsWriter:
 
     def __init__(self, path, specs, metadata=None):
         self.path, self._order, self._next = os.fspath(path), list(specs), 0
-        header, offset = {}, 0
-        for name, (dtype, shape) in specs.items():
-            dtype = np.dtype(dtype)
-            if dtype not in _ST_NAMES:
-                raise TypeError(f"{name}: dtype {dtype} has no safetensors tag")
-            nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
+        header = safetensors_header(specs)
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         self._header = header
@@ -319,39 +351,141 @@ def shard_layout(specs, max_shard_bytes):
     return shards + ([mtp] if mtp else [])
 
 
-def write_hub_checkpoint(out_dir, specs, produce, max_shard_bytes=4 << 30, extra_files=None, progress=None):
+class DestinationLocked(FileExistsError):
+    """Another process is writing the same destination: it holds the destination's lock file."""
+
+
+@contextlib.contextmanager
+def destination_lock(dst):
+    """Holds `DST.lock` while the caller writes `dst`. The lock is an flock, which the OS drops when its process
+    ends, so a lock file left by a killed run is simply taken over; DestinationLocked names the live holder."""
+    path = os.fspath(dst) + ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DestinationLocked(f"{dst} is being written by {holder} (lock file {path}): wait for it to finish "
+                                "or write somewhere else") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        os.unlink(path)
+        f.close()
+
+
+def write_json(path, obj):
+    """json.dump, atomically (temp file + fsync + rename)."""
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Journal:
+    """`DST.journal.json` beside an unfinished write of `dst` (whose output so far lives in `partial`): the write's
+    options and the steps it has committed, so that the same command run again resumes (`done`) and one with
+    other options is refused."""
+
+    def __init__(self, dst, options, partial):
+        self.path, self.options, self.done = os.fspath(dst) + ".journal.json", json.loads(json.dumps(options)), []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                journal = json.load(f)
+            if journal["options"] != self.options:
+                raise ValueError(f"{self.path}: an interrupted conversion into {dst} used other options or another "
+                                 f"source; rerun it with the same arguments, or delete {self.path} and {partial}")
+            self.done = journal["done"]
+        elif os.path.exists(partial):
+            raise FileExistsError(f"{partial} exists without {self.path}: it is not a v4jax-convert conversion this "
+                                  "command can resume; delete it")
+        else:
+            write_json(self.path, {"options": self.options, "done": self.done})
+
+    def commit(self, step):
+        self.done.append(step)
+        write_json(self.path, {"options": self.options, "done": self.done})
+
+    def finish(self):
+        os.unlink(self.path)
+
+
+def write_hub_checkpoint(out_dir, specs, produce, max_shard_bytes=4 << 30, extra_files=None, progress=None,
+                         resume=None):
     """Writes a released-layout checkpoint directory tensor by tensor: `produce(name)` returns each tensor of
     `specs` {name: (dtype, shape)} in order, so memory holds one tensor at a time (plus what `produce`
     caches). Shards `model-0000i-of-0000n.safetensors`, the index and `extra_files` {filename: text} go to a
-    temp directory that is renamed to `out_dir` at the end: `out_dir` is complete or absent."""
+    folder beside `out_dir` that is renamed to it at the end: `out_dir` is complete or absent. `out_dir.lock` is
+    held meanwhile (destination_lock). `progress(name, nbytes)` is called after each tensor written.
+
+    `resume` (JSON data saying what is written, e.g. the source and format) makes the write resumable: the folder
+    is `out_dir.partial`, a Journal lists its finished shards, and the same call after an interruption keeps
+    them (each checked against the header it must have; `progress(None, nbytes)` per kept shard) and writes the
+    rest. Without it the folder is a temp directory that an error removes."""
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir):
-        raise FileExistsError(f"{out_dir} exists: choose a new output directory or delete it first")
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=os.path.basename(out_dir) + ".tmp-")
-    try:
-        shards = shard_layout(specs, max_shard_bytes)
-        weight_map, total = {}, 0
-        for i, names in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            with SafetensorsWriter(os.path.join(tmp, fname), {n: specs[n] for n in names}) as w:
-                for n in names:
-                    a = produce(n)
-                    w.write(n, a)
-                    total += a.nbytes
+    shards = shard_layout(specs, max_shard_bytes)
+    fnames = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    with destination_lock(out_dir):
+        if os.path.exists(out_dir):
+            raise FileExistsError(f"{out_dir} exists: choose a new output directory or delete it first")
+        if resume is None:
+            journal, tmp = None, tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=os.path.basename(out_dir) + ".tmp-")
+        else:
+            tmp = out_dir + ".partial"
+            options = {"resume": resume, "max_shard_bytes": max_shard_bytes, "extra_files": extra_files,
+                       "specs": [[n, _ST_NAMES[np.dtype(d)], list(s)] for n, (d, s) in specs.items()]}
+            journal = Journal(out_dir, options, tmp)
+            os.makedirs(tmp, exist_ok=True)
+            for leftover in os.listdir(tmp):  # a killed run's unfinished shard (SafetensorsWriter's temp file)
+                if leftover.endswith(".tmp"):
+                    os.unlink(os.path.join(tmp, leftover))
+        try:
+            for i, (names, fname) in enumerate(zip(shards, fnames)):
+                path, header = os.path.join(tmp, fname), safetensors_header({n: specs[n] for n in names})
+                if journal and i in journal.done and _has_header(path, header):
                     if progress:
-                        progress(n, a.nbytes)
-            weight_map.update({n: fname for n in names})
-        for fname, text in (extra_files or {}).items():
-            os.makedirs(os.path.dirname(os.path.join(tmp, fname)), exist_ok=True)  # e.g. inference/config.json
-            with open(os.path.join(tmp, fname), "w") as f:
-                f.write(text)
-        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                        progress(None, sum(e - b for b, e in (h["data_offsets"] for h in header.values())))
+                    continue
+                with SafetensorsWriter(path, {n: specs[n] for n in names}) as w:
+                    for n in names:
+                        a = produce(n)
+                        w.write(n, a)
+                        if progress:
+                            progress(n, a.nbytes)
+                if journal and i not in journal.done:
+                    journal.commit(i)
+            for fname, text in (extra_files or {}).items():
+                os.makedirs(os.path.dirname(os.path.join(tmp, fname)), exist_ok=True)  # e.g. inference/config.json
+                with open(os.path.join(tmp, fname), "w") as f:
+                    f.write(text)
+            total = sum(math.prod(s) * np.dtype(d).itemsize for d, s in specs.values())
+            weight_map = {n: fname for names, fname in zip(shards, fnames) for n in names}
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if journal is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if journal:
+            journal.finish()
+
+
+def _has_header(path, header):
+    """Whether the file at `path` is a complete safetensors file with exactly this header."""
+    try:
+        return read_safetensors_header(path)[0] == header
+    except (OSError, CheckpointError):
+        return False
 
 
 # ----------------------------------------------------------------------------- FP8 / MXFP4 decode + encode
