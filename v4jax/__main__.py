@@ -40,7 +40,8 @@ def describe(name: str, x: jax.Array) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m v4jax", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m v4jax", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model for the forward pass")
     ap.add_argument("--seq-len", type=int, default=300, help="tokens per sequence (batch is 2)")
     args = ap.parse_args(argv)

@@ -34,11 +34,11 @@ def cli_errors(prog: str, debug: bool = False):
     """The error handling of the command line tools: a ValueError (ConfigError, CheckpointMismatch,
     hub.CheckpointError, an argument check) or OSError (a missing, existing or unwritable path, a held lock) ends
     the command with `prog: message` on stderr and exit status 1, without a traceback unless `debug` or the
-    environment sets V4JAX_DEBUG=1."""
+    environment sets V4JAX_DEBUG (to anything but 0)."""
     try:
         yield
     except (ValueError, OSError) as e:
-        if debug or os.environ.get("V4JAX_DEBUG") == "1":
+        if debug or os.environ.get("V4JAX_DEBUG", "") not in ("", "0"):
             raise
         raise SystemExit(f"{prog}: {e}") from None
 

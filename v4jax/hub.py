@@ -3,8 +3,10 @@
 What is here:
   * safetensors reading: the header is parsed and checked (offsets, sizes, dtypes) and the bytes are
     memory-mapped, so a tensor or a byte range is read without loading its shard; `HubCheckpoint` follows
-    `model.safetensors.index.json`. A streaming, atomic writer for the same format (`SafetensorsWriter`,
-    `write_hub_checkpoint` for a whole sharded directory);
+    `model.safetensors.index.json`, whose shard names must stay inside the checkpoint folder
+    (`UnsafeCheckpointPath`). A streaming, atomic writer for the same format (`SafetensorsWriter`,
+    `write_hub_checkpoint` for a whole sharded directory, resumable); the housekeeping v4jax-convert shares:
+    `destination_lock` (DST.lock) and `Journal` (DST.journal.json, what a resumed write keeps);
   * decoding and encoding of the two quantized formats: FP8 e4m3 with one UE8M0 scale per 128x128 block, MXFP4
     (e2m1 pairs packed in a byte, low nibble = even element, one UE8M0 scale per 1x32 block along K), and the
     lossless MXFP4 -> FP8 re-encode of the official convert.py (spec §5.4 step 5);
