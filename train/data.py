@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from train import tokenizer as tokenizer_lib
+from train.cli import InputError, run
 
 FORMAT = "v4jax-token-shards-1"
 
@@ -93,6 +94,23 @@ def tokenize_files(files: list[Path], out: str | Path, tokenizer_path: str | Pat
 
 # ---- reading and packing ----------------------------------------------------------------------------------
 
+class CorpusError(InputError):
+    """A corpus folder that cannot be trained on: missing, not in this format, a shard outside the folder, empty."""
+
+
+def shard_file(folder: Path, shard: dict, kind: str) -> Path:
+    """`<folder>/<name>.<kind>.npy` of a meta.json shard entry, which must stay inside the folder: the name is
+    data, not a path (no `..`, no absolute path, no symlink leading out)."""
+    name = shard.get("name") if isinstance(shard, dict) else None
+    if not isinstance(name, str) or not name:
+        raise CorpusError(f"{folder / 'meta.json'}: shard entry {shard!r} has no name")
+    file = folder / f"{name}.{kind}.npy"
+    if not file.resolve().is_relative_to(folder.resolve()):
+        raise CorpusError(f"{folder / 'meta.json'}: shard {name!r} resolves to {file.resolve()}, outside the "
+                          f"corpus folder {folder.resolve()}")
+    return file
+
+
 class PackedStream:
     """The epoch-permuted document stream of a shard folder, read as packed rows (module docstring)."""
 
@@ -100,19 +118,24 @@ class PackedStream:
         path = Path(path)
         meta_file = path / "meta.json"
         if not meta_file.exists():
-            raise FileNotFoundError(f"{meta_file} not found: tokenise a corpus first with `python -m train.data`")
+            raise CorpusError(f"{meta_file} not found: tokenise a corpus first with `python -m train.data`")
         self.meta = json.loads(meta_file.read_text())
         if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} folder (format {self.meta.get('format')!r})")
+            raise CorpusError(f"{path} is not a {FORMAT} folder (format {self.meta.get('format')!r})")
+        if not self.meta.get("shards"):
+            raise CorpusError(f"{meta_file} lists no shards: the corpus is empty")
         self.seed = seed
-        toks = [np.load(path / f"{s['name']}.tokens.npy", mmap_mode="r") for s in self.meta["shards"]]
-        starts = [np.load(path / f"{s['name']}.docs.npy") for s in self.meta["shards"]]
+        toks = [np.load(shard_file(path, s, "tokens"), mmap_mode="r") for s in self.meta["shards"]]
+        starts = [np.load(shard_file(path, s, "docs")) for s in self.meta["shards"]]
         # one entry per document: (shard, start, length)
         self._tokens = toks
         self._doc_shard = np.concatenate([np.full(len(s) - 1, i) for i, s in enumerate(starts)])
         self._doc_start = np.concatenate([s[:-1] for s in starts])
         self._doc_len = np.concatenate([np.diff(s) for s in starts])
         self.epoch_tokens = int(self._doc_len.sum())
+        # a target is a token after another of its document: a corpus of bare <|doc|> tokens has none
+        if int(np.maximum(self._doc_len - 1, 0).sum()) == 0:
+            raise CorpusError(f"{path}: no tokens to train on ({len(self._doc_len)} documents, all empty)")
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def _epoch(self, e: int):
@@ -146,7 +169,7 @@ class PackedStream:
         return {"tokens": np.stack(toks), "segment_ids": np.stack(segs)}
 
 
-def main(argv=None) -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.data", description="Tokenise text into training shards.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tokenize", help="tokenise a folder of text files (one document per file)")
@@ -156,17 +179,22 @@ def main(argv=None) -> None:
     t.add_argument("--output", required=True)
     s = sub.add_parser("stdlib", help="the embedded default corpus: the Python standard library, shipped tokenizer")
     s.add_argument("--output", required=True)
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a known error too")
     args = ap.parse_args(argv)
     if args.cmd == "tokenize":
         files = sorted(p for p in Path(args.input).glob(args.pattern) if p.is_file())
         if not files:
-            raise SystemExit(f"no files match {args.pattern!r} under {args.input}")
-        meta = tokenize_files(files, args.output, args.tokenizer)
+            raise InputError(f"no files match {args.pattern!r} under {args.input}")
+        tokenizer = args.tokenizer
     else:
-        meta = tokenize_files(tokenizer_lib.stdlib_files(), args.output)
+        files, tokenizer = tokenizer_lib.stdlib_files(), tokenizer_lib.SHIPPED
+    try:
+        meta = tokenize_files(files, args.output, tokenizer)
+    except FileExistsError as e:
+        raise InputError(str(e)) from None
     print(f"{args.output}: {meta['n_docs']} documents, {meta['n_tokens']:,} tokens in {len(meta['shards'])} "
           f"shard(s); unigram entropy {meta['unigram_entropy_nats']:.3f} nats/token")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import argparse
 
+from train.cli import run
 from train.sample import restore_run
 from v4jax.convert import export_model
 
 
-def main(argv=None) -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="+", help="run config YAML and key=value overrides, as for train.pretrain")
     ap.add_argument("--out", required=True, help="the safetensors directory to write (must not exist)")
     ap.add_argument("--weights", default="release", choices=["release", "bfloat16"])
     ap.add_argument("--shard-gb", type=float, default=4.0)
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a known error too")
     args = ap.parse_args(argv)
     model, _, meta = restore_run(args.config)
     export_model(model, args.out, args.weights, int(args.shard_gb * 1e9))
@@ -29,4 +31,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,29 +1,46 @@
 """Pretrain DeepSeek-V4 (spec §6): Muon + AdamW, MTP, balanced routing, staged attention, packed documents.
 
-    python -m train.pretrain configs/train/tiny.yaml [key.sub=value ...]
+    python -m train.pretrain configs/train/tiny.yaml [key.sub=value ...]      (or python train/pretrain.py ...)
     e.g.  python -m train.pretrain configs/train/tiny.yaml run_dir=runs/x schedule.peak_lr=1e-3
+    python -m train.pretrain --help       every run-config key with its type, default and meaning
 
-The same command resumes: if run_dir holds a complete checkpoint, training continues from the latest one
-(model, optimizer, router biases, data position) and produces the same losses as an uninterrupted run.
-Multi-host: start one process per host with distributed.coordinator_address / num_processes / process_id
-set (or none of them, where jax.distributed.initialize() finds the cluster itself: TPU pods, SLURM); the mesh
-spans all processes and every process loads only the rows of the global batch its devices hold.
+The same command resumes: if run_dir holds a checkpoint, training continues from the newest intact one
+(model, optimizer, router biases, data position) and produces the same losses as an uninterrupted run; a
+damaged newest checkpoint is moved aside and named. Multi-host: start one process per host with
+distributed.coordinator_address / num_processes / process_id set (or none of them, where
+jax.distributed.initialize() finds the cluster itself: TPU pods, SLURM); the mesh spans all processes and
+every process loads only the rows of the global batch its devices hold.
 
-The run: read the config -> build the mesh and the model (or load `init` weights for fine-tuning) -> restore
-the latest checkpoint if any -> for each stage (batch size, sequence length, attention mode), run jitted
-train steps: forward + backward over `grad_accum` micro-batches, NaN/Inf guard, optimizer update, router bias
-update; log metrics; save asynchronously every `checkpoint.every` steps and at the end.
+The run: read and validate the config -> open the corpus -> build the mesh and the model (or load `init`
+weights for fine-tuning) -> restore the newest intact checkpoint if any -> for each stage (batch size, sequence
+length, attention mode), run jitted train steps: forward + backward over `grad_accum` micro-batches, optimizer
+update, router bias update; log metrics (stdout, metrics.jsonl, TensorBoard); save asynchronously every
+`checkpoint.every` steps and at the end.
+
+The guard: a bad step (non-finite loss or gradient norm, a loss above guard.spike_factor x the mean of the
+last good steps, an update that would make a parameter non-finite) keeps the old state, inside the compiled
+step. A checkpoint is written only after a good step (a save that falls due on a bad step waits for the next
+good one). guard.max_bad_steps bad steps in a row roll back to the newest checkpoint: model, optimizer and
+step from it, while the data goes on where it is (replaying the same batches from the same state would
+diverge again); after guard.max_rollbacks rollbacks to one checkpoint the run stops and names it.
 """
 
 from __future__ import annotations
 
-import copy
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the train package from the repository, not train/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
 import json
 import math
-import sys
+import os
 import time
+import typing
 from functools import partial
-from pathlib import Path
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +50,11 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from tensorboardX import SummaryWriter
 
-from train import losses
+from train import cli, losses
+from train.cli import InputError
 from train.data import PackedStream
 from train.flops import peak_flops_per_device, train_flops_per_token
 from train.muon import path_str, v4_optimizer
@@ -43,44 +63,177 @@ from v4jax.model import Transformer
 from v4jax.moe import RouterBias
 from v4jax.sharding import DECODE_RULES, TRAIN_RULES, follow_params, make_mesh, model_specs, use_rules
 
-# Every key a run config may set, with its default (a YAML file overrides these; key=value arguments override
-# the file).
-DEFAULTS = {
-    "run_dir": "runs/default",
-    "seed": 0,
-    "model": {"preset": "tiny", "config": None, "overrides": {}},  # config: an official / HF config.json path
-    "init": None,  # fine-tuning: a released-layout checkpoint folder (tid2eid is loaded and stays frozen)
-    "data": {"path": "data/stdlib", "seed": 0},
-    # Stages run in order, each until its `until_step`. attention: dense (CSA attends every visible compressed
-    # entry), indexer_warmup (dense, only the indexer trains, on the KL loss), sparse (top-k, KL on the indexer).
-    "stages": [{"until_step": 100, "batch_size": 8, "seq_len": 256, "grad_accum": 1, "attention": "sparse"}],
-    "schedule": {"peak_lr": 2.7e-4, "final_lr": 2.7e-5, "warmup_steps": 2000, "decay_start": None},
-    "optimizer": {"momentum": 0.95, "muon_rms_scale": 0.18, "muon_weight_decay": 0.1,
-                  "adam_b1": 0.9, "adam_b2": 0.95, "adam_eps": 1e-20, "adam_weight_decay": 0.1},
-    "loss": {"mtp_weight": 0.3, "mtp_weight_in_decay": 0.1, "balance_weight": 1e-4, "bias_update_speed": 1e-3,
-             "indexer_weight": 1.0},
-    "mesh": {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1},  # -1: the devices left over
-    "rules": "train",  # train | decode | {logical axis: mesh axis}
-    "checkpoint": {"every": 100, "keep": 3, "async": True},
-    "log_every": 10,
-    "max_nonfinite_steps": 3,  # consecutive skipped steps before the run stops
-    "distributed": {"coordinator_address": None, "num_processes": None, "process_id": None},
-}
-STAGE_KEYS = {"until_step", "batch_size", "seq_len", "grad_accum", "attention"}
+# ---- configuration ----------------------------------------------------------------------------------------
+# Every key a run config may set: its type, range and default. A YAML file sets some; key=value arguments
+# override the file; the result is validated before anything is built (unknown keys and bad values are named).
+# Numbers that YAML 1.1 reads as strings (3e-3: no dot) are accepted as numbers.
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    preset: str = Field("tiny", description="ModelConfig preset (v4jax/config.py)")
+    config: str | None = Field(None, description="an official or HF config.json (or its folder) instead of preset")
+    overrides: dict[str, Any] = Field({}, description="ModelConfig fields to change, e.g. {n_layers: 2}")
+
+
+class DataSection(Section):
+    path: str = Field("data/stdlib", description="token-shard folder (python -m train.data)")
+    seed: int = Field(0, description="seeds the document order of each epoch")
+
+
+class Stage(Section):
+    until_step: int = Field(ge=1, description="the stage runs until this step")
+    batch_size: int = Field(ge=1, description="rows per micro-batch")
+    seq_len: int = Field(ge=1, description="tokens per row")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per step")
+    attention: Literal["dense", "indexer_warmup", "sparse"] = Field(
+        "sparse", description="dense CSA | dense, only the indexer trains (KL) | top-k sparse, KL on the indexer")
+
+
+class Schedule(Section):
+    peak_lr: float = Field(2.7e-4, gt=0, description="learning rate after warmup")
+    final_lr: float = Field(2.7e-5, ge=0, description="learning rate at the last step (cosine decay)")
+    warmup_steps: int = Field(2000, ge=0, description="linear warmup from 0")
+    decay_start: int | None = Field(None, ge=0, description="step the cosine decay starts (null: no decay)")
+
+
+class Optimizer(Section):
+    momentum: float = Field(0.95, ge=0, lt=1, description="Muon momentum")
+    muon_rms_scale: float = Field(0.18, gt=0, description="Muon update RMS")
+    muon_weight_decay: float = Field(0.1, ge=0)
+    adam_b1: float = Field(0.9, ge=0, lt=1)
+    adam_b2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-20, ge=0)
+    adam_weight_decay: float = Field(0.1, ge=0)
+
+
+class LossSection(Section):
+    mtp_weight: float = Field(0.3, ge=0, description="MTP loss weight before decay_start")
+    mtp_weight_in_decay: float = Field(0.1, ge=0, description="MTP loss weight from decay_start on")
+    balance_weight: float = Field(1e-4, ge=0, description="sequence-wise balance loss weight")
+    bias_update_speed: float = Field(1e-3, ge=0, description="router-bias step per train step")
+    indexer_weight: float = Field(1.0, ge=0, description="indexer KL weight")
+
+
+class Mesh(Section):
+    data: int = Field(-1, description="-1: the devices the other axes leave")
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    @model_validator(mode="after")
+    def sizes(self):
+        sizes = self.model_dump()
+        if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"axis sizes are >= 1, or -1 for at most one axis (got {sizes})")
+        return self
+
+
+class Checkpoint(Section):
+    every: int = Field(100, ge=1, description="save every this many steps (and at the end)")
+    keep: int | None = Field(3, ge=1, description="checkpoints kept, the newest (null: all)")
+    async_: bool = Field(True, alias="async", description="write in the background")
+
+
+class Guard(Section):
+    spike_factor: float | None = Field(
+        3.0, gt=1, description="a loss above this times the mean of the last spike_window good steps is a spike "
+                               "(null: no spike check)")
+    spike_window: int = Field(20, ge=1, description="good steps the spike check averages (reset at each stage)")
+    max_bad_steps: int = Field(3, ge=1, description="bad steps in a row that roll back to the newest checkpoint")
+    max_rollbacks: int = Field(2, ge=0, description="rollbacks to one checkpoint before the run stops")
+
+
+class Distributed(Section):
+    coordinator_address: str | None = None
+    num_processes: int | None = Field(None, ge=1)
+    process_id: int | None = Field(None, ge=0)
+
+
+class RunConfig(Section):
+    run_dir: str = Field("runs/default", description="checkpoints, metrics.jsonl, tensorboard/")
+    seed: int = Field(0, description="model initialisation")
+    model: ModelSection = ModelSection()
+    init: str | None = Field(None, description="fine-tuning: a released-layout checkpoint folder to load")
+    data: DataSection = DataSection()
+    stages: list[Stage] = Field(
+        [Stage(until_step=100, batch_size=8, seq_len=256)], min_length=1,
+        description="run in order, each until its until_step (increasing)")
+    schedule: Schedule = Schedule()
+    optimizer: Optimizer = Optimizer()
+    loss: LossSection = LossSection()
+    mesh: Mesh = Mesh()
+    rules: Any = Field("train", description="sharding rules: train | decode | {logical axis: mesh axis}")
+    checkpoint: Checkpoint = Checkpoint()
+    log_every: int = Field(10, ge=1, description="steps between progress lines on stdout")
+    guard: Guard = Guard()
+    distributed: Distributed = Distributed()
+
+    @field_validator("stages")
+    @classmethod
+    def increasing(cls, stages):
+        ends = [s.until_step for s in stages]
+        if any(b <= a for a, b in zip(ends, ends[1:])):
+            raise ValueError(f"until_step must increase from stage to stage (got {ends})")
+        return stages
+
+    @field_validator("rules")
+    @classmethod
+    def known_rules(cls, rules):
+        if not (rules in ("train", "decode") or isinstance(rules, dict)):
+            raise ValueError("use train, decode or a {logical axis: mesh axis} mapping")
+        return rules
+
+
 ATTENTION = {"dense": dict(csa_dense=True, indexer_loss=False),
              "indexer_warmup": dict(csa_dense=True, indexer_loss=True),
              "sparse": dict(csa_dense=False, indexer_loss=True)}
 
 
-# ---- configuration ----------------------------------------------------------------------------------------
+class ConfigError(InputError):
+    """A run config that does not validate: the message names each bad key."""
 
-def merge(base: dict, new: dict, where: str = "") -> dict:
-    out = copy.deepcopy(base)
+
+def _key(loc) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _known_keys(loc) -> list[str]:
+    """The keys allowed beside the last one of `loc`."""
+    node = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        node = node.model_fields[part].annotation
+        node = typing.get_args(node)[0] if typing.get_origin(node) is list else node
+    return sorted(f.alias or name for name, f in node.model_fields.items())
+
+
+def validate(raw: dict) -> dict:
+    """The run config as plain dicts, every key typed and checked, defaults filled in."""
+    try:
+        return RunConfig.model_validate(raw).model_dump(by_alias=True)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key {_key(err['loc'])!r}; known keys here: {_known_keys(err['loc'])}")
+            elif err["type"] == "missing":
+                problems.append(f"{_key(err['loc'])} is required")
+            else:
+                problems.append(f"{_key(err['loc'])} = {err['input']!r}: {err['msg']}")
+        raise ConfigError("config: " + "; ".join(problems)) from None
+
+
+def merge(base: dict, new: dict) -> dict:
+    """`new` over `base`; dicts merge key by key (except model.overrides and rules, which replace)."""
+    out = dict(base)
     for k, v in new.items():
-        if k not in base:
-            raise SystemExit(f"config: unknown key {where}{k!r}; known keys here: {sorted(base)}")
-        nested = isinstance(base[k], dict) and isinstance(v, dict) and k not in ("overrides", "rules")
-        out[k] = merge(base[k], v, f"{where}{k}.") if nested else v
+        nested = isinstance(out.get(k), dict) and isinstance(v, dict) and k not in ("overrides", "rules")
+        out[k] = merge(out[k], v) if nested else v
     return out
 
 
@@ -94,29 +247,46 @@ def parse_value(text: str):
 
 
 def load_config(argv: list[str]) -> dict:
-    """The YAML file (first argument) over DEFAULTS, then `dotted.key=value` overrides (values parsed as YAML)."""
+    """The YAML file (first argument), then `dotted.key=value` overrides (values parsed as YAML), validated."""
     if not argv or "=" in argv[0]:
-        raise SystemExit("usage: python -m train.pretrain CONFIG.yaml [key.sub=value ...]")
-    cfg = merge(DEFAULTS, yaml.safe_load(Path(argv[0]).read_text()) or {})
+        raise ConfigError("usage: python -m train.pretrain CONFIG.yaml [key.sub=value ...] (see --help)")
+    path = Path(argv[0])
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a run config is a mapping of keys (see --help)")
     for arg in argv[1:]:
         key, sep, value = arg.partition("=")
         if not sep:
-            raise SystemExit(f"override {arg!r} is not key=value (e.g. schedule.peak_lr=1e-3)")
+            raise ConfigError(f"override {arg!r} is not key=value (e.g. schedule.peak_lr=1e-3)")
         update: dict = {}
         node = update
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = parse_value(value)
-        cfg = merge(cfg, update)
-    for i, st in enumerate(cfg["stages"]):
-        if set(st) - STAGE_KEYS or "until_step" not in st:
-            raise SystemExit(f"config: stage {i} has keys {sorted(st)}; allowed {sorted(STAGE_KEYS)}, until_step required")
-        st.setdefault("grad_accum", 1)
-        st.setdefault("attention", "sparse")
-        if st["attention"] not in ATTENTION:
-            raise SystemExit(f"config: stage {i} attention {st['attention']!r}; use one of {sorted(ATTENTION)}")
-    return cfg
+        raw = merge(raw, update)
+    return validate(raw)
+
+
+def schema_help(model=RunConfig, prefix: str = "") -> list[str]:
+    """One line per key of the run config: key, type, default and what it does (for --help)."""
+    lines = []
+    for name, f in model.model_fields.items():
+        key, t = prefix + (f.alias or name), f.annotation
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            lines += schema_help(t, key + ".")
+            continue
+        if typing.get_origin(t) is list:
+            lines.append(f"  {key}: a list, default {json.dumps(RunConfig().model_dump(by_alias=True)[key])}")
+            lines += schema_help(typing.get_args(t)[0], key + "[i].")
+            continue
+        default = "required" if f.is_required() else f"default {json.dumps(f.default)}"
+        kind = ("|".join(typing.get_args(t)) if typing.get_origin(t) is Literal
+                else getattr(t, "__name__", str(t)).replace("typing.", ""))
+        lines.append(f"  {key} ({kind}, {default})" + (f": {f.description}" if f.description else ""))
+    return lines
 
 
 def model_config(cfg: dict) -> ModelConfig:
@@ -142,11 +312,13 @@ def lr_schedule(s: dict, total_steps: int):
 # ---- the train step ---------------------------------------------------------------------------------------
 
 def make_train_step(graphdef, tx, trainable, bias_speed: float, state_shardings):
-    """The jitted step: (params, others, opt_state, batch [accum, rows, L+1], weights) -> new state, metrics.
-    The new state keeps `state_shardings` (the inputs'), so the next call reuses the compiled program.
+    """The jitted step: (params, others, opt_state, batch [accum, rows, L+1], weights, loss_limit) -> new state,
+    metrics. The new state keeps `state_shardings` (the inputs'), so the next call reuses the compiled program.
 
     `others` holds the non-trained variables (router biases, tid2eid); `trainable` is a {name: bool} mask
-    (False freezes a parameter: its update is zeroed). A non-finite loss or gradient norm skips the update.
+    (False freezes a parameter: its update is zeroed). A bad step keeps the old state (parameters, optimizer,
+    router biases): its loss or gradient norm is not finite, its loss is above `loss_limit` (a spike), or its
+    update would make a parameter non-finite. metrics["good"] says which.
     """
 
     def loss_fn(params, others, tokens, segment_ids, weights):
@@ -157,7 +329,7 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float, state_shardings)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     @partial(jax.jit, donate_argnums=(0, 1, 2), out_shardings=(*state_shardings, None))
-    def step(params, others, opt_state, batch, weights):
+    def step(params, others, opt_state, batch, weights, loss_limit=math.inf):
         def micro(grad_sum, mb):
             (_, (metrics, loads)), grads = grad_fn(params, others, mb["tokens"], mb["segment_ids"], weights)
             return jax.tree.map(jnp.add, grad_sum, grads), (metrics, loads)
@@ -170,14 +342,16 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float, state_shardings)
         loads = jax.tree.map(lambda v: jnp.sum(v, axis=0), loads)
 
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, opt_state, params)
         updates = jax.tree_util.tree_map_with_path(lambda p, u: u if trainable[path_str(p)] else 0 * u, updates)
         new_params = optax.apply_updates(params, updates)
         new_others = update_router_biases(others, loads, bias_speed)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]))
+        good = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & (metrics["loss"] <= loss_limit)
+                & params_finite)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(good, n, o), new, old)  # noqa: E731
         load_max, load_min = losses.load_balance(loads)
-        metrics |= {"grad_norm": grad_norm, "load_max": load_max, "load_min": load_min, "finite": finite}
+        metrics |= {"grad_norm": grad_norm, "load_max": load_max, "load_min": load_min, "good": good}
         return keep(new_params, params), keep(new_others, others), keep(new_opt, opt_state), metrics
 
     return step
@@ -220,44 +394,99 @@ def checkpoint_manager(cfg: dict) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(cfg["run_dir"]).absolute() / "checkpoints", options=opts)
 
 
-def save(manager, step: int, state: dict, data_offset: int, data_seed: int) -> None:
+def save(manager, step: int, state: dict, meta: dict) -> None:
     """Async save (returns once the arrays are copied off the devices). Orbax writes into a temporary folder and
     renames it when complete, so a kill at any moment leaves only whole checkpoints behind."""
-    meta = {"step": step, "data_offset": data_offset, "data_seed": data_seed}
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
-def restore(manager, state: dict) -> tuple[dict, dict]:
-    """The latest complete checkpoint, placed like `state` (its shapes and shardings)."""
+def restore(manager, state: dict, step: int) -> tuple[dict, dict]:
+    """Checkpoint `step`, placed like `state` (its shapes and shardings)."""
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    got = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+    got = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return got["state"], got["meta"]
 
 
+def restore_newest(manager, state: dict) -> tuple[tuple[dict, dict] | None, str]:
+    """(state, meta) of the newest checkpoint that restores (None when there is none), and a note naming the
+    damaged ones skipped and why. A damaged checkpoint (unreadable or truncated files) is moved to
+    <run_dir>/damaged-checkpoints/ (so that a later save of that step can happen) and the next older one tried."""
+    skipped = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            got = restore(manager, state, step)
+        except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means it is damaged
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            skipped.append(f"checkpoint {step} is damaged ({type(e).__name__}: {reason})")
+            if jax.process_index() == 0:
+                aside = Path(manager.directory).parent / "damaged-checkpoints" / f"{step}-{time.time_ns()}"
+                aside.parent.mkdir(exist_ok=True)
+                os.replace(Path(manager.directory) / str(step), aside)
+                skipped[-1] += f", moved to {aside}"
+            manager.reload()
+            continue
+        return got, "; ".join(skipped)
+    return None, "; ".join(skipped)
+
+
 # ---- logging -----------------------------------------------------------------------------------------------
 
+def json_record(record: dict) -> str:
+    """One strict-JSON line: a non-finite number (NaN, Infinity) is written as null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
 class Log:
-    """Metrics to stdout (every log_every steps, with a progress bar) and every step to run_dir/metrics.jsonl;
-    only process 0 writes."""
+    """Metrics to stdout (every log_every steps, with a progress bar), every step to run_dir/metrics.jsonl (one
+    strict-JSON line per step) and to TensorBoard event files in run_dir/tensorboard; only process 0 writes."""
 
     def __init__(self, cfg: dict, total_steps: int):
         self.main = jax.process_index() == 0
         self.every, self.total = cfg["log_every"], total_steps
-        if self.main:
-            Path(cfg["run_dir"]).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(cfg["run_dir"]) / "metrics.jsonl", "a")
+        self.dir = Path(cfg["run_dir"])
+        self.file = self.board = None
 
     def say(self, text: str) -> None:
         if self.main:
             print(text, flush=True)
 
+    def start_at(self, step: int) -> None:
+        """Records continue after `step` (a fresh start, a resume or a rollback): metrics.jsonl keeps its lines
+        up to `step` (atomically replaced; a line cut by a kill is dropped) and TensorBoard discards its events
+        after `step`."""
+        if not self.main:
+            return
+        self.close()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "metrics.jsonl"
+        kept = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a kill
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.file = open(path, "a")
+        # purge_step: TensorBoard drops the earlier files' events from this step on; the suffix keeps file names
+        # unique and in order
+        self.board = SummaryWriter(str(self.dir / "tensorboard"), purge_step=step + 1,
+                                   filename_suffix=f".{time.time_ns()}")
+
     def step(self, record: dict) -> None:
         if not self.main:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json_record(record) + "\n")
         self.file.flush()
         s = record["step"]
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.board.add_scalar(k, v, s)
+        self.board.flush()  # a kill loses nothing already logged
         if s % self.every == 0 or s == self.total:
             bar = "#" * round(20 * s / self.total)
             parts = [f"{k} {record[k]:.4g}" for k in ("loss", "lm_loss", "mtp_loss", "indexer_kl", "grad_norm",
@@ -266,11 +495,55 @@ class Log:
                      if "tokens_per_s" in record else "")
             print(f"[{bar:<20}] step {s}/{self.total} | " + "  ".join(parts) + speed, flush=True)
 
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.board.close()
+        self.file = self.board = None
+
+
+def mfu_peak(run_dir: Path) -> tuple[float, str]:
+    """The device peak for MFU. Measured peaks (CPUs) are measured once per run and kept in
+    run_dir/mfu_peak.json, so that MFU stays comparable across restarts."""
+    path = run_dir / "mfu_peak.json"
+    if path.exists():
+        got = json.loads(path.read_text())
+        return got["flops"], got["source"] + f" (kept in {path})"
+    peak, source = peak_flops_per_device()
+    if "measured" in source and jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"flops": peak, "source": source}))
+    return peak, source
+
+
+def loss_weights(step: int, stage: dict, cfg: dict) -> dict[str, float]:
+    """The loss-term weights of `step` (0-based) in `stage`."""
+    lc, attn = cfg["loss"], ATTENTION[stage["attention"]]
+    decay_start = cfg["schedule"]["decay_start"]
+    decay_start = decay_start if decay_start is not None else cfg["stages"][-1]["until_step"]
+    return {"lm": 0.0 if stage["attention"] == "indexer_warmup" else 1.0, "balance": lc["balance_weight"],
+            "indexer": lc["indexer_weight"] if attn["indexer_loss"] else 0.0,
+            "mtp": losses.mtp_weight(step, decay_start, lc["mtp_weight"], lc["mtp_weight_in_decay"])}
+
 
 # ---- the run -----------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m train.pretrain", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain or fine-tune DeepSeek-V4; the same command resumes from run_dir's newest checkpoint.",
+        epilog="run config keys (set in the YAML file or as key.sub=value):\n" + "\n".join(schema_help()))
+    ap.add_argument("config", help="run config YAML, e.g. configs/train/tiny.yaml")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                    help="override a key of the file (values are YAML), e.g. schedule.peak_lr=1e-3")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a known error too "
+                                                         "(or set V4JAX_DEBUG=1)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    cfg = load_config([args.config, *args.overrides])
     d = cfg["distributed"]
     if any(v is not None for v in d.values()):
         jax.distributed.initialize(d["coordinator_address"], d["num_processes"], d["process_id"])
@@ -283,12 +556,12 @@ def main(argv: list[str] | None = None) -> None:
     rules = {"train": TRAIN_RULES, "decode": DECODE_RULES}.get(cfg["rules"], cfg["rules"])
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
 
-    # Data and model.
+    # Data (a missing, empty or unsafe corpus is named here, before anything compiles) and model.
     stream = PackedStream(cfg["data"]["path"], cfg["data"]["seed"])
     mcfg = model_config(cfg)
     if stream.meta["vocab_size"] > mcfg.vocab_size:
-        raise SystemExit(f"the data's vocabulary ({stream.meta['vocab_size']}) is larger than the model's "
-                         f"vocab_size ({mcfg.vocab_size}): set model.overrides.vocab_size or retokenise")
+        raise ConfigError(f"the data's vocabulary ({stream.meta['vocab_size']}) is larger than the model's "
+                          f"vocab_size ({mcfg.vocab_size}): set model.overrides.vocab_size or retokenise")
     stages = cfg["stages"]
     total = stages[-1]["until_step"]
     log = Log(cfg, total)
@@ -303,9 +576,9 @@ def main(argv: list[str] | None = None) -> None:
         load_hub_state(model, cfg["init"], weights=mcfg.param_dtype)
         log.say(f"init: weights from {cfg['init']}")
     specs = model_specs(model, rules)
-    state = jax.tree.map(lambda v, s: jax.device_put(v[...], NamedSharding(mesh, s)), nnx.state(model), specs,
-                         is_leaf=lambda x: isinstance(x, nnx.Variable))
-    nnx.update(model, state)
+    placed = jax.tree.map(lambda v, s: jax.device_put(v[...], NamedSharding(mesh, s)), nnx.state(model), specs,
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    nnx.update(model, placed)
     _, params, others = nnx.split(model, nnx.Param, ...)
     schedule = lr_schedule(cfg["schedule"], total)
     o = cfg["optimizer"]
@@ -314,75 +587,122 @@ def main(argv: list[str] | None = None) -> None:
                       adam_eps=o["adam_eps"], adam_wd=o["adam_weight_decay"])
     # the moments take their parameters' shardings (jnp.zeros alone would replicate them on every device)
     opt_state = jax.jit(tx.init, out_shardings=follow_params(jax.eval_shape(tx.init, params), params))(params)
+    state = {"params": params, "others": others, "opt_state": opt_state}
 
-    # Resume from the latest complete checkpoint, if any.
+    # Resume from the newest intact checkpoint, if any. The loop's state: the step, the data offset and the
+    # losses of the last good steps (the spike check's average), all in each checkpoint.
     manager = checkpoint_manager(cfg)
-    step, offset = 0, 0
-    if manager.latest_step() is not None:
-        restored, meta = restore(manager, {"params": params, "others": others, "opt_state": opt_state})
-        params, others, opt_state = restored["params"], restored["others"], restored["opt_state"]
+    step, offset, window = 0, 0, []
+    got, damaged = restore_newest(manager, state)
+    if got is None and damaged:
+        log.say(f"{damaged}; no intact checkpoint is left: starting from step 0")
+    if got is not None:
+        state, meta = got
         if meta["data_seed"] != cfg["data"]["seed"]:
-            raise SystemExit(f"{cfg['run_dir']} was trained with data.seed {meta['data_seed']}; resume with it")
-        step, offset = meta["step"], meta["data_offset"]
-        log.say(f"resumed from {manager.directory / str(step)} (step {step}, data offset {offset:,})")
-
-    peak, peak_src = peak_flops_per_device()
-    log.say(f"MFU peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_src})")
-    lc = cfg["loss"]
-    decay_start = cfg["schedule"]["decay_start"] if cfg["schedule"]["decay_start"] is not None else total
-    bad_steps = 0
-    for stage in stages:
-        if step >= stage["until_step"]:
-            continue
-        attn = ATTENTION[stage["attention"]]
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(mcfg.replace(**attn), rngs=nnx.Rngs(0))))
-        warmup = stage["attention"] == "indexer_warmup"
-        # a GA checkpoint's DSpark drafter is not part of this objective: it stays as loaded (no decay either)
-        trainable = {path_str(p): not path_str(p).startswith("dspark.") and ((".indexer." in path_str(p)) or not warmup)
-                     for p, _ in jax.tree_util.tree_leaves_with_path(params)}
-        shardings = jax.tree.map(lambda x: x.sharding, (params, others, opt_state))
-        train_step = make_train_step(graphdef, tx, trainable, lc["bias_update_speed"], shardings)
-        tokens_per_step = stage["grad_accum"] * stage["batch_size"] * stage["seq_len"]
-        flops = train_flops_per_token(mcfg, stage["seq_len"], attn["csa_dense"]) * tokens_per_step
-        log.say(f"stage: until step {stage['until_step']}, {stage['batch_size']} x {stage['seq_len']} tokens "
-                f"x {stage['grad_accum']} micro-batches, attention {stage['attention']}")
-        t_last = None
-        while step < stage["until_step"]:
+            raise ConfigError(f"{cfg['run_dir']} was trained with data.seed {meta['data_seed']}; resume with it")
+        step, offset, window = meta["step"], meta["data_offset"], meta.get("loss_window", [])
+        log.say(f"resumed from {manager.directory / str(step)} (step {step}, data offset {offset:,})"
+                + (f"; {damaged}" if damaged else ""))
+    log.start_at(step)
+    g, every = cfg["guard"], cfg["checkpoint"]["every"]
+    try:
+        peak, peak_src = mfu_peak(Path(cfg["run_dir"]))
+        log.say(f"MFU peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_src})")
+        compiled: dict[int, tuple] = {}  # stage index -> (train step, FLOPs per step)
+        current, t_last = None, None
+        bad, due, rollbacks = 0, False, {}  # rollbacks: how many went to each checkpoint
+        while step < total:
+            i = next(k for k, st in enumerate(stages) if step < st["until_step"])
+            stage = stages[i]
+            attn = ATTENTION[stage["attention"]]
+            tokens_per_step = stage["grad_accum"] * stage["batch_size"] * stage["seq_len"]
+            if i != current:
+                current, t_last = i, None
+                log.say(f"stage {i + 1}/{len(stages)}: until step {stage['until_step']}, {stage['batch_size']} "
+                        f"x {stage['seq_len']} tokens x {stage['grad_accum']} micro-batches, attention "
+                        f"{stage['attention']}")
+            first = i not in compiled
+            if first:
+                graphdef = nnx.graphdef(nnx.eval_shape(
+                    lambda: Transformer(mcfg.replace(**attn), rngs=nnx.Rngs(0))))
+                warmup = stage["attention"] == "indexer_warmup"
+                # a GA checkpoint's DSpark drafter is not part of this objective: it stays as loaded (no decay)
+                trainable = {path_str(p): not path_str(p).startswith("dspark.")
+                             and (".indexer." in path_str(p) or not warmup)
+                             for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])}
+                shardings = jax.tree.map(lambda x: x.sharding, (state["params"], state["others"], state["opt_state"]))
+                step_fn = make_train_step(graphdef, tx, trainable, cfg["loss"]["bias_update_speed"], shardings)
+                compiled[i] = (step_fn, train_flops_per_token(mcfg, stage["seq_len"], attn["csa_dense"])
+                               * tokens_per_step)
+                log.say("compiling the train step (the stage's first step runs with it)...")
+                t_compile = time.perf_counter()
+            train_step, flops = compiled[i]
+            if step == (stages[i - 1]["until_step"] if i else 0):
+                window = []  # a stage changes the objective: the spike check starts over
+            limit = g["spike_factor"] * sum(window) / len(window) if g["spike_factor"] and window else math.inf
             batch = global_batch(stream, offset, stage, batch_sharding)
-            weights = {"lm": 0.0 if warmup else 1.0, "balance": lc["balance_weight"],
-                       "indexer": lc["indexer_weight"] if attn["indexer_loss"] else 0.0,
-                       "mtp": losses.mtp_weight(step, decay_start, lc["mtp_weight"], lc["mtp_weight_in_decay"])}
-            weights = {k: jnp.float32(v) for k, v in weights.items()}
+            weights = {k: jnp.float32(v) for k, v in loss_weights(step, stage, cfg).items()}
             with use_rules(mesh, rules):  # traced under the mesh and rules: per-device MoE dispatch, activation
                 # constraints at block boundaries, kernels per batch shard
-                params, others, opt_state, metrics = train_step(params, others, opt_state, batch, weights)
+                *new, metrics = train_step(state["params"], state["others"], state["opt_state"], batch, weights,
+                                           jnp.float32(limit))
+            state = dict(zip(("params", "others", "opt_state"), new))
             metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+            if first:
+                log.say(f"compiled and ran the first step in {time.perf_counter() - t_compile:.1f} s")
             step += 1
             offset += tokens_per_step
             now = time.perf_counter()
-            record = {"step": step, "lr": float(schedule(step - 1)), "tokens": offset} | metrics
+            good = metrics.pop("good")
+            record = {"step": step, "lr": float(schedule(step - 1)), "tokens": offset, **metrics,
+                      "skipped": not good}
             if t_last is not None:  # the stage's first step includes compilation: no speed for it
                 record["tokens_per_s"] = tokens_per_step / (now - t_last)
                 record["mfu"] = flops / (now - t_last) / (peak * jax.device_count())
             t_last = now
             log.step(record)
-            if not metrics["finite"]:
-                bad_steps += 1
-                log.say(f"step {step}: non-finite loss or gradient norm (loss {metrics['loss']}, grad norm "
-                        f"{metrics['grad_norm']}); update skipped ({bad_steps} in a row)")
-                if bad_steps >= cfg["max_nonfinite_steps"]:
-                    manager.wait_until_finished()
-                    raise SystemExit(f"{bad_steps} non-finite steps in a row at step {step}: lower "
-                                     "schedule.peak_lr or check the data; the last good checkpoint is kept")
+            if good:
+                bad = 0
+                window = (window + [metrics["loss"]])[-g["spike_window"]:]
             else:
-                bad_steps = 0
-            if step % cfg["checkpoint"]["every"] == 0 or step == total:
-                save(manager, step, {"params": params, "others": others, "opt_state": opt_state}, offset,
-                     cfg["data"]["seed"])
-    manager.wait_until_finished()
-    manager.close()
-    log.say(f"done: step {step}, checkpoints in {manager.directory}")
+                bad += 1
+                loss, norm = metrics["loss"], metrics["grad_norm"]
+                why = (f"non-finite loss or gradient norm (loss {loss}, grad norm {norm})"
+                       if not (math.isfinite(loss) and math.isfinite(norm)) else
+                       f"loss spike ({loss:.4g} > {limit:.4g} = {g['spike_factor']} x the mean of the last "
+                       f"{len(window)} good steps)" if loss > limit else "the update made a parameter non-finite")
+                log.say(f"step {step}: {why}; update skipped ({bad} in a row)")
+                if bad >= g["max_bad_steps"]:
+                    manager.wait_until_finished()
+                    target = manager.latest_step()
+                    if target is None or rollbacks.get(target, 0) >= g["max_rollbacks"]:
+                        kept = ("no checkpoint was written yet" if target is None else
+                                f"the newest checkpoint, {manager.directory / str(target)}, holds the last good "
+                                "state (checkpoints are written only after good steps)")
+                        raise InputError(f"stopped: {bad} bad steps in a row at step {step}, after "
+                                         f"{rollbacks.get(target, 0)} rollback(s) to checkpoint {target}; {kept}; "
+                                         "lower schedule.peak_lr or check the data, then run again to resume")
+                    rollbacks[target] = rollbacks.get(target, 0) + 1
+                    state, meta = restore(manager, state, target)
+                    log.say(f"rolled back to checkpoint {target} ({rollbacks[target]} of at most "
+                            f"{g['max_rollbacks']}); the data goes on at offset {offset:,}: the batches of steps "
+                            f"{target + 1}-{step} are skipped")
+                    step, window, bad, due, current = meta["step"], meta.get("loss_window", []), 0, False, None
+                    log.start_at(step)
+                    continue
+            due = due or step % every == 0 or step == total
+            if due and good:  # never after a bad step: every checkpoint holds a state that passed the guard
+                save(manager, step, state, {"step": step, "data_offset": offset,
+                                            "data_seed": cfg["data"]["seed"], "loss_window": window})
+                due = False
+        manager.wait_until_finished()
+        last = manager.latest_step()
+        note = f" (its update was skipped: the newest checkpoint is step {last})" if last != step else ""
+        log.say(f"done: step {step}{note}, checkpoints in {manager.directory}")
+    finally:
+        manager.close()
+        log.close()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

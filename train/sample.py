@@ -1,4 +1,4 @@
-"""Sample text from a training run's latest checkpoint (a smoke test of what the model learned).
+"""Sample text from a training run's newest intact checkpoint (a smoke test of what the model learned).
 
     python -m train.sample configs/train/tiny.yaml [key=value ...] [--prompt "def "] [--tokens 160]
 
@@ -17,13 +17,14 @@ from infer.generate import SamplingParams, generate
 
 from train import pretrain
 from train import tokenizer as tokenizer_lib
+from train.cli import InputError, run
 from train.data import PackedStream
 from train.muon import v4_optimizer
 from v4jax.model import Transformer
 
 
 def restore_run(config_argv: list[str]):
-    """The model of a training run's latest checkpoint. -> (model, the run's tokenizer path, checkpoint meta)."""
+    """The model of a training run's newest intact checkpoint -> (model, the run's tokenizer path, its meta)."""
     cfg = pretrain.load_config(config_argv)
     mcfg = pretrain.model_config(cfg)
     stream = PackedStream(cfg["data"]["path"], cfg["data"]["seed"])
@@ -32,19 +33,27 @@ def restore_run(config_argv: list[str]):
     # the run's optimizer, only to give the checkpoint's tree its structure
     tx = v4_optimizer(params, mcfg, pretrain.lr_schedule(cfg["schedule"], cfg["stages"][-1]["until_step"]))
     manager = pretrain.checkpoint_manager(cfg)
-    if manager.latest_step() is None:
-        raise SystemExit(f"no checkpoint in {manager.directory}: train first (python -m train.pretrain ...)")
-    state, meta = pretrain.restore(manager, {"params": params, "others": others, "opt_state": jax.jit(tx.init)(params)})
+    got, damaged = pretrain.restore_newest(manager, {"params": params, "others": others,
+                                                     "opt_state": jax.jit(tx.init)(params)})
+    manager.close()
+    if got is None:
+        raise InputError(f"no intact checkpoint in {manager.directory}{': ' + damaged if damaged else ''}: train "
+                         "first (python -m train.pretrain ...)")
+    if damaged:
+        print(damaged)
+    state, meta = got
     return nnx.merge(graphdef, state["params"], state["others"]), stream.meta["tokenizer"], meta
 
 
-def main(argv=None) -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="+", help="run config YAML and key=value overrides, as for train.pretrain")
     ap.add_argument("--prompt", default="", help="text after the document start token")
     ap.add_argument("--tokens", type=int, default=160, help="tokens to generate")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a known error too "
+                                                         "(or set V4JAX_DEBUG=1)")
     args = ap.parse_args(argv)
     model, tokenizer_path, meta = restore_run(args.config)
     tok = tokenizer_lib.load(tokenizer_path)
@@ -56,4 +65,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from train import tokenizer as tokenizer_lib
-from train.data import PackedStream, tokenize_files, write_shards
+from train.data import CorpusError, PackedStream, tokenize_files, write_shards
 
 
 def make_docs(n=40, seed=0, vocab=50):
@@ -65,7 +65,7 @@ def test_write_is_atomic_and_refuses_to_overwrite(shards, tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         write_shards(docs, path, vocab_size=50)
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
-    with pytest.raises(FileNotFoundError, match="tokenise a corpus first"):
+    with pytest.raises(CorpusError, match="tokenise a corpus first"):
         PackedStream(tmp_path / "missing", 0)
 
 

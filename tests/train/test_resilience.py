@@ -1,0 +1,86 @@
+"""train/pretrain.py keeps a good state: bad steps (a loss spike, NaN) are skipped inside the compiled step, no
+checkpoint is written after a bad step, bad steps in a row roll back to the newest checkpoint (which rotation
+therefore never removes), and a damaged newest checkpoint is skipped on resume with a one-line note."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_pretrain import run, small_config  # noqa: F401 - small_config is a fixture used here
+
+
+def strict_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl parsed as strict JSON (NaN / Infinity are errors)."""
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    return [json.loads(line, parse_constant=refuse) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoints(run_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+# Runs train.pretrain with poisoned loss weights: the LM weight is 1000 on the first pass through step 5 (a loss
+# spike) and NaN on every pass through steps 6 and 7 (0-based step indices 5 and 6); prints each save.
+POISON = """
+import sys
+import train.pretrain as p
+real_weights, real_save, seen = p.loss_weights, p.save, set()
+def loss_weights(step, stage, cfg):
+    w = real_weights(step, stage, cfg)
+    if step == 4 and step not in seen:
+        w["lm"] = 1000.0
+    if step in (5, 6):
+        w["lm"] = float("nan")
+    seen.add(step)
+    return w
+def save(manager, step, *a, **k):
+    print(f"SAVE {step}", flush=True)
+    real_save(manager, step, *a, **k)
+p.loss_weights, p.save = loss_weights, save
+p.cli.run(p.main, sys.argv[1:])
+"""
+
+
+def test_bad_steps_are_skipped_never_saved_and_roll_back(small_config, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    p = run(["-c", POISON, str(small_config), f"run_dir={run_dir}", "checkpoint.every=1", "checkpoint.keep=1",
+             "guard.max_bad_steps=2", "guard.max_rollbacks=1",
+             "stages=[{until_step: 8, batch_size: 4, seq_len: 64, attention: sparse}]"], check=False)
+    out = p.stdout
+    # steps 1-4 good; 5 a spike and 6 NaN: rollback to 4; 5 good (saved), 6 and 7 NaN: rollback to 5; 6 and 7
+    # NaN again: a second rollback to 5 exceeds max_rollbacks, so the run stops and names checkpoint 5
+    assert "step 5: loss spike" in out and "step 6: non-finite loss" in out, out
+    assert "rolled back to checkpoint 4" in out and "rolled back to checkpoint 5" in out, out
+    assert [int(line.split()[1]) for line in out.splitlines() if line.startswith("SAVE")] == [1, 2, 3, 4, 5]
+    assert p.returncode == 1, p.stderr[-3000:]
+    err = p.stderr.strip().splitlines()
+    assert err[-1].startswith("error: stopped: 2 bad steps in a row at step 7, after 1 rollback(s) to checkpoint 5")
+    assert "Traceback" not in p.stderr
+    # with keep: 1 and a save due every step, the good checkpoint survived the bad steps
+    assert checkpoints(run_dir) == [5]
+    records = strict_records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]  # the rolled-back steps are not repeated
+    assert [r["skipped"] for r in records] == [False] * 5 + [True] * 2
+    assert records[5]["loss"] is None  # NaN is written as null
+
+
+def test_damaged_newest_checkpoint_falls_back_in_one_line(small_config, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    args = [str(small_config), f"run_dir={run_dir}",
+            "stages=[{until_step: 4, batch_size: 4, seq_len: 64, attention: sparse}]"]
+    run(["-m", "train.pretrain", *args])
+    before = strict_records(run_dir)
+    assert checkpoints(run_dir) == [2, 4]
+    for f in (run_dir / "checkpoints" / "4" / "state").rglob("*"):  # truncate every file of the state
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    p = run(["-m", "train.pretrain", *args])
+    line = next(s for s in p.stdout.splitlines() if s.startswith("resumed from"))
+    assert "(step 2," in line and "checkpoint 4 is damaged" in line and "damaged-checkpoints" in line, line
+    assert "Traceback" not in p.stderr and "Event loop is closed" not in p.stderr, p.stderr[-3000:]
+    assert checkpoints(run_dir) == [2, 4]  # step 4 trained again and saved
+    key = lambda rs: [(r["step"], r["loss"]) for r in rs]  # noqa: E731
+    assert key(strict_records(run_dir)) == key(before)  # one line per step; steps 3-4 again, bitwise equal
