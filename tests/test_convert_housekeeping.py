@@ -5,10 +5,12 @@ dead holder's lock is taken over), and relative paths work for resumed conversio
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -16,6 +18,7 @@ from conftest import REPO
 from v4jax import hub
 from v4jax.config import ModelConfig
 from v4jax.convert import convert, export
+from v4jax.convert import main as convert_main
 
 SHARD = 2 << 20
 
@@ -112,6 +115,37 @@ def test_relative_paths_resume(tiny, tmp_path, monkeypatch):
     export("orbax", "back", max_shard_bytes=SHARD, progress=lambda *a: None)
     assert hub.checkpoint_digest("back") == hub.checkpoint_digest(src)
     assert sorted(os.listdir(".")) == ["back", "orbax"]
+
+
+def _kill_when(args, ready):
+    """Runs `python -m v4jax.convert *args` and SIGKILLs it once ready() is true (it must not finish first)."""
+    proc = subprocess.Popen([sys.executable, "-m", "v4jax.convert", *args], cwd=REPO, stderr=subprocess.DEVNULL)
+    try:
+        while not ready():
+            assert proc.poll() is None, "the conversion finished before it could be killed"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_killed_conversions_resume_to_the_same_bytes(tiny, tmp_path):
+    """SIGKILL in the middle of to-orbax, then of to-hub (each leaves its lock file, the journal and its partial
+    output); the same commands run again take the stale locks over, resume and finish byte-identical."""
+    orbax, back = str(tmp_path / "orbax"), str(tmp_path / "back")
+
+    def units_done():  # the journal is replaced atomically: always whole
+        return os.path.exists(orbax + ".journal.json") and json.load(open(orbax + ".journal.json"))["done"]
+
+    _kill_when(["to-orbax", str(tiny / "src"), orbax, "--unit-gb", "0.0005"], units_done)
+    assert {"orbax.lock", "orbax.journal.json", "orbax.partial_save"} <= set(os.listdir(tmp_path))
+    assert convert_main(["to-orbax", str(tiny / "src"), orbax, "--unit-gb", "0.0005"]) == 0
+    _kill_when(["to-hub", orbax, back, "--shard-gb", "0.002"],
+               lambda: len(glob.glob(os.path.join(back + ".partial", "*.safetensors"))) >= 2)
+    assert {"back.lock", "back.journal.json", "back.partial"} <= set(os.listdir(tmp_path))
+    assert convert_main(["to-hub", orbax, back, "--shard-gb", "0.002"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["back", "orbax"]
+    assert hub.checkpoint_digest(back) == hub.checkpoint_digest(tiny / "src")
 
 
 HOLD_LOCK = """
