@@ -346,15 +346,19 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float, state_shardings)
         updates = jax.tree_util.tree_map_with_path(lambda p, u: u if trainable[path_str(p)] else 0 * u, updates)
         new_params = optax.apply_updates(params, updates)
         new_others = update_router_biases(others, loads, bias_speed)
-        params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]))
-        good = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & (metrics["loss"] <= loss_limit)
-                & params_finite)
+        good = step_is_good(metrics["loss"], grad_norm, new_params, loss_limit)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(good, n, o), new, old)  # noqa: E731
         load_max, load_min = losses.load_balance(loads)
         metrics |= {"grad_norm": grad_norm, "load_max": load_max, "load_min": load_min, "good": good}
         return keep(new_params, params), keep(new_others, others), keep(new_opt, opt_state), metrics
 
     return step
+
+
+def step_is_good(loss, grad_norm, new_params, loss_limit):
+    """The guard: a finite loss not above loss_limit, a finite gradient norm, and finite updated parameters."""
+    params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]))
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= loss_limit) & params_finite
 
 
 def update_router_biases(others, loads, speed: float):

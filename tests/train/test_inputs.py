@@ -63,6 +63,10 @@ def test_empty_or_missing_corpus_is_named_before_compiling(tmp_path):
         PackedStream(empty, 0)
     with pytest.raises(CorpusError, match="no tokens to train on"):  # main stops before building the model
         pretrain.main([CONFIG, f"data.path={empty}", f"run_dir={tmp_path / 'run'}"])
+    meta = json.loads((empty / "meta.json").read_text())
+    (empty / "meta.json").write_text(json.dumps(meta | {"shards": []}))
+    with pytest.raises(CorpusError, match="lists no shards"):
+        PackedStream(empty, 0)
     with pytest.raises(CorpusError, match="meta.json not found"):
         pretrain.main([CONFIG, f"data.path={tmp_path / 'none'}", f"run_dir={tmp_path / 'run'}"])
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -84,6 +88,8 @@ def test_config_values_are_typed_and_ranged(tmp_path):
         pretrain.load_config([CONFIG, "stages=[{until_step: 5, batch_size: 2, seq_len: 8, atention: dense}]"])
     with pytest.raises(pretrain.ConfigError, match=r"unknown key 'guard\.max_bad'; known keys here: \['max_bad_"):
         pretrain.load_config([CONFIG, "guard.max_bad=1"])
+    with pytest.raises(pretrain.ConfigError, match="schedule.peak_lr = -1: Input should be greater than 0"):
+        pretrain.load_config([CONFIG, "schedule.peak_lr=-1"])
     with pytest.raises(pretrain.ConfigError, match="until_step must increase"):
         pretrain.load_config([CONFIG, "stages=[{until_step: 5, batch_size: 2, seq_len: 8}, "
                                       "{until_step: 5, batch_size: 2, seq_len: 8}]"])

@@ -7,7 +7,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax.numpy as jnp
 from test_pretrain import run, small_config  # noqa: F401 - small_config is a fixture used here
+
+from train.pretrain import step_is_good
+
+
+def test_the_guard_rejects_nonfinite_loss_gradients_or_parameters_and_spikes():
+    ok = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+    bad = {"w": jnp.array([1.0, jnp.inf, 0.0]), "b": jnp.zeros(2)}
+    inf = jnp.float32(jnp.inf)
+    assert step_is_good(jnp.float32(2.0), jnp.float32(1.0), ok, inf)
+    assert not step_is_good(jnp.float32(jnp.nan), jnp.float32(1.0), ok, inf)
+    assert not step_is_good(jnp.float32(2.0), jnp.float32(jnp.inf), ok, inf)
+    assert not step_is_good(jnp.float32(2.0), jnp.float32(1.0), bad, inf)  # the update made a parameter inf
+    assert not step_is_good(jnp.float32(7.0), jnp.float32(1.0), ok, jnp.float32(6.0))  # a spike
+    assert step_is_good(jnp.float32(6.0), jnp.float32(1.0), ok, jnp.float32(6.0))
 
 
 def strict_records(run_dir: Path) -> list[dict]:
@@ -78,6 +93,8 @@ def test_damaged_newest_checkpoint_falls_back_in_one_line(small_config, tmp_path
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
     p = run(["-m", "train.pretrain", *args])
+    assert "compiling the train step" in p.stdout and "compiled and ran the first step in" in p.stdout
+    assert "measured fp32 matmul (kept in" in p.stdout  # MFU's CPU peak: measured at the first start only
     line = next(s for s in p.stdout.splitlines() if s.startswith("resumed from"))
     assert "(step 2," in line and "checkpoint 4 is damaged" in line and "damaged-checkpoints" in line, line
     assert "Traceback" not in p.stderr and "Event loop is closed" not in p.stderr, p.stderr[-3000:]
