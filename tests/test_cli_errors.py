@@ -55,7 +55,8 @@ def test_convert_reports_a_config_error_in_one_line_and_writes_nothing(src, tmp_
 def test_generate_reports_errors_in_one_line():
     r = _run(["-m", "infer.cli", "no/such/folder", "--tokenizer", "train/assets/stdlib-bpe-1024.json"])
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr == "v4jax-generate: no/such/folder: not a folder or a run config (.yaml); see v4jax-generate --help\n"
+    assert r.stderr == ("v4jax-generate: no/such/folder: not a folder or a run config (.yaml); "
+                        "see v4jax-generate --help\n")
 
 
 def _error(main, argv) -> str:
@@ -66,7 +67,8 @@ def _error(main, argv) -> str:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing source", "v4jax-convert: {tmp}/nothing: neither model.safetensors.index.json nor model.safetensors found"),
+    ("missing source",
+     "v4jax-convert: {tmp}/nothing: neither model.safetensors.index.json nor model.safetensors found"),
     ("damaged shard", "v4jax-convert: {tmp}/src/model-00001-of-00002.safetensors: truncated"),
     ("shard outside", "v4jax-convert: {tmp}/src/model.safetensors.index.json: file name '../x.safetensors' points "
                       "outside {tmp}/src"),
@@ -86,7 +88,8 @@ def test_convert_errors_name_the_problem(src, tmp_path, case, message):
     elif case == "shard outside":
         index = json.loads((src / hub.INDEX_FILE).read_text())
         first = next(iter(index["weight_map"]))
-        (src / hub.INDEX_FILE).write_text(json.dumps({"weight_map": {**index["weight_map"], first: "../x.safetensors"}}))
+        index["weight_map"][first] = "../x.safetensors"
+        (src / hub.INDEX_FILE).write_text(json.dumps(index))
     elif case == "existing destination":
         argv = ["to-hub", str(src), str(src)]
     elif case == "no such folder":

@@ -439,7 +439,8 @@ def write_hub_checkpoint(out_dir, specs, produce, max_shard_bytes=4 << 30, extra
         if os.path.exists(out_dir):
             raise FileExistsError(f"{out_dir} exists: choose a new output directory or delete it first")
         if resume is None:
-            journal, tmp = None, tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=os.path.basename(out_dir) + ".tmp-")
+            journal = None
+            tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=os.path.basename(out_dir) + ".tmp-")
         else:
             tmp = out_dir + ".partial"
             options = {"resume": resume, "max_shard_bytes": max_shard_bytes, "extra_files": extra_files,
