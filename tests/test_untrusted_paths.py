@@ -69,6 +69,8 @@ def test_names_and_links_that_stay_inside_are_fine(checkpoint):
     assert hub.HubCheckpoint(checkpoint)["a"].tolist() == [1, 1, 1, 1]
     _index(checkpoint, "shards/real.safetensors")
     assert hub.HubCheckpoint(checkpoint)["a"].tolist() == [1, 1, 1, 1]
+    os.symlink(checkpoint, checkpoint.parent / "link-to-ckpt")  # the folder itself reached through a link
+    assert hub.HubCheckpoint(checkpoint.parent / "link-to-ckpt")["a"].tolist() == [1, 1, 1, 1]
 
 
 def test_loaders_and_the_converter_refuse_it_before_reading(tmp_path):
