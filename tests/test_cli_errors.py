@@ -100,6 +100,13 @@ def test_convert_errors_name_the_problem(src, tmp_path, case, message):
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
+def test_an_unwritable_destination_folder_is_named(src, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a non-root user sees a read-only folder
+    assert _error(convert_main, ["to-orbax", str(src), str(tmp_path / "out")]) == (
+        f"v4jax-convert: {tmp_path}: not writable, so out cannot be written there")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_a_checkpoint_mismatch_keeps_its_list(src, tmp_path):
     hf = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(dict(hf, n_routed_experts=8)))
