@@ -26,11 +26,11 @@ SpeculationStats.seconds; for plain from the first on_tokens callback (prefill d
 the return; for MTP from the end of the MTP block's catch-up over the prompt (its first `_mtp_step`, blocked
 on) to the return. Tokens counted: the new tokens after the first. For plain and MTP the bench wraps
 infer.generate's `_step` / `_step_keep` / `_mtp_step` for the duration of a call to count the passes (MTP:
-one verify pass over [token, draft] per round, plus one redo step on each rejection; plain: one step per token,
-the last one's logits unused). Per round: tokens / seconds, both summed over the prompts; reported are the
+one verify pass over [token, draft] per round, plus one redo step on each rejection; plain: one step per token
+after the first). Per round: tokens / seconds, both summed over the prompts; reported are the
 median over the rounds and the median of each round's ratio to plain. Beside them, dispatch_overhead() times one
-decode step called through `nnx.jit` (as plain and MTP decoding call it) and as a `jax.jit` of the split state
-(as a DSpark round is called): on CPU that difference is a large part of the speed ratios.
+decode step called through `nnx.jit` with the module as an argument (as infer.generate called it before issue 16)
+and as the `jax.jit` of the split state that every decoding method now calls.
 
 Configs: `tiny` / `tiny-dspark` (the test presets); `small`: bench/decode.py's ~56M-parameter layout (dim 512,
 8 layers, vocab 16384) with its MTP block, and the same with a 3-stage drafter fed by layers 5-7, blocks of 4.
@@ -176,9 +176,9 @@ def run_method(method: str, models: dict, prompt: list[int], new: int, max_len: 
             "drafted": st.drafted, "accepted": st.accepted}
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _pure_step(graphdef, state, cache, tokens, n_new):
-    return nnx.merge(graphdef, state).step(cache, tokens, n_new)
+@functools.partial(nnx.jit, donate_argnums=1)
+def _nnx_step(model, cache, tokens, n_new):
+    return model.step(cache, tokens, n_new)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -188,14 +188,14 @@ def _pure_step_state_out(graphdef, state, cache, tokens, n_new):
 
 
 def dispatch_overhead(model: Transformer, max_len: int, calls: int = 20) -> dict:
-    """Median seconds of one single-token decode step called as infer.generate does (`nnx.jit` with the module
-    as an argument), as a `jax.jit` of the split state (as the DSpark round is called), and as a `jax.jit` of the
-    split state that also returns the model's state (a copy of every weight), alternated."""
+    """Median seconds of one single-token decode step called through `nnx.jit` with the module as an argument, as
+    the `jax.jit` of the split state infer.generate calls, and as a `jax.jit` of the split state that also returns
+    the model's state (a copy of every weight), alternated."""
     cache, _, _ = G.prefill(model, [[1] * 64], max_len)
     graphdef, state = nnx.split(model)
     tok, one = jax.numpy.zeros((1, 1), jax.numpy.int32), jax.numpy.ones(1, jax.numpy.int32)
-    fns = {"nnx_jit_s": lambda c: G._step(model, c, tok, one),
-           "jax_jit_s": lambda c: _pure_step(graphdef, state, c, tok, one),
+    fns = {"nnx_jit_s": lambda c: _nnx_step(model, c, tok, one),
+           "jax_jit_s": lambda c: G._step(graphdef, state, c, tok, one),
            "jax_jit_state_out_s": lambda c: _pure_step_state_out(graphdef, state, c, tok, one)[0]}
     times = {k: [] for k in fns}
     for i in range(calls + 2):
@@ -311,7 +311,8 @@ def markdown(result: dict) -> str:
         "over the prompt excluded); tokens/s counts the tokens after the first, summed over the prompts per round, "
         "methods alternated round by round after one compiling run each. Tokens / target pass counts every target "
         "pass after the first token (MTP: a verify pass over [token, draft] per round plus a redo step after each "
-        "rejection; plain: one step per token, incl. a last one whose logits `generate` leaves unused). "
+        "rejection; plain: one step per token after the first). Every method calls its compiled steps as a `jax.jit` of "
+        "the split model state. "
         "Details and a standalone CLI: bench/speculative.py.\n\n"
         + table(result) + "\n\n"
         "**Mechanics only: no drafter here is trained.** The weights are random, so the acceptance of the random "
@@ -324,24 +325,12 @@ def markdown(result: dict) -> str:
         "the whole block, so it saves no compute here).\n\n"
         "Speed: these ratios are a statement about mechanics and overheads on this CPU, not about DeepSeek's GPU "
         "numbers (spec: +60-85% per-user speed for DSpark-5 over MTP-1 in production, with a trained drafter). On "
-        "CPU the tiny target pass is cheap next to the drafter's three stages. And the loops are not dispatched "
-        "alike: `generate` and `generate_speculative` call `nnx.jit` steps with the module as an argument, while "
-        "a DSpark round is one `jax.jit` call on the split state. One single-token decode step measured here, "
-        f"through `nnx.jit` against a `jax.jit` of the split state: {overhead}. "
-        + _random_drafter_note(cs) + "The MTP loop pays the `nnx.jit` cost two or three times per round (the MTP "
-        "step, the verify and, after a rejection, the redo) and syncs on the host after each, so with (almost) "
-        "nothing accepted it runs at " + " and ".join(
+        "CPU the tiny target pass is cheap next to the drafter's three stages. Every loop calls `jax.jit` functions "
+        "of the split model state (no per-call traversal of the module); one single-token decode step called "
+        f"through `nnx.jit` with the module as an argument, against that `jax.jit`: {overhead}. The MTP loop "
+        "makes two or three calls per round (the MTP step, the verify and, after a rejection, the redo) and syncs "
+        "on the host after each, so with (almost) nothing accepted it runs at " + " and ".join(
             f"{rows[(c['config'], 'mtp')]['ratio']:.2f}x plain on `{c['config']}`" for c in cs) + ".")
-
-
-def _random_drafter_note(cs: list[dict]) -> str:
-    rows = {(r["config"], r["method"]): r for c in cs for r in c["rows"]}
-    faster = [c["config"] for c in cs if rows[(c["config"], "dspark_random")]["ratio"] > 1.0]
-    if not faster:
-        return ""
-    return (f"Hence on {' and '.join(f'`{n}`' for n in faster)} even the random drafter, which gets (almost) nothing "
-            "accepted (about one token per target pass), decodes faster than plain `generate`: its rounds avoid the "
-            "`nnx.jit` cost, not target passes. ")
 
 
 def main(argv=None) -> None:

@@ -68,17 +68,20 @@ def sampling_logits(logits: jax.Array, p: SamplingParams) -> jax.Array:
     return logits
 
 
-def _step_fn(model: Transformer, cache: Cache, tokens: jax.Array, n_new: jax.Array):
-    return model.step(cache, tokens, n_new)
+# Every compiled call takes the model as its split state (nnx.split once per generate call): a jax.jit of a pure
+# function, with no per-call graph traversal of the module (nnx.jit's cost, ~10 ms per call on a full model).
+def _step_fn(graphdef, state, cache: Cache, tokens: jax.Array, n_new: jax.Array):
+    return nnx.merge(graphdef, state).step(cache, tokens, n_new)
 
 
-_step = nnx.jit(_step_fn, donate_argnums=1)  # the cache is updated in place
-_step_keep = nnx.jit(_step_fn)  # speculation's verify step: the cache before it may still be needed
+_step = jax.jit(_step_fn, static_argnums=0, donate_argnums=2)  # the cache is updated in place
+_step_keep = jax.jit(_step_fn, static_argnums=0)  # speculation's verify step: the cache before it may still be needed
+_sample = jax.jit(sample, static_argnums=2)
 
 
-@functools.partial(nnx.jit, donate_argnums=1)
-def _mtp_step(model: Transformer, cache: Cache, x: jax.Array, tokens: jax.Array, n_new: jax.Array):
-    return model.mtp_step(cache, x, tokens, n_new)
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _mtp_step(graphdef, state, cache: Cache, x: jax.Array, tokens: jax.Array, n_new: jax.Array):
+    return nnx.merge(graphdef, state).mtp_step(cache, x, tokens, n_new)
 
 
 def prefill(model: Transformer, prompts: list[list[int]], max_len: int, chunk: int | None = None,
@@ -103,11 +106,13 @@ def prefill(model: Transformer, prompts: list[list[int]], max_len: int, chunk: i
         ids[i, : len(p)] = p
     lengths = np.asarray([len(p) for p in prompts])
     cache = model.init_cache(b, max_len, kv_format, index_format)
+    graphdef, state = nnx.split(model)
     last = np.zeros((b, model.cfg.vocab_size), np.float32)
     xs = []
     for c in range(n_chunks):
         n_new = np.clip(lengths - c * chunk, 0, chunk)
-        logits, x, cache = _step(model, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]), jnp.asarray(n_new))
+        logits, x, cache = _step(graphdef, state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
+                                 jnp.asarray(n_new))
         xs.append(x)
         ends_here = (n_new > 0) & (lengths <= (c + 1) * chunk)
         last[ends_here] = np.asarray(logits)[ends_here, n_new[ends_here] - 1]
@@ -118,26 +123,58 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
              max_len: int | None = None, on_tokens: Callable[[np.ndarray], None] | None = None,
              kv_format: str | None = None, index_format: str | None = None) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens (stopping a row at a stop token, which is kept).
-    on_tokens(tokens [b]) is called after every decode step (streaming). -> the new tokens of each row."""
+    Without on_tokens the whole decode is one compiled on-device loop (_decode_loop); with it (streaming), a
+    Python loop calls on_tokens(tokens [b]) after every token. Both draw the same tokens (same key sequence).
+    -> the new tokens of each row."""
     max_len = max_len or max(len(p) for p in prompts) + params.max_new_tokens
     cache, logits, _ = prefill(model, prompts, max_len, kv_format=kv_format, index_format=index_format)
+    graphdef, state = nnx.split(model)
     key = jax.random.key(params.seed)
-    b = len(prompts)
-    out: list[list[int]] = [[] for _ in range(b)]
-    done = np.zeros(b, bool)
-    for _ in range(params.max_new_tokens):
+    rule = dataclasses.replace(params, seed=0)  # the compiled functions' static part: a new seed compiles nothing
+    if on_tokens is None:
+        tokens, n = map(np.asarray, _decode_loop(graphdef, state, cache, logits, key, rule))
+        return [row[:k].tolist() for row, k in zip(tokens, n)]
+    out: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(len(prompts), bool)
+    for n in range(1, params.max_new_tokens + 1):
         key, sub = jax.random.split(key)
-        tokens = np.asarray(sample(logits, sub, params))
+        tokens = np.asarray(_sample(logits, sub, rule))
         for i in np.flatnonzero(~done):
             out[i].append(int(tokens[i]))
         done |= np.isin(tokens, params.stop_tokens)
-        if on_tokens is not None:
-            on_tokens(tokens)
-        if done.all():
-            break
-        logits, _, cache = _step(model, cache, jnp.asarray(tokens[:, None]), jnp.asarray((~done).astype(np.int32)))
+        on_tokens(tokens)
+        if done.all() or n == params.max_new_tokens:
+            return out
+        logits, _, cache = _step(graphdef, state, cache, jnp.asarray(tokens[:, None]),
+                                 jnp.asarray((~done).astype(np.int32)))
         logits = logits[:, 0]
-    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
+def _decode_loop(graphdef, state, cache: Cache, logits: jax.Array, key: jax.Array, p: SamplingParams):
+    """generate's decode as one lax.while_loop from the prompts' last logits [b, vocab]: sample, stop a row at a
+    stop token or max_new_tokens, step the rows still going. -> (tokens [b, max_new_tokens], count per row [b])."""
+    model = nnx.merge(graphdef, state)
+    stops = jnp.asarray(p.stop_tokens or (-1,), jnp.int32)
+
+    def draw(carry, logits):
+        i, cache, done, out, key = carry
+        key, sub = jax.random.split(key)
+        tokens = sample(logits, sub, p).astype(jnp.int32)
+        out = out.at[:, i].set(jnp.where(done, 0, tokens))
+        return i + 1, cache, done | jnp.isin(tokens, stops), out, key
+
+    def body(carry):
+        i, cache, done, out, key = carry
+        logits, _, cache = model.step(cache, out[:, i - 1][:, None], (~done).astype(jnp.int32))
+        return draw((i, cache, done, out, key), logits[:, 0])
+
+    b = logits.shape[0]
+    start = (jnp.int32(0), cache, jnp.zeros(b, bool), jnp.zeros((b, p.max_new_tokens), jnp.int32), key)
+    i, _, _, out, _ = jax.lax.while_loop(lambda c: (c[0] < p.max_new_tokens) & ~jnp.all(c[2]), body,
+                                         draw(start, logits))
+    hit = jnp.isin(out, stops) & (jnp.arange(p.max_new_tokens) < i)
+    return out, jnp.where(jnp.any(hit, axis=1), jnp.argmax(hit, axis=1) + 1, i)
 
 
 def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: int,
@@ -148,20 +185,22 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
                          "GA checkpoint whose mtp.* stages are a DSpark drafter: use generate_dspark)")
     max_len = max_len or len(prompt) + max_new_tokens + 2
     cache, logits, x = prefill(model, [prompt], max_len)
+    graphdef, state = nnx.split(model)
     one, two = jnp.ones(1, jnp.int32), jnp.full((1,), 2, jnp.int32)
     token = int(jnp.argmax(logits[0]))
     out = [token]
     # the MTP block catches up on the prompt: position i sees the streams at i and token i + 1
     if len(prompt) > 1:
-        _, cache = _mtp_step(model, cache, x[:, :-1], jnp.asarray([prompt[1:]]), jnp.asarray([len(prompt) - 1]))
+        _, cache = _mtp_step(graphdef, state, cache, x[:, :-1], jnp.asarray([prompt[1:]]),
+                             jnp.asarray([len(prompt) - 1]))
     pend_x, pend_t, n_pend = x[:, -1:], [token], 1  # MTP inputs not yet fed: streams and the token after each
     drafts = accepted = 0
     while len(out) < max_new_tokens and token not in stop_tokens:
         xs = jnp.concatenate([pend_x, jnp.zeros_like(pend_x)], axis=1)[:, :2]
         ts = jnp.asarray([(pend_t + [0])[:2]])
-        mtp_logits, cache = _mtp_step(model, cache, xs, ts, jnp.asarray([n_pend]))
+        mtp_logits, cache = _mtp_step(graphdef, state, cache, xs, ts, jnp.asarray([n_pend]))
         draft = int(jnp.argmax(mtp_logits[0, n_pend - 1]))
-        logits2, x2, verified = _step_keep(model, cache, jnp.asarray([[token, draft]]), two)
+        logits2, x2, verified = _step_keep(graphdef, state, cache, jnp.asarray([[token, draft]]), two)
         truth = int(jnp.argmax(logits2[0, 0]))
         drafts += 1
         if truth == draft:
@@ -170,7 +209,7 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
             out += [draft, token]
             cache, pend_x, pend_t, n_pend = verified, x2, [draft, token], 2
         else:
-            _, x1, cache = _step(model, cache, jnp.asarray([[token, 0]]), one)  # commit only `token`
+            _, x1, cache = _step(graphdef, state, cache, jnp.asarray([[token, 0]]), one)  # commit only `token`
             token = truth
             out.append(token)
             pend_x, pend_t, n_pend = x1[:, :1], [token], 1

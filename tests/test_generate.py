@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from infer.generate import SamplingParams, generate, generate_dspark, generate_speculative, sample
 from test_decode import _model
@@ -36,11 +37,46 @@ def test_batched_generation_equals_each_alone_and_speculation_equals_greedy():
         assert tokens == together[i] and 0.0 <= rate <= 1.0
 
 
+def test_on_device_decode_loop_equals_the_streaming_loop_and_the_full_forward(monkeypatch):
+    """generate without on_tokens (one compiled lax.while_loop) draws exactly the streaming loop's tokens, greedy
+    and sampled, with rows of different lengths stopping at different stop tokens; greedy tokens are the argmax
+    of the full forward pass over prompt + tokens so far; the streaming loop makes one step per token after the
+    first (no step after the last token)."""
+    import infer.generate as G
+
+    forward = nnx.jit(lambda m, ids: m(ids))
+    model = _model()
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(0, 1024, n)) for n in (7, 19, 12)]
+    greedy = generate(model, prompts, SamplingParams(max_new_tokens=10))
+    for row, p in zip(greedy, prompts):  # causal: one full pass over prompt + row scores every generated token
+        logits = forward(model, jnp.asarray([p + row]))[0, len(p) - 1:-1]
+        assert row == np.asarray(jnp.argmax(logits, axis=-1)).tolist()
+    stop = (greedy[0][3], greedy[2][6])  # row 0 stops at its 4th token (or earlier), row 2 at its 7th at the latest
+    results = []
+    for params in (SamplingParams(max_new_tokens=10, stop_tokens=stop),
+                   SamplingParams(temperature=1.5, top_k=50, max_new_tokens=10, stop_tokens=stop, seed=4)):
+        device = generate(model, prompts, params)
+        results.append(device)
+        calls = []
+        step = G._step
+        monkeypatch.setattr(G, "_step", lambda *a: calls.append(1) or step(*a))
+        streamed = generate(model, prompts, params, on_tokens=lambda t: None)
+        monkeypatch.setattr(G, "_step", step)
+        assert device == streamed
+        assert len(calls) == 1 + max(len(r) for r in device) - 1  # one prefill chunk, then a step per later token
+        for row in device:
+            hits = [j for j, t in enumerate(row) if t in stop]
+            assert len(row) == (hits[0] + 1 if hits else 10)
+    stopped, sampled = results
+    assert len(stopped[0]) <= 4 and len(stopped[2]) <= 7 and stopped[1] == greedy[1][:len(stopped[1])]
+    assert sampled != greedy
+
+
 def test_speculation_accepts_drafts_of_a_model_that_learned_a_cycle():
     """A tiny model trained (main + MTP loss) to continue an 11-token cycle: its MTP drafts are right, so most
     are accepted (two tokens per main step), and the output still equals plain greedy decoding."""
     import optax
-    from flax import nnx
 
     from v4jax.config import ModelConfig
     from v4jax.model import Transformer
