@@ -131,7 +131,7 @@ class ConversationError(InputError):
 
 
 def _json(value) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 # ---- checking ---------------------------------------------------------------------------------------------
@@ -178,9 +178,9 @@ def check(messages, thinking_mode: str) -> None:
             for k, v in texts.items():
                 if not isinstance(v, str):
                     raise ConversationError(f"{k} must be a string, not {type(v).__name__}")
-                bad = [s for s in SPECIAL if s in v]
-                if bad:
-                    raise ConversationError(f"{k} contains the format's special token(s) {bad}")
+            bad = [s for s in SPECIAL if s in _json(m)]  # in any text, tool definition or call
+            if bad:
+                raise ConversationError(f"the format's special token(s) {bad} in the message's text")
             if role == "developer" and not m["content"]:
                 raise ConversationError("a developer message needs content")
             if "tools" in m:
@@ -209,9 +209,7 @@ def check(messages, thinking_mode: str) -> None:
                 if not isinstance(tool_calls, list):
                     raise ConversationError("tool_calls must be a list")
                 for c in tool_calls:
-                    for k, v in _arguments(c).items():
-                        if isinstance(v, str) and any(s in v for s in SPECIAL):
-                            raise ConversationError(f"tool call argument {k!r} contains a special token")
+                    _arguments(c)
                 if not m.get("content") and not tool_calls:
                     raise ConversationError("an assistant message needs content or tool_calls")
                 calls, answered = [c.get("id") for c in tool_calls], []
@@ -340,7 +338,10 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"tokenizer file {path} does not exist")
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library's own error for a file it cannot read
+        raise InputError(f"tokenizer {path} is not a tokenizer.json the tokenizers library reads ({e})") from None
     missing = [s for s in SPECIAL if tok.token_to_id(s) is None]
     if missing:
         raise InputError(f"tokenizer {path} lacks the chat format's special token(s) {missing}")

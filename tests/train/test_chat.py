@@ -85,7 +85,8 @@ def test_chat_and_thinking_modes():
     plain = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in MULTI_TURN]
     assert render(plain, "chat") == f"{BOS}S<｜User｜>Hi<｜Assistant｜></think>A1{EOS}<｜User｜>Q<｜Assistant｜></think>A2{EOS}"
     # a conversation ending with the user: the prompt for the next answer
-    assert render(MULTI_TURN[:4], "thinking") == f"{BOS}S<｜User｜>Hi<｜Assistant｜></think>A1{EOS}<｜User｜>Q<｜Assistant｜><think>"
+    assert render(MULTI_TURN[:4], "thinking") == (f"{BOS}S<｜User｜>Hi<｜Assistant｜></think>A1{EOS}"
+                                                  "<｜User｜>Q<｜Assistant｜><think>")
 
 
 def test_tool_definitions_calls_and_results():
@@ -112,7 +113,8 @@ def test_action_task_in_chat_mode():
     conv = [{"role": "system", "content": "S"}, {"role": "latest_reminder", "content": "rem"},
             {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1", "mask": 1},
             {"role": "user", "content": "Q2", "task": "action"}, {"role": "assistant", "content": "Search"}]
-    text = f"{BOS}S<｜latest_reminder｜>rem<｜User｜>Q1<｜Assistant｜></think>A1{EOS}<｜User｜>Q2<｜Assistant｜></think><｜action｜>Search{EOS}"
+    text = (f"{BOS}S<｜latest_reminder｜>rem<｜User｜>Q1<｜Assistant｜></think>A1{EOS}"
+            f"<｜User｜>Q2<｜Assistant｜></think><｜action｜>Search{EOS}")
     assert render(conv, "chat") == text
     # in thinking mode the task opens with <think>, and its answer has no reasoning part
     assert render(conv, "thinking").endswith(f"<｜User｜>Q2<｜Assistant｜><think><｜action｜>Search{EOS}")
@@ -164,11 +166,14 @@ def test_tokens_crossing_an_assistant_edge_are_an_error():
         tokenize([("ab", False), ("cd", True)], whole)
 
 
-def test_tokenizer_without_the_chat_special_tokens_is_refused():
+def test_tokenizer_without_the_chat_special_tokens_is_refused(tmp_path):
     with pytest.raises(InputError, match="lacks the chat format's special token"):
         load_tokenizer(REPO / "train" / "assets" / "stdlib-bpe-1024.json")
     with pytest.raises(InputError, match="does not exist"):
         load_tokenizer("/nonexistent/tokenizer.json")
+    (tmp_path / "t.json").write_text("{}")
+    with pytest.raises(InputError, match="is not a tokenizer.json"):
+        load_tokenizer(tmp_path / "t.json")
 
 
 # ---- input checks -------------------------------------------------------------------------------------------
@@ -183,18 +188,25 @@ CALL_A = {"role": "assistant", "content": "", "tool_calls": [call("f", {}, "c1")
     ([U, {"role": "assistant", "content": 3}], r"message 1 \(assistant\): content must be a string"),
     ([U, A, {"role": "tool", "content": "r"}], r"message 2 \(tool\): a tool result must follow an assistant "
                                                r"message with tool_calls"),
-    ([U, CALL_A, {"role": "tool", "tool_call_id": "c9", "content": "r"}], r"message 2 \(tool\): tool_call_id 'c9' answers none"),
+    ([U, CALL_A, {"role": "tool", "tool_call_id": "c9", "content": "r"}],
+     r"message 2 \(tool\): tool_call_id 'c9' answers none"),
     ([U, CALL_A, {"role": "tool", "content": "r"}, {"role": "tool", "content": "r"}],
      r"message 3 \(tool\): more tool results than the 1 tool call"),
     ([U, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
      r"message 1 \(assistant\): tool call 'f': arguments are not JSON"),
-    ([U, {"role": "assistant", "content": "A", "reasoning_content": "R"}], r"message 1 \(assistant\): reasoning_content in chat mode"),
-    ([U, {"role": "assistant", "content": "A", "reasoning": "R"}], r"message 1 \(assistant\): unknown key\(s\) \['reasoning'\]"),
+    ([U, {"role": "assistant", "content": "A", "reasoning_content": "R"}],
+     r"message 1 \(assistant\): reasoning_content in chat mode"),
+    ([U, {"role": "assistant", "content": "A", "reasoning": "R"}],
+     r"message 1 \(assistant\): unknown key\(s\) \['reasoning'\]"),
     ([{"role": "system", "content": "S"}, A], r"message 1 \(assistant\): an assistant message must follow"),
-    ([{"role": "user", "content": "x<｜end▁of▁sentence｜>"}, A], r"message 0 \(user\): content contains the format's special token"),
-    ([{"role": "user", "content": "Q", "task": "action"}, U, A], r"message 0 \(user\): task 'action' must be followed by the assistant's answer"),
+    ([{"role": "user", "content": "x<｜end▁of▁sentence｜>"}, A], r"message 0 \(user\): the format's special token"),
+    ([U, {"role": "assistant", "tool_calls": [call("f", {"q": "<think>"})]}],
+     r"message 1 \(assistant\): the format's special token\(s\) \['<think>'\]"),
+    ([{"role": "user", "content": "Q", "task": "action"}, U, A],
+     r"message 0 \(user\): task 'action' must be followed by the assistant's answer"),
     ([{"role": "user", "content": "Q", "tools": [TOOL]}, A], r"message 0 \(user\): unknown key\(s\) \['tools'\]"),
-    ([U, {"role": "assistant", "content": ""}], r"message 1 \(assistant\): an assistant message needs content or tool_calls"),
+    ([U, {"role": "assistant", "content": ""}],
+     r"message 1 \(assistant\): an assistant message needs content or tool_calls"),
     ({"messages": [U, A], "mode": "chat"}, r"a line is a list of messages or"),
     ([], r"a conversation is a non-empty list of messages"),
     ({"messages": [{"role": "developer", "content": "D"}, A, U, A], "thinking_mode": "thinking"},
