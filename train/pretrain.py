@@ -142,7 +142,8 @@ class Guard(Section):
     spike_factor: float | None = Field(
         3.0, gt=1, description="a loss above this times the mean of the last spike_window good steps is a spike "
                                "(null: no spike check)")
-    spike_window: int = Field(20, ge=1, description="good steps the spike check averages (reset at each stage)")
+    spike_window: int = Field(20, ge=1, description="good steps the spike check averages; it starts once a stage "
+                                                    "has had that many")
     max_bad_steps: int = Field(3, ge=1, description="bad steps in a row that roll back to the newest checkpoint")
     max_rollbacks: int = Field(2, ge=0, description="rollbacks to one checkpoint before the run stops")
 
@@ -413,25 +414,33 @@ def restore(manager, state: dict, step: int) -> tuple[dict, dict]:
 
 
 def restore_newest(manager, state: dict) -> tuple[tuple[dict, dict] | None, str]:
-    """(state, meta) of the newest checkpoint that restores (None when there is none), and a note naming the
-    damaged ones skipped and why. A damaged checkpoint (unreadable or truncated files) is moved to
-    <run_dir>/damaged-checkpoints/ (so that a later save of that step can happen) and the next older one tried."""
-    skipped = []
+    """(state, meta) of the newest checkpoint that restores (None when there is no checkpoint), and a note naming
+    the newer ones that did not restore and why. Those are damaged (truncated or unreadable files; an older one
+    of the same run restores) and are moved to <run_dir>/damaged-checkpoints/, out of the way of later saves.
+    When no checkpoint restores, nothing is moved: that is more likely a run config that differs from the
+    run's, named in the error."""
+    failed = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             got = restore(manager, state, step)
-        except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means it is damaged
+        except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint
             reason = (str(e).strip().splitlines() or [""])[0][:200]
-            skipped.append(f"checkpoint {step} is damaged ({type(e).__name__}: {reason})")
-            if jax.process_index() == 0:
-                aside = Path(manager.directory).parent / "damaged-checkpoints" / f"{step}-{time.time_ns()}"
-                aside.parent.mkdir(exist_ok=True)
-                os.replace(Path(manager.directory) / str(step), aside)
-                skipped[-1] += f", moved to {aside}"
-            manager.reload()
+            failed.append((step, f"{type(e).__name__}: {reason}"))
             continue
-        return got, "; ".join(skipped)
-    return None, "; ".join(skipped)
+        notes = []
+        for bad, why in failed:
+            aside = Path(manager.directory).parent / "damaged-checkpoints" / f"{bad}-{time.time_ns()}"
+            if jax.process_index() == 0:
+                aside.parent.mkdir(exist_ok=True)
+                os.replace(Path(manager.directory) / str(bad), aside)
+            notes.append(f"checkpoint {bad} is damaged ({why}), moved to {aside}")
+        manager.reload()
+        return got, "; ".join(notes)
+    if failed:
+        raise InputError(f"no checkpoint in {manager.directory} restores ("
+                         + "; ".join(f"{bad}: {why}" for bad, why in failed) + "); if the run config's model or "
+                         "optimizer changed since they were written, resume with the run's own")
+    return None, ""
 
 
 # ---- logging -----------------------------------------------------------------------------------------------
@@ -598,8 +607,6 @@ def main(argv: list[str]) -> None:
     manager = checkpoint_manager(cfg)
     step, offset, window = 0, 0, []
     got, damaged = restore_newest(manager, state)
-    if got is None and damaged:
-        log.say(f"{damaged}; no intact checkpoint is left: starting from step 0")
     if got is not None:
         state, meta = got
         if meta["data_seed"] != cfg["data"]["seed"]:
@@ -643,7 +650,8 @@ def main(argv: list[str]) -> None:
             train_step, flops = compiled[i]
             if step == (stages[i - 1]["until_step"] if i else 0):
                 window = []  # a stage changes the objective: the spike check starts over
-            limit = g["spike_factor"] * sum(window) / len(window) if g["spike_factor"] and window else math.inf
+            full = g["spike_factor"] and len(window) == g["spike_window"]  # no spike check on a stage's first steps
+            limit = g["spike_factor"] * sum(window) / len(window) if full else math.inf
             batch = global_batch(stream, offset, stage, batch_sharding)
             weights = {k: jnp.float32(v) for k, v in loss_weights(step, stage, cfg).items()}
             with use_rules(mesh, rules):  # traced under the mesh and rules: per-device MoE dispatch, activation

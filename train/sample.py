@@ -37,8 +37,7 @@ def restore_run(config_argv: list[str]):
                                                      "opt_state": jax.jit(tx.init)(params)})
     manager.close()
     if got is None:
-        raise InputError(f"no intact checkpoint in {manager.directory}{': ' + damaged if damaged else ''}: train "
-                         "first (python -m train.pretrain ...)")
+        raise InputError(f"no checkpoint in {manager.directory}: train first (python -m train.pretrain ...)")
     if damaged:
         print(damaged)
     state, meta = got

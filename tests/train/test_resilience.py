@@ -25,6 +25,32 @@ def test_the_guard_rejects_nonfinite_loss_gradients_or_parameters_and_spikes():
     assert step_is_good(jnp.float32(6.0), jnp.float32(1.0), ok, jnp.float32(6.0))
 
 
+def test_resume_moves_only_damaged_checkpoints_aside(tmp_path):
+    """In process, on a small state: a damaged newest checkpoint is moved aside when an older one restores;
+    when none restores (here: another shape, as after a config change), nothing is moved and the error says so."""
+    import orbax.checkpoint as ocp
+    import pytest
+
+    from train.cli import InputError
+    from train.pretrain import restore_newest, save
+
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+    for step in (1, 2):
+        save(manager, step, {"w": jnp.full(3, float(step))}, {"step": step})
+    manager.wait_until_finished()
+    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"")
+    with pytest.raises(InputError, match=r"no checkpoint in .* restores \(2: .*; 1: .*\); if the run config"):
+        restore_newest(manager, {"w": jnp.zeros(4)})
+    assert checkpoints(tmp_path) == [1, 2]
+    (state, meta), note = restore_newest(manager, {"w": jnp.zeros(3)})
+    assert meta == {"step": 1} and state["w"].tolist() == [1.0] * 3
+    assert note.startswith("checkpoint 2 is damaged (") and "damaged-checkpoints" in note
+    assert checkpoints(tmp_path) == [1] and manager.all_steps() == [1]
+    manager.close()
+
+
 def strict_records(run_dir: Path) -> list[dict]:
     """metrics.jsonl parsed as strict JSON (NaN / Infinity are errors)."""
     def refuse(name):
@@ -61,7 +87,7 @@ p.cli.run(p.main, sys.argv[1:])
 def test_bad_steps_are_skipped_never_saved_and_roll_back(small_config, tmp_path):  # noqa: F811
     run_dir = tmp_path / "run"
     p = run(["-c", POISON, str(small_config), f"run_dir={run_dir}", "checkpoint.every=1", "checkpoint.keep=1",
-             "guard.max_bad_steps=2", "guard.max_rollbacks=1",
+             "guard.max_bad_steps=2", "guard.max_rollbacks=1", "guard.spike_window=3",
              "stages=[{until_step: 8, batch_size: 4, seq_len: 64, attention: sparse}]"], check=False)
     out = p.stdout
     # steps 1-4 good; 5 a spike and 6 NaN: rollback to 4; 5 good (saved), 6 and 7 NaN: rollback to 5; 6 and 7
