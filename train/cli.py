@@ -1,29 +1,20 @@
 """Errors a user can fix (a bad run config, a bad corpus, no checkpoint to restore), and the entry point of the
-train/ commands: such an error is printed as one line (no traceback) unless `--debug` is given or V4JAX_DEBUG=1
-is set; any other exception keeps its traceback."""
+train/ commands, with the command-line error handling of the whole project (v4jax.config.cli_errors): such an
+error is one line on stderr, exit status 1, with its traceback only under `--debug` or V4JAX_DEBUG=1."""
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
+
+from v4jax.config import cli_errors
 
 
-class InputError(SystemExit):
-    """Bad input, explained by its message. A SystemExit: uncaught, Python prints the message alone, exit 1."""
+class InputError(ValueError):
+    """Bad input, explained by its message."""
 
 
-def debug_requested(argv: list[str]) -> bool:
-    return "--debug" in argv or os.environ.get("V4JAX_DEBUG", "") not in ("", "0")
-
-
-def run(main, argv: list[str] | None = None) -> None:
-    """main(argv without --debug); an InputError is one line on stderr, with its traceback in debug mode."""
+def run(main, prog: str, argv: list[str] | None = None) -> None:
+    """main(argv without --debug) under cli_errors(prog)."""
     argv = sys.argv[1:] if argv is None else argv
-    debug = debug_requested(argv)
-    try:
+    with cli_errors(prog, "--debug" in argv):
         main([a for a in argv if a != "--debug"])
-    except InputError as e:
-        if debug:
-            traceback.print_exc()
-        sys.exit(f"error: {e}")

@@ -30,6 +30,7 @@ import numpy as np
 
 from train import tokenizer as tokenizer_lib
 from train.cli import InputError, run
+from v4jax.hub import file_inside
 
 FORMAT = "v4jax-token-shards-1"
 
@@ -99,16 +100,11 @@ class CorpusError(InputError):
 
 
 def shard_file(folder: Path, shard: dict, kind: str) -> Path:
-    """`<folder>/<name>.<kind>.npy` of a meta.json shard entry, which must stay inside the folder: the name is
-    data, not a path (no `..`, no absolute path, no symlink leading out)."""
+    """`<folder>/<name>.<kind>.npy` of a meta.json shard entry; CorpusError unless it stays inside the folder."""
     name = shard.get("name") if isinstance(shard, dict) else None
     if not isinstance(name, str) or not name:
         raise CorpusError(f"{folder / 'meta.json'}: shard entry {shard!r} has no name")
-    file = folder / f"{name}.{kind}.npy"
-    if not file.resolve().is_relative_to(folder.resolve()):
-        raise CorpusError(f"{folder / 'meta.json'}: shard {name!r} resolves to {file.resolve()}, outside the "
-                          f"corpus folder {folder.resolve()}")
-    return file
+    return Path(file_inside(folder, f"{name}.{kind}.npy", folder / "meta.json", CorpusError))
 
 
 class PackedStream:
@@ -197,4 +193,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, "train.data")

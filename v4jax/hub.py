@@ -60,18 +60,19 @@ class UnsafeCheckpointPath(CheckpointError):
     folder: an absolute path, a `..` part, or a symlink to a file elsewhere."""
 
 
-def file_inside(folder, name, source):
-    """The path of the file `name`, read from `source` (for the message), inside `folder`; UnsafeCheckpointPath
-    unless it is a relative name without `..` whose real path (symlinks followed) stays inside the folder."""
+def file_inside(folder, name, source, error: type[Exception] = UnsafeCheckpointPath):
+    """The path of the file `name`, read from `source` (a checkpoint index, a corpus's meta.json; for the message),
+    inside `folder`; `error` unless it is a relative name without `..` whose real path (symlinks followed) stays
+    inside the folder. Names read from files are data, never paths to follow."""
     folder = os.fspath(folder)
     if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in re.split(r"[\\/]", name):
-        raise UnsafeCheckpointPath(f"{source}: file name {name!r} points outside {folder}; a checkpoint names only "
-                                   "files inside its own folder: fix or re-download the index")
+        raise error(f"{source}: file name {name!r} points outside {folder}; the files it lists must lie inside its "
+                    "folder, named relative to it: fix or re-create it")
     path = os.path.join(folder, name)
     real, root = os.path.realpath(path), os.path.realpath(folder)
     if os.path.commonpath([real, root]) != root:
-        raise UnsafeCheckpointPath(f"{path} is a symlink to {real}, outside {folder}; a checkpoint reads only files "
-                                   "inside its own folder: copy the file in (e.g. download with --local-dir)")
+        raise error(f"{path} is a symlink to {real}, outside {folder}; only files inside the folder are read: copy "
+                    "the file in (a hub download: use --local-dir)")
     return path
 
 

@@ -80,7 +80,7 @@ def save(manager, step, *a, **k):
     print(f"SAVE {step}", flush=True)
     real_save(manager, step, *a, **k)
 p.loss_weights, p.save = loss_weights, save
-p.cli.run(p.main, sys.argv[1:])
+p.cli.run(p.main, "train.pretrain", sys.argv[1:])
 """
 
 
@@ -97,7 +97,8 @@ def test_bad_steps_are_skipped_never_saved_and_roll_back(small_config, tmp_path)
     assert [int(line.split()[1]) for line in out.splitlines() if line.startswith("SAVE")] == [1, 2, 3, 4, 5]
     assert p.returncode == 1, p.stderr[-3000:]
     err = p.stderr.strip().splitlines()
-    assert err[-1].startswith("error: stopped: 2 bad steps in a row at step 7, after 1 rollback(s) to checkpoint 5")
+    assert err[-1].startswith(
+        "train.pretrain: stopped: 2 bad steps in a row at step 7, after 1 rollback(s) to checkpoint 5")
     assert "Traceback" not in p.stderr
     # with keep: 1 and a save due every step, the good checkpoint survived the bad steps
     assert checkpoints(run_dir) == [5]
