@@ -80,9 +80,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from train.cli import InputError, run
-from train.data import CorpusError, shard_file
+from train.data import CHAT_FORMAT, CorpusError, read_meta, shard_file
 
-FORMAT = "v4jax-chat-shards-1"
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT, REMINDER = "<｜User｜>", "<｜Assistant｜>", "<｜latest_reminder｜>"
 THINK, END_THINK = "<think>", "</think>"
@@ -463,7 +462,7 @@ def pack(path: str | Path, out: str | Path, seq_len: int, thinking_mode: str = "
             np.save(tmp / f"{name}.{kind}.npy", a[start:start + rows_per_shard])
         shards.append({"name": name, "n_rows": len(tokens[start:start + rows_per_shard])})
     n_tokens = sum(len(ids) for ids, _ in convs)
-    meta = {"format": FORMAT, "seq_len": seq_len, "dtype": np.dtype(dtype).name,
+    meta = {"format": CHAT_FORMAT, "seq_len": seq_len, "dtype": np.dtype(dtype).name,
             "vocab_size": tok.get_vocab_size(), "pad_id": pad, "shards": shards, "n_rows": len(rows),
             "n_conversations": len(convs), "n_tokens": n_tokens, "n_loss_tokens": int(loss.sum()),
             "fill": n_tokens / (len(rows) * row), "source": str(path),
@@ -480,12 +479,7 @@ def pack(path: str | Path, out: str | Path, seq_len: int, thinking_mode: str = "
 def load_shards(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """A packed folder -> (meta, {"tokens", "segment_ids", "loss_mask"}: [n_rows, seq_len + 1] each)."""
     path = Path(path)
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise CorpusError(f"{meta_file} not found: pack conversations first with `python -m train.chat pack`")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT or not meta.get("shards"):
-        raise CorpusError(f"{path} is not a {FORMAT} folder with shards (format {meta.get('format')!r})")
+    meta = read_meta(path, CHAT_FORMAT, "pack conversations first with `python -m train.chat pack`")
     arrays = {kind: np.concatenate([np.load(shard_file(path, s, kind)) for s in meta["shards"]])
               for kind in ("tokens", "segment_ids", "loss_mask")}
     return meta, arrays

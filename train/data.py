@@ -13,6 +13,11 @@ no entry) and lets no attention cross documents. A document cut by a row boundar
 that row's first document, from position 0. The loader's whole state is the stream offset: resuming at a saved
 offset reproduces the batches exactly, and the row length or batch size may change between stages.
 
+SFT data (`python -m train.chat pack`, format CHAT_FORMAT) comes as rows packed ahead of time, each with a
+loss mask: RowStream reads them in an order permuted per epoch; stream offset o is row o // seq_len, so the
+trainer's offset arithmetic is the same, and its stages must use the folder's seq_len. `open_corpus` picks the
+loader from meta.json's format.
+
 Commands:
     python -m train.data tokenize --input DIR [--pattern '**/*.txt'] --output OUT [--tokenizer T.json]
     python -m train.data stdlib --output OUT      # the embedded default corpus with the shipped tokenizer
@@ -33,6 +38,7 @@ from train.cli import InputError, run
 from v4jax.hub import file_inside
 
 FORMAT = "v4jax-token-shards-1"
+CHAT_FORMAT = "v4jax-chat-shards-1"  # train.chat's packed rows
 
 
 # ---- writing ----------------------------------------------------------------------------------------------
@@ -107,19 +113,37 @@ def shard_file(folder: Path, shard: dict, kind: str) -> Path:
     return Path(file_inside(folder, f"{name}.{kind}.npy", folder / "meta.json", CorpusError))
 
 
+def read_meta(path: Path, fmt: str, make: str) -> dict:
+    """meta.json of a `fmt` folder that lists shards, or a CorpusError saying how to make one."""
+    meta_file = path / "meta.json"
+    if not meta_file.exists():
+        raise CorpusError(f"{meta_file} not found: {make}")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != fmt:
+        raise CorpusError(f"{path} is not a {fmt} folder (format {meta.get('format')!r})")
+    if not meta.get("shards"):
+        raise CorpusError(f"{meta_file} lists no shards: the corpus is empty")
+    return meta
+
+
+def open_corpus(path: str | Path, seed: int):
+    """The loader of a training data folder: RowStream for train.chat's packed rows, else PackedStream."""
+    meta_file = Path(path) / "meta.json"
+    try:
+        fmt = json.loads(meta_file.read_text()).get("format") if meta_file.exists() else None
+    except (ValueError, AttributeError):
+        fmt = None
+    return (RowStream if fmt == CHAT_FORMAT else PackedStream)(path, seed)
+
+
 class PackedStream:
     """The epoch-permuted document stream of a shard folder, read as packed rows (module docstring)."""
 
+    seq_len = None  # any row length
+
     def __init__(self, path: str | Path, seed: int):
         path = Path(path)
-        meta_file = path / "meta.json"
-        if not meta_file.exists():
-            raise CorpusError(f"{meta_file} not found: tokenise a corpus first with `python -m train.data`")
-        self.meta = json.loads(meta_file.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise CorpusError(f"{path} is not a {FORMAT} folder (format {self.meta.get('format')!r})")
-        if not self.meta.get("shards"):
-            raise CorpusError(f"{meta_file} lists no shards: the corpus is empty")
+        self.meta = read_meta(path, FORMAT, "tokenise a corpus first with `python -m train.data`")
         self.seed = seed
         toks = [np.load(shard_file(path, s, "tokens"), mmap_mode="r") for s in self.meta["shards"]]
         starts = [np.load(shard_file(path, s, "docs")) for s in self.meta["shards"]]
@@ -133,6 +157,11 @@ class PackedStream:
         if int(np.maximum(self._doc_len - 1, 0).sum()) == 0:
             raise CorpusError(f"{path}: no tokens to train on ({len(self._doc_len)} documents, all empty)")
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def describe(self) -> str:
+        m = self.meta
+        return (f"{m['n_docs']} documents, {m['n_tokens']:,} tokens; unigram entropy "
+                f"{m['unigram_entropy_nats']:.3f} nats/token")
 
     def _epoch(self, e: int):
         """(document order, cumulative end offsets) of epoch e."""
@@ -163,6 +192,51 @@ class PackedStream:
         offset + rows * seq_len."""
         toks, segs = zip(*(self.read(offset + r * seq_len, seq_len + 1) for r in range(rows)))
         return {"tokens": np.stack(toks), "segment_ids": np.stack(segs)}
+
+
+class RowStream:
+    """train.chat's packed rows (module docstring): tokens, segment_ids and loss_mask [seq_len + 1] per row,
+    memory-mapped, in an order permuted per epoch by (seed, epoch)."""
+
+    KINDS = ("tokens", "segment_ids", "loss_mask")
+
+    def __init__(self, path: str | Path, seed: int):
+        path = Path(path)
+        self.meta = read_meta(path, CHAT_FORMAT, "pack conversations first with `python -m train.chat pack`")
+        self.seed, self.seq_len = seed, self.meta["seq_len"]
+        self._shards = [{k: np.load(shard_file(path, s, k), mmap_mode="r") for k in self.KINDS}
+                        for s in self.meta["shards"]]
+        for s, arrays in zip(self.meta["shards"], self._shards):
+            if any(a.shape != (s["n_rows"], self.seq_len + 1) for a in arrays.values()):
+                raise CorpusError(f"{path}: shard {s['name']} does not hold {s['n_rows']} rows of "
+                                  f"{self.seq_len + 1} as meta.json says: pack it again")
+        self._starts = np.cumsum([0] + [s["n_rows"] for s in self.meta["shards"]])
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its row permutation)
+        if not sum(int(a["loss_mask"][:, 1:].sum()) for a in self._shards):
+            raise CorpusError(f"{path}: no tokens to train on (the loss mask is 0 everywhere)")
+
+    def describe(self) -> str:
+        m = self.meta
+        return (f"{m['n_conversations']} conversations packed in {m['n_rows']} rows of {self.seq_len + 1} tokens, "
+                f"{m['n_loss_tokens']:,} of them trained (loss mask)")
+
+    def batch(self, offset: int, rows: int, seq_len: int) -> dict[str, np.ndarray]:
+        """Rows offset // seq_len ... + rows - 1 of the epoch-permuted order: {tokens, segment_ids, loss_mask}
+        [rows, seq_len + 1]."""
+        if seq_len != self.seq_len:
+            raise CorpusError(f"the data's rows hold seq_len {self.seq_len} (+1) tokens but the stage asks for "
+                              f"{seq_len}: set the stage's seq_len to {self.seq_len} or pack again")
+        n = int(self._starts[-1])
+        picked = []
+        for i in range(offset // seq_len, offset // seq_len + rows):
+            e, r = divmod(i, n)
+            if self._order is None or self._order[0] != e:
+                self._order = (e, np.random.default_rng([self.seed, e]).permutation(n))
+            row = int(self._order[1][r])
+            shard = int(np.searchsorted(self._starts, row, side="right")) - 1
+            picked.append((shard, row - int(self._starts[shard])))
+        return {k: np.stack([np.asarray(self._shards[s][k][r]) for s, r in picked]).astype(np.int32)
+                for k in self.KINDS}
 
 
 def main(argv: list[str]) -> None:

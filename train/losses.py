@@ -10,8 +10,9 @@ attention over the compressed entries; the model detaches the indexer's input, s
 indexer. In the indexer warm-up stage the objective is the KL alone (the main model is frozen).
 
 Packed rows: a target counts only if it lies in the same document as the position predicting it
-(segment_ids equal), so no loss crosses documents. The aux-loss-free router bias is not part of the
-gradient: `router_bias_updates` moves it from the expert loads after each step.
+(segment_ids equal), so no loss crosses documents; with a loss mask (SFT rows, train.chat), only targets
+whose mask is 1 count (the assistant's tokens), for the main and the MTP loss alike. The aux-loss-free router
+bias is not part of the gradient: `router_bias_updates` moves it from the expert loads after each step.
 """
 
 from __future__ import annotations
@@ -49,14 +50,16 @@ def mtp_weight(step, decay_start: int, before: float = 0.3, after: float = 0.1):
     return jnp.where(step < decay_start, before, after)
 
 
-def objective(model, tokens: jax.Array, segment_ids: jax.Array, weights: dict):
+def objective(model, tokens: jax.Array, segment_ids: jax.Array, weights: dict, loss_mask: jax.Array | None = None):
     """The training loss of one packed batch and its parts.
 
     tokens, segment_ids [b, L + 1] (the loader's rows); weights: {"mtp", "balance", "indexer", "lm"} scalars
-    ("lm" is 0 in the indexer warm-up). Returns (loss, metrics, expert loads {layer path: [experts]}).
+    ("lm" is 0 in the indexer warm-up); loss_mask [b, L + 1] (optional): token j counts as a target only where
+    it is nonzero. Returns (loss, metrics, expert loads {layer path: [experts]}).
     """
     inputs, segs = tokens[:, :-1], segment_ids[:, :-1]
-    same_doc = segment_ids[:, 1:] == segs  # target i + 1 belongs to position i's document
+    counts = jnp.ones(tokens.shape, bool) if loss_mask is None else loss_mask != 0
+    same_doc = (segment_ids[:, 1:] == segs) & counts[:, 1:]  # target i + 1 belongs to position i's document
     x, stats = model.hidden(inputs, segs, with_stats=True)
     lm = head_cross_entropy(model, x, model.hc_head, model.norm, tokens[:, 1:], same_doc)
     metrics = {"lm_loss": lm}
@@ -67,7 +70,7 @@ def objective(model, tokens: jax.Array, segment_ids: jax.Array, weights: dict):
         y, mtp_stats = model.mtp_hidden(x, tokens[:, 1:], segs)
         stats.update(mtp_stats)
         target = jnp.pad(tokens[:, 2:], ((0, 0), (0, 1)))
-        mask = jnp.pad(segment_ids[:, 2:] == segs[:, :-1], ((0, 0), (0, 1)))
+        mask = jnp.pad((segment_ids[:, 2:] == segs[:, :-1]) & counts[:, 2:], ((0, 0), (0, 1)))
         metrics["mtp_loss"] = head_cross_entropy(model, y, model.mtp.hc_head, model.mtp.norm, target, mask)
         loss = loss + weights["lm"] * weights["mtp"] * metrics["mtp_loss"]
     balance = [v for k, v in stats.items() if k.endswith("balance_loss")]

@@ -55,7 +55,7 @@ from tensorboardX import SummaryWriter
 
 from train import cli, losses
 from train.cli import InputError
-from train.data import PackedStream
+from train.data import PackedStream, RowStream, open_corpus
 from train.flops import peak_flops_per_device, train_flops_per_token
 from train.muon import path_str, v4_optimizer
 from v4jax.config import ModelConfig
@@ -322,9 +322,9 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float, state_shardings)
     update would make a parameter non-finite. metrics["good"] says which.
     """
 
-    def loss_fn(params, others, tokens, segment_ids, weights):
+    def loss_fn(params, others, mb, weights):
         model = nnx.merge(graphdef, params, others)
-        loss, metrics, loads = losses.objective(model, tokens, segment_ids, weights)
+        loss, metrics, loads = losses.objective(model, mb["tokens"], mb["segment_ids"], weights, mb.get("loss_mask"))
         return loss, (metrics | {"loss": loss}, loads)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -332,7 +332,7 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float, state_shardings)
     @partial(jax.jit, donate_argnums=(0, 1, 2), out_shardings=(*state_shardings, None))
     def step(params, others, opt_state, batch, weights, loss_limit=math.inf):
         def micro(grad_sum, mb):
-            (_, (metrics, loads)), grads = grad_fn(params, others, mb["tokens"], mb["segment_ids"], weights)
+            (_, (metrics, loads)), grads = grad_fn(params, others, mb, weights)
             return jax.tree.map(jnp.add, grad_sum, grads), (metrics, loads)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -376,7 +376,7 @@ def update_router_biases(others, loads, speed: float):
 
 # ---- data onto the mesh ------------------------------------------------------------------------------------
 
-def global_batch(stream: PackedStream, offset: int, stage: dict, sharding: NamedSharding) -> dict:
+def global_batch(stream: PackedStream | RowStream, offset: int, stage: dict, sharding: NamedSharding) -> dict:
     """The stage's global batch [accum, rows, L+1] at stream `offset`; this process reads only the rows its
     devices hold (row r of micro-batch a is stream row a * rows + r)."""
     accum, rows, L = stage["grad_accum"], stage["batch_size"], stage["seq_len"]
@@ -385,7 +385,7 @@ def global_batch(stream: PackedStream, offset: int, stage: dict, sharding: Named
                    for r in range(*idx[1].indices(rows))})
     out = {}
     parts = [stream.batch(offset + (a * rows + held[0]) * L, len(held), L) for a in range(accum)]
-    for key in ("tokens", "segment_ids"):
+    for key in parts[0]:  # tokens, segment_ids (and loss_mask for SFT rows)
         local = np.stack([p[key] for p in parts])
         out[key] = jax.make_array_from_process_local_data(sharding, local, shape)
     return out
@@ -570,7 +570,10 @@ def main(argv: list[str]) -> None:
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
 
     # Data (a missing, empty or unsafe corpus is named here, before anything compiles) and model.
-    stream = PackedStream(cfg["data"]["path"], cfg["data"]["seed"])
+    stream = open_corpus(cfg["data"]["path"], cfg["data"]["seed"])
+    if stream.seq_len is not None and any(st["seq_len"] != stream.seq_len for st in cfg["stages"]):
+        raise ConfigError(f"{cfg['data']['path']} holds rows of seq_len {stream.seq_len} (packed by train.chat): set "
+                          f"every stage's seq_len to {stream.seq_len}")
     mcfg = model_config(cfg)
     if stream.meta["vocab_size"] > mcfg.vocab_size:
         raise ConfigError(f"the data's vocabulary ({stream.meta['vocab_size']}) is larger than the model's "
@@ -580,8 +583,7 @@ def main(argv: list[str]) -> None:
     log = Log(cfg, total)
     log.say(f"model: {mcfg.n_layers} layers, dim {mcfg.dim}, {mcfg.n_routed_experts} experts | mesh {sizes} | "
             f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
-    log.say(f"data: {stream.meta['n_docs']} documents, {stream.meta['n_tokens']:,} tokens; unigram entropy "
-            f"{stream.meta['unigram_entropy_nats']:.3f} nats/token")
+    log.say(f"data: {stream.describe()}")
 
     model = Transformer(mcfg, rngs=nnx.Rngs(cfg["seed"]))
     if cfg["init"]:

@@ -29,26 +29,28 @@ def test_mtp_weight_drops_when_the_lr_decay_starts():
     assert np.allclose(got, [0.3, 0.3, 0.1, 0.1])
 
 
-@pytest.mark.parametrize("loss_chunk", [1024, 7])
-def test_objective_matches_a_direct_computation_on_packed_rows(loss_chunk):
+@pytest.mark.parametrize("loss_chunk, masked", [(1024, False), (7, True)])
+def test_objective_matches_a_direct_computation_on_packed_rows(loss_chunk, masked):
     """lm loss = CE of tokens i + 1 within each document; MTP = CE of token i + 2 from mtp_logits fed token
     i + 1, within the document; the total adds 0.3 * MTP and 1e-4 * the summed balance losses. loss_chunk 7
-    splits the 40 positions into 6 chunks, the last one padded."""
+    splits the 40 positions into 6 chunks, the last one padded. With a loss mask (SFT), only targets whose
+    mask is 1 count, in both losses."""
     cfg = ModelConfig.preset("tiny", compute_dtype="float32", loss_chunk=loss_chunk)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, 41)))
     seg = jnp.asarray(np.repeat([[0] * 20 + [1] * 21], 2, axis=0))
     weights = {"lm": 1.0, "mtp": 0.3, "balance": 1e-4, "indexer": 0.0}
-    loss, metrics, loads = nnx.jit(losses.objective)(model, tokens, seg, weights)
+    mask = rng.integers(0, 2, tokens.shape) if masked else np.ones(tokens.shape, int)
+    loss, metrics, loads = nnx.jit(losses.objective)(model, tokens, seg, weights, jnp.asarray(mask) if masked else None)
 
     x = model.hidden(tokens[:, :-1], seg[:, :-1])
     logp = jax.nn.log_softmax(model.logits(x, model.hc_head, model.norm))
     pos = [i for i in range(40) if i != 19]  # position 19 ends document 0: its next token is document 1's
-    lm = -np.mean([logp[b, i, tokens[b, i + 1]] for b in range(2) for i in pos])
+    lm = -np.mean([logp[b, i, tokens[b, i + 1]] for b in range(2) for i in pos if mask[b, i + 1]])
     mlogp = jax.nn.log_softmax(model.mtp_logits(x, tokens[:, 1:], seg[:, :-1]))
     mpos = [i for i in range(39) if i not in (18, 19)]
-    mtp = -np.mean([mlogp[b, i, tokens[b, i + 2]] for b in range(2) for i in mpos])
+    mtp = -np.mean([mlogp[b, i, tokens[b, i + 2]] for b in range(2) for i in mpos if mask[b, i + 2]])
     assert np.isclose(metrics["lm_loss"], lm, rtol=1e-5) and np.isclose(metrics["mtp_loss"], mtp, rtol=1e-5)
     n_score = cfg.n_layers - cfg.n_hash_layers + 1  # + the MTP block's MoE
     assert 0.5 * n_score < metrics["balance_loss"] < 2 * n_score  # ~1 per layer near uniform routing
