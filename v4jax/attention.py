@@ -23,7 +23,8 @@ from kernels.sparse_attention import sparse_attention
 from v4jax import kv_cache
 from v4jax.config import ModelConfig
 from v4jax.layers import apply_rope, param, rms_norm, rope_frequencies, split_chunks
-from v4jax.quant import dense, einsum, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant, ordered_sum, softmax
+from v4jax.quant import (Adapted, dense, einsum, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant, ordered_sum,
+                         softmax, weight)
 
 
 def kv_fake_quant(kv: jax.Array, rope_dim: int) -> jax.Array:
@@ -278,8 +279,8 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, s, _ = x.shape
         freqs = rope_frequencies(cfg, compressed=bool(self.ratio))
-        qr = rms_norm(linear(x, dense(self.wq_a), quantized=True, qat=cfg.qat), self.q_norm[...], cfg.norm_eps)
-        q = linear(qr, dense(self.wq_b), quantized=True, qat=cfg.qat).reshape(b, s, cfg.n_heads, cfg.head_dim)
+        qr = rms_norm(linear(x, weight(self, "wq_a"), quantized=True, qat=cfg.qat), self.q_norm[...], cfg.norm_eps)
+        q = linear(qr, weight(self, "wq_b"), quantized=True, qat=cfg.qat).reshape(b, s, cfg.n_heads, cfg.head_dim)
         q = apply_rope(rms_norm(q, None, cfg.norm_eps), positions, freqs)  # weightless per-head RMS, then rope
         return q, self.kv(x, positions), qr
 
@@ -287,7 +288,7 @@ class Attention(nnx.Module):
         """The key/value entries [b, s, d] of inputs x [b, s, dim]: kv_norm(wkv(x)), roped, fake-quantized under
         qat."""
         cfg = self.cfg
-        kv = rms_norm(linear(x, dense(self.wkv), quantized=True, qat=cfg.qat), self.kv_norm[...], cfg.norm_eps)
+        kv = rms_norm(linear(x, weight(self, "wkv"), quantized=True, qat=cfg.qat), self.kv_norm[...], cfg.norm_eps)
         kv = apply_rope(kv, positions, rope_frequencies(cfg, compressed=bool(self.ratio)))
         return kv_fake_quant(kv, cfg.rope_head_dim) if cfg.qat else kv
 
@@ -299,8 +300,12 @@ class Attention(nnx.Module):
         o = apply_rope(o, positions, rope_frequencies(cfg, compressed=bool(self.ratio)), inverse=True)
         g, r = cfg.o_groups, cfg.o_lora_rank
         o = o.reshape(b, s, g, -1)
-        o = einsum("bsgk,grk->bsgr", o, dense(self.wo_a).astype(o.dtype).reshape(g, r, -1)).astype(dtype)
-        return linear(o.reshape(b, s, g * r), dense(self.wo_b), quantized=True, qat=cfg.qat)
+        w = weight(self, "wo_a")
+        lat = einsum("bsgk,grk->bsgr", o, getattr(w, "base", w).astype(o.dtype).reshape(g, r, -1))
+        if isinstance(w, Adapted):  # the adapter's rows of group j, like the weight's, read group j's heads only
+            h = einsum("bsgk,nk->bsgn", o, w.a.astype(o.dtype)).astype(o.dtype)
+            lat = lat + w.scale * einsum("bsgn,grn->bsgr", h, w.b.astype(o.dtype).reshape(g, r, -1))
+        return linear(lat.astype(dtype).reshape(b, s, g * r), weight(self, "wo_b"), quantized=True, qat=cfg.qat)
 
     def _index_inputs(self, x, qr):
         """With the indexer loss on, the indexer learns from it alone: its inputs carry no gradient (V3.2)."""

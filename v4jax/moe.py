@@ -28,7 +28,7 @@ from flax import nnx
 from v4jax.config import ModelConfig
 from v4jax.layers import param, swiglu
 from kernels.fp4_matmul import fp4_ragged_dot
-from v4jax.quant import Mxfp4Weight, QuantizedWeight, dense, fp8_fake_quant, grouped_matmul, linear
+from v4jax.quant import Adapted, Mxfp4Weight, QuantizedWeight, fp8_fake_quant, grouped_matmul, linear, weight
 
 
 class RouterBias(nnx.Variable):
@@ -80,7 +80,8 @@ class Gate(nnx.Module):
 
 
 def expert_ffn(x, w1, w2, w3, limit: float, qat: bool, route_w=None):
-    """One SwiGLU expert on x [n, d] with [out, in] weights; route_w [n] scales the hidden before w2."""
+    """One SwiGLU expert on x [n, d] with [out, in] weights (arrays or quant.Adapted); route_w [n] scales the hidden
+    before w2."""
     hid = swiglu(linear(x, w1, quantized=True, qat=qat, out_dtype=jnp.float32),
                  linear(x, w3, quantized=True, qat=qat, out_dtype=jnp.float32), limit)
     if route_w is not None:
@@ -91,9 +92,13 @@ def expert_ffn(x, w1, w2, w3, limit: float, qat: bool, route_w=None):
 def grouped_ffn(xs, sizes, route_w, w1, w2, w3, limit: float, qat: bool, kernels: str = "reference"):
     """SwiGLU experts on rows sorted by expert: xs [m, d], sizes [e] rows per expert (rows past their sum belong
     to no expert), route_w [m], weights [e, out, in] (arrays, or MXFP4 storage: the fp4 grouped kernel then
-    decodes them on the fly, by `kernels` = ModelConfig.kernels) -> [m, d] fp32. One grouped matmul per weight,
-    fp32 accumulation; under qat the rows and the weighted hidden are FP8-rounded, as in expert_ffn."""
+    decodes them on the fly, by `kernels` = ModelConfig.kernels; either may come as quant.Adapted, with per-expert
+    LoRA factors) -> [m, d] fp32. One grouped matmul per weight, fp32 accumulation; under qat the rows and the
+    weighted hidden are FP8-rounded, as in expert_ffn."""
     def grouped(a, w):  # a [m, in], w [e, out, in] -> [m, out]
+        if isinstance(w, Adapted):  # per-expert adapters: two more grouped matmuls, rank wide
+            h = grouped_matmul(a, w.a.astype(a.dtype), sizes).astype(a.dtype)
+            return grouped(a, w.base) + w.scale * grouped_matmul(h, w.b.astype(a.dtype), sizes)
         if isinstance(w, Mxfp4Weight):
             return fp4_ragged_dot(a, w, sizes, implementation=kernels)
         w = w.dequantize(jnp.float32) if isinstance(w, QuantizedWeight) else w
@@ -157,8 +162,11 @@ class MoE(nnx.Module):
             from v4jax.expert_parallel import ep_routed  # imported here: it builds on this module
 
             ex = self.experts
+            # LoRA on routed experts goes in merged (a dense weight gradient per layer, as in full training).
+            w1, w2, w3 = (w.merged() if isinstance(w, Adapted) else w
+                          for w in (weight(ex, n) for n in ("w1", "w2", "w3")))
             # Inference calls cannot report drops, so they get the buffers that never drop.
-            routed, dropped = ep_routed(x, weights, ids, dense(ex.w1), dense(ex.w2), dense(ex.w3), cfg, mesh,
+            routed, dropped = ep_routed(x, weights, ids, w1, w2, w3, cfg, mesh,
                                         cfg.moe_ep_capacity if sow_stats else None)
             if sow_stats:
                 self.sow(nnx.Intermediate, "ep_dropped", dropped)
@@ -166,7 +174,7 @@ class MoE(nnx.Module):
             routed = (self._ragged if cfg.moe_impl == "ragged" else self._dense)(x, weights, ids)
         if self.shared_experts is not None:
             se = self.shared_experts
-            routed = routed + expert_ffn(x, dense(se.w1), dense(se.w2), dense(se.w3), cfg.swiglu_limit, cfg.qat)
+            routed = routed + expert_ffn(x, *(weight(se, n) for n in ("w1", "w2", "w3")), cfg.swiglu_limit, cfg.qat)
         return routed.astype(y.dtype).reshape(shape)
 
     def _sow_stats(self, ids, scores, batch: int):
@@ -182,7 +190,7 @@ class MoE(nnx.Module):
         ex = self.experts
         dense_w = jnp.sum(jax.nn.one_hot(ids, cfg.n_routed_experts, dtype=jnp.float32) * weights[..., None], axis=1)
         out = jax.vmap(lambda w1, w2, w3, rw: expert_ffn(x, w1, w2, w3, cfg.swiglu_limit, cfg.qat, rw),
-                       in_axes=(0, 0, 0, 1))(dense(ex.w1), dense(ex.w2), dense(ex.w3), dense_w)
+                       in_axes=(0, 0, 0, 1))(*(weight(ex, n) for n in ("w1", "w2", "w3")), dense_w)
         return jnp.sum(out, axis=0)
 
     def _ragged(self, x, weights, ids):
@@ -194,6 +202,7 @@ class MoE(nnx.Module):
         token = order // k
         sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
         ex = self.experts
-        out = grouped_ffn(x[token], sizes, weights.reshape(-1)[order], ex.w1.get_value(), ex.w2.get_value(),
-                          ex.w3.get_value(), cfg.swiglu_limit, cfg.qat, cfg.kernels)
+        out = grouped_ffn(x[token], sizes, weights.reshape(-1)[order],
+                          *(weight(ex, n, decode=False) for n in ("w1", "w2", "w3")), cfg.swiglu_limit, cfg.qat,
+                          cfg.kernels)
         return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out)

@@ -74,13 +74,15 @@ def hadamard(x: jax.Array) -> jax.Array:
 
 def linear(x: jax.Array, w: jax.Array, *, quantized: bool = False, qat: bool = False,
            out_dtype=None) -> jax.Array:
-    """y = x @ w.T with w in the checkpoint's [out, in] layout, fp32 accumulation.
+    """y = x @ w.T with w in the checkpoint's [out, in] layout (or an `Adapted` weight), fp32 accumulation.
 
     `quantized` marks weights that are FP8 / FP4 in the released checkpoint: under `qat` their input is
     rounded to FP8 in 1x128 blocks first, as the official fp8_gemm / fp4_gemm path does.
     """
     if quantized and qat:
         x = fp8_fake_quant(x, 128)
+    if isinstance(w, Adapted):  # the adapter sees the same (FP8-rounded) input: the merged weight computes this
+        return (einsum("...i,oi->...o", x, w.base.astype(x.dtype)) + w.delta(x)).astype(out_dtype or x.dtype)
     return einsum("...i,oi->...o", x, w.astype(x.dtype)).astype(out_dtype or x.dtype)
 
 
@@ -253,6 +255,39 @@ def dense(var) -> jax.Array:
     """The value of a weight Variable as a dense array (quantized storage is dequantized to fp32)."""
     value = var.get_value()
     return value.dequantize(jnp.float32) if isinstance(value, QuantizedWeight) else value
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+    """A weight [.., out, in] with a LoRA adapter (v4jax.lora): it acts as base + scale * b @ a, with a
+    [.., rank, in] and b [.., out, rank], through two thin matmuls (the sum is never formed in a forward).
+    `base` is dense, or a QuantizedWeight where the grouped expert kernels read the storage directly."""
+
+    base: object
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True))
+
+    def delta(self, x: jax.Array) -> jax.Array:
+        """scale * (x @ a.T) @ b.T for x [..., in], fp32 (the low-rank path rounds to x's dtype in between)."""
+        h = einsum("...i,ri->...r", x, self.a.astype(x.dtype)).astype(x.dtype)
+        return self.scale * einsum("...r,or->...o", h, self.b.astype(x.dtype))
+
+    def merged(self) -> jax.Array:
+        """The dense fp32 weight base + scale * b @ a."""
+        base = self.base.dequantize(jnp.float32) if isinstance(self.base, QuantizedWeight) else self.base
+        return base.astype(jnp.float32) + self.scale * einsum("...or,...ri->...oi", self.b, self.a)
+
+
+def weight(owner, name: str, decode: bool = True):
+    """The weight Variable `owner.<name>` for a matmul: dense (`dense`; with decode=False its stored value, for
+    kernels that read quantized storage), or `Adapted` when a LoRA adapter is attached beside it as
+    `owner.<name>_lora` (v4jax.lora)."""
+    var = getattr(owner, name)
+    w = dense(var) if decode else var.get_value()
+    lora = getattr(owner, f"{name}_lora", None)
+    return w if lora is None else Adapted(w, lora.a[...], lora.b[...], lora.scale)
 
 
 # ---- released storage formats kept in the parameter tree (spec §5.2 encoding details) ----------------------

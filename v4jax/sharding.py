@@ -124,9 +124,10 @@ def logical_axes(var: nnx.Variable) -> tuple[str | None, ...]:
     return tuple(names)
 
 
-def model_specs(model: nnx.Module, rules: Rules):
-    """The PartitionSpec pytree of the model's state, from each variable's logical axis names."""
-    return jax.tree.map(lambda v: logical_to_spec(logical_axes(v), rules), nnx.state(model),
+def model_specs(model: nnx.Module, rules: Rules, *filters):
+    """The PartitionSpec pytree of the model's state (or of its variables that match `filters`, as nnx.state
+    takes them), from each variable's logical axis names."""
+    return jax.tree.map(lambda v: logical_to_spec(logical_axes(v), rules), nnx.state(model, *filters),
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -139,10 +140,11 @@ def flat_specs(model: nnx.Module, rules: Rules) -> dict[str, list]:
     return {".".join(map(str, p)): [entry(e) for e in logical_to_spec(logical_axes(v), rules)] for p, v in flat}
 
 
-def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.Module:
-    """Place the model's state on `mesh` by the rules (in place); returns the model."""
-    specs = model_specs(model, rules)
-    state = nnx.state(model)
+def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules: Rules, *filters) -> nnx.Module:
+    """Place the model's state (or the variables that match `filters`, e.g. lora.LoraParam) on `mesh` by the
+    rules (in place); returns the model."""
+    specs = model_specs(model, rules, *filters)
+    state = nnx.state(model, *filters)
     sharded = jax.tree.map(lambda v, s: jax.device_put(v[...], NamedSharding(mesh, s)), state, specs,
                            is_leaf=lambda x: isinstance(x, nnx.Variable))
     nnx.update(model, sharded)
