@@ -35,6 +35,8 @@ BENCHMARKS = {  # name: (module, section title)
     "decode": ("bench.decode", "Decode over the compressed cache"),
     "kernels": ("bench.kernels", "Kernels: Pallas vs jnp reference vs dense alternative (issue 6)"),
     "speculative": ("bench.speculative", "Speculative decoding: plain vs MTP vs DSpark (issue 14, mechanics only)"),
+    "long_context": ("bench.long_context", "Long context: prefill and decode from 4K to 1M tokens, one process per length "
+                     "(issue 16)"),
 }
 
 
