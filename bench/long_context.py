@@ -4,6 +4,7 @@ BF16 cache and for FP8 entries + FP4 indexer keys (issue 16 item 6).
     .venv/bin/python -m bench long_context            # the suite: into docs/perf/results.json, docs/performance.md
     .venv/bin/python -m bench.long_context [--configs tiny demo] [--lengths 4096 16384] [--formats bf16 fp8+fp4]
         [--steps 16] [--timeout 1800] [--capacity 1048576 --capacity-fill 4096 | --capacity 0] [--out DIR]
+    .venv/bin/python -m bench.long_context --from-json DIR/long_context.json [--out DIR]   # reprint a saved run
     .venv/bin/python -m bench.long_context --config demo --lengths 1048576 --capacity 0   # the 1M demo alone
 
 Each (config, cache format, length) runs in its own child process (`--child`), so that its peak RSS (the kernel's
@@ -168,7 +169,8 @@ def _prefill(model, graphdef, state, length: int, capacity: int, kv_format: str,
     for c in range(n_chunks):
         n = min(chunk, length - c * chunk)
         t0 = time.perf_counter()
-        logits, _, cache = pre(state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]), jnp.asarray([n], jnp.int32))
+        tokens = jnp.asarray(ids[:, c * chunk:(c + 1) * chunk])
+        logits, _, cache = pre(state, cache, tokens, jnp.asarray([n], jnp.int32))
         logits.block_until_ready()
         chunk_s.append(time.perf_counter() - t0)
     token = jnp.argmax(logits[:, n - 1], axis=-1).astype(jnp.int32)[:, None]
@@ -200,8 +202,8 @@ def child_length(config: str, fmt: str, length: int, steps: int) -> dict:
     out["xla_bytes_accessed"] = _xla_bytes(dec)
     times, cache, _ = _decode_steps(dec, state, cache, token, steps)
     assert int(cache.lengths[0]) == length + steps + 1
-    out.update(step_s=statistics.median(times[1:]), step_times_s=times[1:], capacity=capacity,
-               peak_rss_mib=peak_rss_mib())  # before the bandwidth array
+    out.update(step_s=statistics.median(times[1:]), step_min_s=min(times[1:]), step_times_s=times[1:],
+               capacity=capacity, peak_rss_mib=peak_rss_mib())  # before the bandwidth array
     out["bandwidth_gbs"] = measure_bandwidth()
     return out
 
@@ -269,6 +271,8 @@ def analyse(rows: list[dict]) -> dict:
             continue
         base = done[0]
         for r in done:
+            if "step_times_s" in r:
+                r.setdefault("step_min_s", min(r["step_times_s"]))
             r["step_ratio"] = r["step_s"] / base["step_s"]
             r["model_growth"] = r["model_bytes"] - base["model_bytes"]
             r["inferred_growth"] = inferred_bytes(r["step_s"], base["step_s"], r["bandwidth_gbs"])
@@ -276,6 +280,7 @@ def analyse(rows: list[dict]) -> dict:
             r["xla_growth"] = xb - xb0 if xb is not None and xb0 is not None else None
             r["prefill_tps"] = r["length"] / r["prefill_s"]
             r["gflops"] = r["prefill_flops"] / r["prefill_s"] / 1e9
+            r["indexer_gflops_lower"] = r["indexer_flops"] / r["prefill_s"] / 1e9  # as if the prefill were all indexer
         ls, ss = [r["length"] for r in done], [r["prefill_s"] for r in done]
         fits[f"{key[0]} {key[1]}"] = {"exponent": fit_exponent(ls, ss), "local": local_exponents(ls, ss),
                                       "lengths": ls, "base_length": base["length"]}
@@ -333,8 +338,8 @@ def line(r: dict) -> str:
         return f"{head}: {why}"
     return (f"{head}: prefill {_fmt_s(r['prefill_s'])} s ({r['length'] / r['prefill_s']:.0f} tokens/s, compile "
             f"{r['prefill_compile_s']:.1f} s), decode {1e3 * r['step_s']:.2f} ms/step (compile "
-            f"{r['decode_compile_s']:.1f} s), peak RSS {r['peak_rss_mib']:.0f} MiB, model {r['model_bytes'] / 2**20:.2f} "
-            f"MiB/step, bandwidth {r['bandwidth_gbs']:.1f} GB/s")
+            f"{r['decode_compile_s']:.1f} s), peak RSS {r['peak_rss_mib']:.0f} MiB, model "
+            f"{r['model_bytes'] / 2**20:.2f} MiB/step, bandwidth {r['bandwidth_gbs']:.1f} GB/s")
 
 
 def capacity_line(r: dict) -> str:
@@ -361,8 +366,8 @@ def plot(result: dict, out_dir: str) -> str | None:
             continue
         ls = [r["length"] for r in done]
         fit = result["fits"][f"{config} {fmt}"]["exponent"]
-        color = axes[0].plot(ls, [r["prefill_s"] for r in done], style,
-                             label=f"{config} {fmt}" + (f" (exponent {fit:.2f})" if fit is not None else ""))[0].get_color()
+        label = f"{config} {fmt}" + (f" (exponent {fit:.2f})" if fit is not None else "")
+        color = axes[0].plot(ls, [r["prefill_s"] for r in done], style, label=label)[0].get_color()
         axes[1].plot(ls, [1e3 * r["step_s"] for r in done], style, color=color, label=f"{config} {fmt}")
         for key, ls_, what in (("model_growth", style, "model"), ("inferred_growth", style[0] + ":", "inferred")):
             pts = [(r["length"], r[key] / 2**20) for r in done[1:] if r[key] > 0]
@@ -398,6 +403,10 @@ def _mib(b) -> str:
     return "" if b is None else f"{b / 2**20:.2f}"
 
 
+def _min(r: dict) -> str:
+    return f" ({1e3 * r['step_min_s']:.2f})" if "step_min_s" in r else ""
+
+
 def markdown(result: dict) -> str:
     out = []
     if result.get("quick"):
@@ -421,10 +430,11 @@ def markdown(result: dict) -> str:
         "with B this machine's bandwidth measured in the same child (jitted fp32 sum over 256 MiB, best of 5), set "
         "beside the model's growth decode_read_bytes(L) - decode_read_bytes(L0), L0 the shortest length: a time "
         "converted to bytes, which matches the model only if the extra step time is all memory traffic at B. "
-        "GFLOP/s = counted prefill FLOPs (`cost.forward_flops`, mean position, x L) / measured prefill time.", "",
-        "| config | format | L | prefill s | prefill tok/s | compile s (prefill / decode) | step ms | "
+        "GFLOP/s = counted prefill FLOPs (`cost.forward_flops`, mean position, x L) / measured prefill time; the "
+        "indexer's own rate is not timed apart: its scan FLOPs over the whole prefill time bound it from below.", "",
+        "| config | format | L | prefill s | prefill tok/s | compile s (prefill / decode) | step ms, median (min) | "
         "step / step(L0) | peak RSS MiB | model MiB/step | model growth MiB | inferred growth MiB (B GB/s) | "
-        "XLA MiB/step | prefill GFLOP/s (indexer share) |",
+        "XLA MiB/step | prefill GFLOP/s (indexer share of FLOPs; indexer rate >=) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lead = f"| {r['config']} | {r['format']} | {r['length']} |"
@@ -435,10 +445,11 @@ def markdown(result: dict) -> str:
             continue
         out.append(
             f"{lead} {_fmt_s(r['prefill_s'])} | {r['prefill_tps']:.0f} | {r['prefill_compile_s']:.1f} / "
-            f"{r['decode_compile_s']:.1f} | {1e3 * r['step_s']:.2f} | {r['step_ratio']:.2f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['decode_compile_s']:.1f} | {1e3 * r['step_s']:.2f}{_min(r)} | {r['step_ratio']:.2f} | "
+            f"{r['peak_rss_mib']:.0f} | "
             f"{_mib(r['model_bytes'])} | {_mib(r['model_growth'])} | {_mib(r['inferred_growth'])} "
             f"({r['bandwidth_gbs']:.1f}) | {_mib(r.get('xla_bytes_accessed'))} | {r['gflops']:.1f} "
-            f"({r['indexer_flops'] / r['prefill_flops']:.0%}) |")
+            f"({r['indexer_flops'] / r['prefill_flops']:.0%}; indexer >= {r['indexer_gflops_lower']:.1f}) |")
     out += ["", "Prefill time vs L (log-log least squares over the lengths that finished; local slopes between "
                 "neighbouring lengths):", ""]
     for key, f in result["fits"].items():
@@ -479,8 +490,18 @@ def main(argv=None) -> None:
     p.add_argument("--capacity-fill", type=int, default=CAPACITY_FILL, help="tokens held in the capacity check")
     p.add_argument("--out", default=None, help="write the plot and result.json / result.md here")
     p.add_argument("--quick", action="store_true", help="1K and 4K, 4 steps, a 64K capacity check holding 1K")
+    p.add_argument("--from-json", default=None, metavar="JSON",
+                   help="print the table of a saved long_context.json (and redraw its plot into --out) without running")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.from_json:
+        result = json.load(open(args.from_json))
+        result["fits"] = analyse(result["rows"])
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            result["plot"] = plot(result, args.out)
+        print(markdown(result))
+        return
     if args.child:
         spec = json.loads(args.child)
         if spec["kind"] == "length":
