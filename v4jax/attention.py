@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.indexer import index_scores, indexer_topk, picked_scores, prefix_ranges, visible_ranges
-from kernels.indexer.reference import range_mask
+from kernels.indexer.reference import n_slots, range_mask
 from kernels.sparse_attention import sparse_attention
 from v4jax import kv_cache
 from v4jax.config import ModelConfig
@@ -254,6 +254,16 @@ def indexer_kl(q, kv, lse, comp, logits, scale: float):
     return jnp.sum(jnp.where(has, kl, 0.0)), jnp.sum(has)
 
 
+PREFIX_MIN = 64  # the shortest prefix of an entry buffer a cached step reads
+
+
+def prefix_sizes(n: int) -> tuple[int, ...]:
+    """The static lengths a cached step reads the entry buffer's filled prefix in (n slots): powers of two
+    from PREFIX_MIN, then n. A step reads the shortest that holds what its queries see, so its cost follows the
+    filled length (within 2x), not the capacity."""
+    return (*(PREFIX_MIN << i for i in range(max(n - 1, 0).bit_length()) if PREFIX_MIN << i < n), n)
+
+
 class Attention(nnx.Module):
     """One V4 attention layer (window-only, CSA or HCA by compress_ratios[layer])."""
 
@@ -335,14 +345,17 @@ class Attention(nnx.Module):
         o = self._attend(q, kv, index, {"doc": (lay.doc, -1), "pos": (lay.pos, 0), "t": (t, 0)}, keys, T, True)
         return self._output(o, lay.pos, x.dtype)
 
-    def _attend(self, q, kv, index, query_info, keys, comp_offset: int, sow_stats: bool) -> jax.Array:
+    def _attend(self, q, kv, index, query_info, keys, comp_offset: int, sow_stats: bool, stored=None) -> jax.Array:
         """Sparse attention of q [b, s, h, d] over kv rows, `attn_chunk` queries at a time. Per chunk, keys(c)
         gives the window rows [b, chunk, window] and the bounds lo, hi [b, chunk] of the visible entry slots
-        lo <= j < hi (entry slot j is kv row comp_offset + j). query_info: {name: ([b, s] array, value for padded
+        lo <= j < hi. The entries are kv's rows from comp_offset on (the full pass), or, with `stored` (a cached
+        step), the cache's entry buffer: then a chunk reads only what it attends, the top-k rows it picked (CSA)
+        or the filled prefix (HCA; a static length of prefix_sizes, chosen at run time), decoded from the cache's
+        format, and appends them to its own copy of kv. query_info: {name: ([b, s] array, value for padded
         queries)} passed to keys. With cfg.indexer_loss and sow_stats, sows the indexer KL (training)."""
         cfg, ratio = self.cfg, self.ratio
         b, S, h, hd = q.shape
-        n_comp = kv.shape[1] - comp_offset if ratio else 0
+        n_comp = (n_slots(stored) if stored is not None else kv.shape[1] - comp_offset) if ratio else 0
         chunk = min(cfg.attn_chunk, S)
         xs = {k: split_chunks(a, chunk, fill) for k, (a, fill) in query_info.items()}
         xs["q"] = split_chunks(q, chunk)
@@ -350,20 +363,37 @@ class Attention(nnx.Module):
             xs["iq"], xs["iw"] = split_chunks(index[0], chunk), split_chunks(index[1], chunk)
         sink, scale = self.attn_sink[...], hd**-0.5
         kl_on = index is not None and cfg.indexer_loss and n_comp > 0 and sow_stats
+        assert stored is None or not kl_on, "the indexer loss is a training (full pass) statistic"
+
+        def attend(c, rows, idx):
+            return sparse_attention(c["q"], rows, sink, idx, scale, return_lse=True, implementation=cfg.kernels)
+
+        def every_visible(c, idx, lo, hi, n):  # HCA, or CSA's dense phase: entry slots 0 .. n - 1, masked
+            rows = kv if stored is None else jnp.concatenate([kv, kv_cache.read_prefix(stored, n, kv.dtype)], 1)
+            comp = jnp.where(range_mask(lo, hi, n), comp_offset + jnp.arange(n), -1)
+            return attend(c, rows, jnp.concatenate([idx, comp], axis=-1)), comp
 
         def one_chunk(c):
             idx, ranges = keys(c)  # window rows [b, chunk, W]; visible entry slots lo <= j < hi, [b, chunk] each
             comp = None
-            if n_comp:
-                lo, hi = ranges
-                if index is None or cfg.csa_dense:  # HCA, or CSA's dense phase: every visible entry
-                    comp = jnp.where(range_mask(lo, hi, n_comp), comp_offset + jnp.arange(n_comp), -1)
-                else:  # CSA: the indexer's top-k of the visible entries
-                    top, _ = indexer_topk(c["iq"], c["iw"], index[2], lo, hi, min(cfg.index_topk, n_comp), q.dtype,
-                                          implementation=cfg.kernels)
-                    comp = jnp.where(top >= 0, comp_offset + top, -1)
-                idx = jnp.concatenate([idx, comp], axis=-1)
-            o, lse = sparse_attention(c["q"], kv, sink, idx, scale, return_lse=True, implementation=cfg.kernels)
+            if not n_comp:
+                o, lse = attend(c, kv, idx)
+            elif (index is None or cfg.csa_dense) and stored is None:
+                (o, lse), comp = every_visible(c, idx, *ranges, n_comp)
+            elif index is None or cfg.csa_dense:  # the shortest prefix holding every entry this chunk can see
+                sizes = prefix_sizes(n_comp)
+                branches = [lambda n=n: every_visible(c, idx, *ranges, n)[0] for n in sizes]
+                o, lse = jax.lax.switch(jnp.sum(jnp.asarray(sizes) < jnp.max(ranges[1])), branches)
+            else:  # CSA: the indexer's top-k of the visible entries
+                k = min(cfg.index_topk, n_comp)
+                top, _ = indexer_topk(c["iq"], c["iw"], index[2], *ranges, k, q.dtype, implementation=cfg.kernels)
+                if stored is None:
+                    rows, comp = kv, jnp.where(top >= 0, comp_offset + top, -1)
+                else:  # the picked rows, decoded, after kv: query i's pick j is row comp_offset + i * k + j
+                    picked = kv_cache.gather(stored, top, kv.dtype)  # [b, chunk, k, d]
+                    rows = jnp.concatenate([kv, picked.reshape(b, -1, hd)], axis=1)
+                    comp = jnp.where(top >= 0, comp_offset + jnp.arange(top.shape[1] * k).reshape(-1, k), -1)
+                o, lse = attend(c, rows, jnp.concatenate([idx, comp], axis=-1))
             if kl_on:  # the indexer's scores of the attended entries (all visible ones, in slot order, when dense)
                 slots = jnp.where(comp >= 0, comp - comp_offset, -1)
                 logits = (jnp.where(comp >= 0, index_scores(c["iq"], c["iw"], index[2], q.dtype), -jnp.inf)
@@ -397,7 +427,8 @@ class Attention(nnx.Module):
     def step(self, x: jax.Array, cache: "AttentionCache", start: jax.Array, n_new: jax.Array):
         """The next tokens of each sequence, x [b, C, dim] at positions start [b] + j (the first n_new [b] real;
         any C, 1 for decoding) -> ([b, C, dim], the cache advanced by n_new, the chunk's Pending writes). Keys
-        are the rows of [window ring (W) ; these tokens (C) ; compressed entries (max_len // ratio)].
+        are the window ring (W rows), these tokens (C) and the compressed entries the queries can see, read from
+        the cache's buffer up to its filled length only.
         `commit(cache, pending, start, n)` advances the cache before this step by any n <= n_new instead."""
         m, W = self.ratio, self.cfg.window_size
         C = x.shape[1]
@@ -406,23 +437,24 @@ class Attention(nnx.Module):
         xi, qri = self._index_inputs(x, qr)
         pending = Pending(kv=kv, comp=self.compressor.project(x, pos) if m else None,
                           index=self.indexer.compressor.project(xi, pos) if self.indexer is not None else None)
-        # New entries and keys are encoded into the cache's storage format, then the whole buffer is read back
-        # (decoded) for attention: this step's own tokens see stored entries exactly as later steps will.
+        # New entries and keys are encoded into the cache's storage format first and read from it: this step's
+        # own tokens see stored entries exactly as later steps will. Keys are the rows of [window ring (W) ; this
+        # chunk (C)], then the entries each query chunk reads from the cache (Attention._attend).
         new_cache = self.commit(cache, pending, start, n_new)
-        entries = [kv_cache.read(new_cache.entries, kv.dtype)] if m else []  # [b, max_len // m, d]
         index = None
         if self.indexer is not None:
-            index = (*self.indexer.queries(xi, qri, pos), kv_cache.read(new_cache.index_keys, kv.dtype))
-        kv_all = jnp.concatenate([kv_cache.read(cache.window, kv.dtype), kv] + entries, axis=1)
+            index = (*self.indexer.queries(xi, qri, pos), new_cache.index_keys)
+        kv_rows = jnp.concatenate([kv_cache.read(cache.window, kv.dtype), kv], axis=1)
+        n_entries = n_slots(new_cache.entries) if m else 0
 
         def keys(c):
             p, s0 = c["pos"], c["start"]  # [b, chunk]
             k = p[..., None] - W + 1 + jnp.arange(W)  # key positions
             win = jnp.where(k < 0, -1, jnp.where(k >= s0[..., None], W + k - s0[..., None], k % W))
-            return win, (prefix_ranges(p, entries[0].shape[1], m) if m else None)
+            return win, (prefix_ranges(p, n_entries, m) if m else None)
 
-        o = self._attend(q, kv_all, index, {"pos": (pos, 0), "start": (jnp.broadcast_to(start[:, None], pos.shape), 0)},
-                         keys, W + C, False)
+        o = self._attend(q, kv_rows, index, {"pos": (pos, 0), "start": (jnp.broadcast_to(start[:, None], pos.shape), 0)},
+                         keys, W + C, False, stored=new_cache.entries)
         return self._output(o, pos, x.dtype), new_cache, pending
 
     def commit(self, cache: "AttentionCache", pending: "Pending", start: jax.Array, n: jax.Array) -> "AttentionCache":

@@ -3,8 +3,8 @@
 Each stored tensor of an AttentionCache (the window ring, the compressed entries, the indexer keys) is either
 a plain array in a float dtype ("fp32", "bf16") or one of the packed formats below. Every format keeps the
 leading [b, slots] dims of the plain array, so a write is the same scatter on each leaf of the pytree, and a
-read decodes the whole buffer back to the compute dtype inside the jitted step (the pure-jnp path; a fused
-attention kernel would decode only the rows it gathers).
+read decodes only what a step uses: the rows it gathers (CSA's top-k), the filled prefix (HCA), the indexer
+keys span by span as the indexer scores them (kernels/indexer).
 
     kv_format     window ring + compressed entries   "fp32" | "bf16" | "fp8" (Fp8Entries, FlashMLA's 584 B)
     index_format  indexer keys (CSA layers)          "fp32" | "bf16" | "fp8" (Fp8Keys, 132 B) | "fp4" (Fp4Keys, 68 B)
@@ -155,6 +155,18 @@ def empty_index_keys(index_format: str, shape: tuple[int, ...], dim: int):
 def read(buf, dtype) -> jax.Array:
     """A stored buffer [b, slots, ...] (any format) decoded to a dense [b, slots, dim] array of `dtype`."""
     return buf.astype(dtype) if isinstance(buf, jax.Array) else buf.decode(dtype)
+
+
+def read_prefix(buf, n: int, dtype) -> jax.Array:
+    """Slots 0 .. n - 1 of a stored buffer, decoded -> [b, n, dim] (the rest is neither read nor decoded)."""
+    return read(jax.tree.map(lambda a: a[:, :n], buf), dtype)
+
+
+def gather(buf, idx: jax.Array, dtype) -> jax.Array:
+    """The stored rows idx [b, ...] (-1: slot 0's row, for the caller to mask) of each sequence, decoded ->
+    [b, ..., dim]: only the gathered rows are decoded."""
+    safe = jnp.where(idx >= 0, idx, 0)
+    return read(jax.tree.map(lambda a: jax.vmap(lambda a_b, i_b: a_b[i_b])(a, safe), buf), dtype)
 
 
 def write(buf, new: jax.Array, slots: jax.Array):

@@ -14,22 +14,27 @@ PALLAS_BACKENDS = ("gpu", "tpu")  # backends with a compiled kernel (tuning.BLOC
 
 
 def _check(q, w, keys, lo, hi, k):
-    if q.ndim != 4 or w.ndim != 3 or keys.ndim != 3 or lo.shape != hi.shape or lo.ndim != 2:
-        raise ValueError(f"indexer_topk wants q [b, s, i, d], w [b, s, i], keys [b, n, d], lo and hi [b, s]; got "
-                         f"q {q.shape}, w {w.shape}, keys {keys.shape}, lo {lo.shape}, hi {hi.shape}")
+    n = reference.n_slots(keys)
+    if q.ndim != 4 or w.ndim != 3 or lo.shape != hi.shape or lo.ndim != 2:
+        raise ValueError(f"indexer_topk wants q [b, s, i, d], w [b, s, i], lo and hi [b, s]; got q {q.shape}, "
+                         f"w {w.shape}, lo {lo.shape}, hi {hi.shape}")
     b, s, i, d = q.shape
-    if w.shape != (b, s, i) or keys.shape[0] != b or keys.shape[2] != d or lo.shape != (b, s):
-        raise ValueError(f"indexer_topk shapes disagree: q {q.shape}, w {w.shape}, keys {keys.shape}, lo "
-                         f"{lo.shape}; w must be [b, s, i], keys [b, n, d] and lo, hi [b, s] for q [b, s, i, d]")
-    if not 1 <= k <= keys.shape[1]:
-        raise ValueError(f"indexer_topk k={k} must be in [1, n={keys.shape[1]}]: pass min(index_topk, n)")
+    if w.shape != (b, s, i) or jax.tree.leaves(keys)[0].shape[0] != b or lo.shape != (b, s):
+        raise ValueError(f"indexer_topk shapes disagree: q {q.shape}, w {w.shape}, lo {lo.shape}, keys' leaves "
+                         f"{[a.shape for a in jax.tree.leaves(keys)]}; w must be [b, s, i], keys [b, n, ...] and "
+                         f"lo, hi [b, s] for q [b, s, i, d]")
+    if isinstance(keys, jax.Array) and (keys.ndim != 3 or keys.shape[2] != d):
+        raise ValueError(f"indexer_topk keys {keys.shape} must be [b, n, d] with q's d = {d}")
+    if not 1 <= k <= n:
+        raise ValueError(f"indexer_topk k={k} must be in [1, n={n}]: pass min(index_topk, n)")
 
 
 def indexer_topk(q: jax.Array, w: jax.Array, keys: jax.Array, lo: jax.Array, hi: jax.Array, k: int, dtype, *,
                  implementation: str | None = None, block_sizes: dict | None = None):
     """The top k visible entry slots of each query by I[b, s, t] = sum_i w[b, s, i] relu(q[b, s, i] . keys[b, t]).
 
-    q [b, s, i, d] (index queries), w [b, s, i] fp32 (head weights), keys [b, n, d], lo / hi [b, s] int (query
+    q [b, s, i, d] (index queries), w [b, s, i] fp32 (head weights), keys [b, n, d] or a packed cache format
+    (v4jax.kv_cache's Fp4Keys / Fp8Keys: read and decoded span by span), lo / hi [b, s] int (query
     (b, s) sees slots lo <= t < hi, see visible_ranges / prefix_ranges), 1 <= k <= n, dtype: the scores'
     rounding dtype (the activation dtype) -> (slots [b, s, k] int32, best first, equal scores lower slot
     first, -1 where fewer than k are visible; their scores [b, s, k] fp32, -inf there). No gradient

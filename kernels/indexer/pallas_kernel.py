@@ -8,16 +8,15 @@ products are never written (the reference's einsum has that shape; whether XLA w
 backend). Invisible slots (outside [lo, hi)) become -inf; scores are stored in the activation dtype, as the
 reference rounds them.
 
-Selection: Pallas has no sort or top-k on either backend, so the selection is lax.top_k, merged blockwise:
-the keys are scored `span` at a time and each span's scores are merged with the running top-k (top_k of
-[running k ; span]). Running entries always have lower slots than the span's and top_k keeps the lower
-position first among equal values, so the merge returns exactly the global top_k's picks and order. The
-score buffer is [b, s, span], not [b, s, n]; spans outside every query's visible range are skipped (a
-while-loop over the spans that intersect [min lo, max hi)): a prefill chunk scores only the entries before it.
+Selection: Pallas has no sort or top-k on either backend, so the selection is the reference's running_topk:
+the keys are scored `span` at a time (each span decoded from a packed cache format as it is read), merged
+into the running top-k by lax.top_k, over the spans that intersect some query's visible range only: a decode
+step or prefill chunk scores only the filled entries before it.
 
 Shapes inside: heads padded to a power of two (zero heads add relu(0) * 0), d to a power of two (zero
-columns change no dot product), queries to a multiple of block_q (empty ranges), keys to a multiple of span.
-No gradient: the picks are integers; the scores the indexer loss needs come from reference.picked_scores.
+columns change no dot product), queries to a multiple of block_q (empty ranges), keys to one span when there
+are fewer. No gradient: the picks are integers; the scores the indexer loss needs come from
+reference.picked_scores.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.indexer import reference
 from kernels.indexer.tuning import blocks as tuned_blocks
 
 
@@ -78,11 +78,12 @@ def _span_scores(q_rows, w_rows, lo_rows, hi_rows, keys, dtype, cfg, target):
 
 def indexer_topk(q, w, keys, lo, hi, k: int, dtype, *, target: str = "gpu", block_sizes: dict | None = None):
     """reference.indexer_topk's contract through the Pallas score kernel on `target` ("gpu", "tpu" or
-    "interpret"): q [b, s, i, d], w [b, s, i] fp32, keys [b, n, d], lo/hi [b, s], 1 <= k <= n -> (slots
-    [b, s, k] int32, -1 = none; scores [b, s, k] fp32, -inf = none). block_sizes: as tuning.BLOCKS' entries."""
+    "interpret"): q [b, s, i, d], w [b, s, i] fp32, keys [b, n, d] or a packed format (decoded span by span),
+    lo/hi [b, s], 1 <= k <= n -> (slots [b, s, k] int32, -1 = none; scores [b, s, k] fp32, -inf = none).
+    block_sizes: as tuning.BLOCKS' entries."""
     q, w, keys = (jax.lax.stop_gradient(a) for a in (q, w, keys))  # integer picks: nothing to differentiate
     b, s, h, d = q.shape
-    n = keys.shape[1]
+    n = reference.n_slots(keys)
     hp, dp = _pow2(h), _pow2(d)
     cfg = dict(block_sizes or tuned_blocks(target, hp, n))
     cfg.setdefault("block_q", max(1, cfg["rows"] // hp))
@@ -90,30 +91,19 @@ def indexer_topk(q, w, keys, lo, hi, k: int, dtype, *, target: str = "gpu", bloc
     bq, span = cfg["block_q"], cfg["span"]
     if span % cfg["block_k"]:
         raise ValueError(f"indexer span {span} must be a multiple of block_k {cfg['block_k']}")
-    sp, n_p = -(-s // bq) * bq, -(-n // span) * span
-    cdt = jnp.result_type(q.dtype, keys.dtype)
+    if span > n:  # fewer slots than one span: pad them (never visible: every hi <= n)
+        keys = jax.tree.map(lambda a: jnp.pad(a, [(0, 0), (0, span - n)] + [(0, 0)] * (a.ndim - 2)), keys)
+    sp = -(-s // bq) * bq
+    cdt = jnp.result_type(q.dtype, keys.dtype) if isinstance(keys, jax.Array) else q.dtype
     q_rows = jnp.pad(q.astype(cdt), [(0, 0), (0, sp - s), (0, hp - h), (0, dp - d)]).reshape(b, sp * hp, dp)
     w_rows = jnp.pad(w.astype(jnp.float32), [(0, 0), (0, sp - s), (0, hp - h)]).reshape(b, 1, sp * hp)
-    # ranges clipped to the real slots (padded keys are never visible); padded queries get [0, 0)
+    # ranges clipped to the real slots; padded queries get [0, 0)
     lo, hi = (jnp.pad(jnp.clip(a, 0, n).astype(jnp.int32), [(0, 0), (0, sp - s)]) for a in (lo, hi))
-    keys_p = jnp.pad(keys.astype(cdt), [(0, 0), (0, n_p - n), (0, dp - d)])
 
-    # the spans that some query can see
-    has = hi > lo
-    first = jnp.min(jnp.where(has, lo, n_p)) // span
-    last = -(-jnp.max(jnp.where(has, hi, 0)) // span)
+    def score_span(start, lo_rel, hi_rel):
+        rep = lambda a: jnp.repeat(a, hp, axis=1)[:, None]  # noqa: E731  (a query's range on each head row)
+        part = jnp.pad(reference.key_rows(keys, start, span, cdt), [(0, 0), (0, 0), (0, dp - d)])
+        return _span_scores(q_rows, w_rows, rep(lo_rel), rep(hi_rel), part, dtype, cfg, target).astype(jnp.float32)
 
-    def merge(j, carry):
-        vals, idx = carry
-        off = j * span
-        rep = lambda a: jnp.repeat(a - off, hp, axis=1)[:, None]  # noqa: E731  (range per head row, span-relative)
-        part = jax.lax.dynamic_slice_in_dim(keys_p, off, span, axis=1)
-        sc = _span_scores(q_rows, w_rows, rep(lo), rep(hi), part, dtype, cfg, target)
-        v, pick = jax.lax.top_k(jnp.concatenate([vals, sc], axis=-1), k)
-        slots = jnp.concatenate([idx, jnp.broadcast_to(off + jnp.arange(span, dtype=jnp.int32), sc.shape)], -1)
-        return v, jnp.take_along_axis(slots, pick, axis=-1)
-
-    init = (jnp.full((b, sp, k), -jnp.inf, dtype), jnp.full((b, sp, k), -1, jnp.int32))
-    vals, idx = jax.lax.fori_loop(first, last, merge, init)
-    vals, idx = vals[:, :s].astype(jnp.float32), idx[:, :s]
-    return jnp.where(vals > -jnp.inf, idx, -1), vals
+    idx, vals = reference.running_topk(score_span, max(n, span), span, lo, hi, k)
+    return idx[:, :s], vals[:, :s]

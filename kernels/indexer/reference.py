@@ -8,7 +8,14 @@ Query (b, s) may pick entry slot t iff lo[b, s] <= t < hi[b, s]: the visible ent
 contiguous range of slots (its document's windows sit in consecutive slots, window 0 first, and a query sees
 the windows that end by it, `visible_ranges`). The picks are the top k visible scores, best first; equal
 scores keep the lower slot first (lax.top_k's order); -1 (score -inf) fills the row when fewer than k are
-visible. This is exactly what v4jax.attention's chunk loop computes today with a [b, s, n] mask.
+visible.
+
+Cost follows the visible ranges, not the buffer: `indexer_topk` scores `SPAN` slots at a time, only the spans
+that intersect some query's [lo, hi) (a while-loop with data-dependent bounds), and merges each span's scores
+into a running top-k. The keys may be a packed cache format (v4jax.kv_cache: any pytree of [b, n, ...] leaves
+with a .decode(dtype) method): each span is decoded as it is scored, so no dense copy of the whole buffer is
+made. The merge returns exactly the global top_k's picks and order: running entries have lower slots than the
+span's, and top_k keeps the lower position first among equal values.
 """
 
 from __future__ import annotations
@@ -56,14 +63,56 @@ def range_mask(lo: jax.Array, hi: jax.Array, n: int) -> jax.Array:
     return (t >= lo[..., None]) & (t < hi[..., None])
 
 
-def indexer_topk(q: jax.Array, w: jax.Array, keys: jax.Array, lo: jax.Array, hi: jax.Array, k: int, dtype):
+SPAN = 1024  # slots scored per merge step of the reference (the score buffer is [b, s, SPAN], not [b, s, n])
+
+
+def n_slots(keys) -> int:
+    """Slots of a key buffer: an array [b, n, d] or a packed format whose leaves are [b, n, ...]."""
+    return jax.tree.leaves(keys)[0].shape[1]
+
+
+def key_rows(keys, start, size: int, dtype) -> jax.Array:
+    """Slots start .. start + size - 1 of a key buffer (array or packed format), decoded -> [b, size, d] dtype."""
+    part = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1), keys)
+    return part.decode(dtype) if hasattr(part, "decode") else part.astype(dtype)
+
+
+def running_topk(score_span, n: int, span: int, lo: jax.Array, hi: jax.Array, k: int):
+    """The top k visible slots of 0 .. n - 1, scored `span` at a time over the spans that intersect some [lo, hi)
+    only. score_span(start, lo_rel, hi_rel) -> [b, s, span] fp32 scores of slots start .. start + span - 1, -inf
+    outside [lo_rel, hi_rel) (bounds relative to start). A span that would run past n starts at n - span
+    instead, its slots already merged made invisible. -> (slots [b, s, k] int32, -1 = none; scores [b, s, k]
+    fp32, -inf = none)."""
+    b, s = lo.shape
+    has = hi > lo
+    first = jnp.min(jnp.where(has, lo, n)) // span
+    last = -(-jnp.max(jnp.where(has, hi, 0)) // span)
+
+    def merge(j, carry):
+        vals, idx = carry
+        start = jnp.minimum(j * span, n - span)
+        sc = score_span(start, jnp.maximum(lo, j * span) - start, hi - start)
+        v, pick = jax.lax.top_k(jnp.concatenate([vals, sc], axis=-1), k)
+        slots = jnp.broadcast_to(start + jnp.arange(span, dtype=jnp.int32), sc.shape)
+        return v, jnp.take_along_axis(jnp.concatenate([idx, slots], axis=-1), pick, axis=-1)
+
+    init = (jnp.full((b, s, k), -jnp.inf, jnp.float32), jnp.full((b, s, k), -1, jnp.int32))
+    vals, idx = jax.lax.fori_loop(first, last, merge, init)
+    return jnp.where(vals > -jnp.inf, idx, -1), vals
+
+
+def indexer_topk(q: jax.Array, w: jax.Array, keys, lo: jax.Array, hi: jax.Array, k: int, dtype, span: int = SPAN):
     """-> (top slots [b, s, k] int32, -1 where fewer than k are visible; their scores [b, s, k] fp32, -inf
-    there). Builds the full [b, s, n] score matrix."""
-    visible = range_mask(lo, hi, keys.shape[1])
-    scores = jnp.where(visible, index_scores(q, w, keys, dtype), -jnp.inf)
-    val, top = jax.lax.top_k(scores, k)
-    ok = jnp.take_along_axis(visible, top, axis=-1)
-    return jnp.where(ok, top, -1).astype(jnp.int32), jnp.where(ok, val, -jnp.inf)
+    there). keys: [b, n, d] or a packed format (decoded span by span to q's dtype). No gradient."""
+    q, w, keys = (jax.lax.stop_gradient(a) for a in (q, w, keys))  # integer picks: nothing to differentiate
+    n = n_slots(keys)
+    span = min(span, n)
+
+    def score_span(start, lo_rel, hi_rel):
+        scores = index_scores(q, w, key_rows(keys, start, span, q.dtype), dtype)
+        return jnp.where(range_mask(lo_rel, hi_rel, span), scores, -jnp.inf)
+
+    return running_topk(score_span, n, span, lo, hi, k)
 
 
 def picked_scores(q: jax.Array, w: jax.Array, keys: jax.Array, idx: jax.Array, dtype) -> jax.Array:

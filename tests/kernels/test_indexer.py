@@ -102,6 +102,62 @@ def test_reference_is_attention_chunk_code():
     assert bool(jnp.any(want == -1)) and bool(jnp.any(want >= 0))  # both short and full rows occur
 
 
+def _global_topk(q, w, keys, lo, hi, k, dtype):
+    """The definition: lax.top_k over the whole [b, s, n] masked score matrix."""
+    visible = reference.range_mask(lo, hi, keys.shape[1])
+    val, top = jax.lax.top_k(jnp.where(visible, reference.index_scores(q, w, keys, dtype), -jnp.inf), k)
+    ok = jnp.take_along_axis(visible, top, axis=-1)
+    return jnp.where(ok, top, -1), jnp.where(ok, val, -jnp.inf)
+
+
+@pytest.mark.parametrize("span", [1, 3, 8, 37])
+def test_reference_spans_equal_the_global_topk_with_ties(span):
+    """Scoring span by span (n = 37 not a multiple of 3 or 8: the last span is clamped to end at n) and merging
+    gives the global top_k's picks, order (ties: lower slot first) and -1 fill exactly."""
+    b, s, h, d, n, k = 2, 9, 3, 8, 37, 6
+    q, w, keys = _inputs(11, b, s, h, d, n, integer=True)
+    lo, hi = _ranges(12, b, s, n, k)
+    got = jax.jit(functools.partial(reference.indexer_topk, k=k, dtype=jnp.float32, span=span))(q, w, keys, lo, hi)
+    want = jax.jit(functools.partial(_global_topk, k=k, dtype=jnp.float32))(q, w, keys, lo, hi)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert np.sum(np.asarray(want[0]) >= 0) > b * s  # picks made
+
+
+def test_only_spans_inside_the_ranges_are_scored():
+    """A span that no query can see is never scored: every span at or past the last visible one scores +inf
+    here, which would win every pick if it were merged."""
+    b, s, n, span, k = 1, 4, 40, 4, 3
+    lo = jnp.array([[0, 9, 9, 2]], jnp.int32)
+    hi = jnp.array([[3, 9, 14, 11]], jnp.int32)  # spans 0 .. 3 intersect; 4 .. 9 do not
+
+    def score_span(start, lo_rel, hi_rel):
+        scores = jnp.broadcast_to(-(start + jnp.arange(span)).astype(jnp.float32), (b, s, span))
+        scores = jnp.where(reference.range_mask(lo_rel, hi_rel, span), scores, -jnp.inf)
+        return jnp.where(start >= 16, jnp.inf, scores)
+
+    idx, val = jax.jit(lambda lo, hi: reference.running_topk(score_span, n, span, lo, hi, k))(lo, hi)
+    np.testing.assert_array_equal(idx, [[[0, 1, 2], [-1, -1, -1], [9, 10, 11], [2, 3, 4]]])
+    assert np.all(np.asarray(val) < np.inf)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_reference_reads_packed_keys_span_by_span(fmt):
+    """Keys stored as v4jax.kv_cache's Fp4Keys / Fp8Keys: the picks and scores equal those over the decoded
+    buffer (each span decoded as it is read)."""
+    from v4jax import kv_cache
+    b, s, h, d, n, k = 2, 5, 2, 32, 30, 4
+    q, w, keys = _inputs(13, b, s, h, d, n, integer=False)
+    lo, hi = _ranges(14, b, s, n, k)
+    stored = kv_cache.write(kv_cache.empty_index_keys(fmt, (b, n), d), keys, jnp.broadcast_to(jnp.arange(n), (b, n)))
+    topk = functools.partial(reference.indexer_topk, k=k, dtype=jnp.float32, span=7)
+    got = jax.jit(topk)(q, w, stored, lo, hi)
+    want = jax.jit(topk)(q, w, kv_cache.read(stored, jnp.float32), lo, hi)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert float(jnp.max(jnp.abs(kv_cache.read(stored, jnp.float32) - keys))) > 0  # the format is lossy
+
+
 # (b, s, heads, d, n, k), score dtype: decode with one head; prefill with n not a multiple of the blocks (nor
 # of the merge span); k == n; many heads
 CASES = [((1, 1, 1, 16, 21, 4), jnp.float32), ((2, 7, 4, 16, 37, 9), jnp.bfloat16),
