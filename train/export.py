@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-from train.cli import run
+from train.cli import InputError, run
 from train.sample import restore_run
 from v4jax.convert import export_model
+from v4jax.lora import adapters
 
 
 def main(argv: list[str]) -> None:
@@ -26,6 +27,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--debug", action="store_true", help="show the traceback of a known error too")
     args = ap.parse_args(argv)
     model, _, meta = restore_run(args.config)
+    if adapters(model):
+        raise InputError("the run trained LoRA adapters: exporting them (merged into the base and re-quantized, or "
+                         "alone) is not implemented yet; its checkpoints hold the adapters, its init the base")
     export_model(model, args.out, args.weights, int(args.shard_gb * 1e9))
     print(f"train.export: wrote step {meta['step']} to {args.out}")
 

@@ -17,6 +17,12 @@ length, attention mode), run jitted train steps: forward + backward over `grad_a
 update, router bias update; log metrics (stdout, metrics.jsonl, TensorBoard); save asynchronously every
 `checkpoint.every` steps and at the end.
 
+LoRA (lora.enabled): the base is `init` (a released-layout folder) loaded as stored, FP8 / MXFP4 kept quantized
+(v4jax.lora); fresh adapters are attached to the lora.targets weights and are the only trained variables (AdamW
+with the optimizer.adam_* keys; no optimizer state for the base); the base, norms, embeddings, router and its
+biases stay as loaded. Checkpoints hold the adapters, their optimizer state and the loop's position alone; a
+resume reloads the base from `init`.
+
 The guard: a bad step (non-finite loss or gradient norm, a loss above guard.spike_factor x the mean of the
 last good steps, an update that would make a parameter non-finite) keeps the old state, inside the compiled
 step. A checkpoint is written only after a good step (a save that falls due on a bad step waits for the next
@@ -58,10 +64,12 @@ from train.cli import InputError
 from train.data import PackedStream, RowStream, open_corpus
 from train.flops import peak_flops_per_device, train_flops_per_token
 from train.muon import path_str, v4_optimizer
+from v4jax import lora
+from v4jax.checkpoint import abstract_model, load_hub_state
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 from v4jax.moe import RouterBias
-from v4jax.sharding import DECODE_RULES, TRAIN_RULES, follow_params, make_mesh, model_specs, use_rules
+from v4jax.sharding import DECODE_RULES, TRAIN_RULES, follow_params, make_mesh, shard_model, use_rules
 
 # ---- configuration ----------------------------------------------------------------------------------------
 # Every key a run config may set: its type, range and default. A YAML file sets some; key=value arguments
@@ -118,6 +126,23 @@ class LossSection(Section):
     indexer_weight: float = Field(1.0, ge=0, description="indexer KL weight")
 
 
+class LoraSection(Section):
+    enabled: bool = Field(False, description="train LoRA adapters on the frozen base that `init` names (its FP8 / "
+                                             "MXFP4 weights kept quantized) with AdamW (the optimizer.adam_* keys), "
+                                             "instead of the whole model")
+    rank: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="adapter scale = alpha / rank")
+    targets: list[str] = Field(list(lora.LoraConfig().targets), description=(
+        f"weights to adapt: any of {', '.join(lora.ATTENTION_TARGETS + lora.EXPERT_TARGETS)} (experts: the routed "
+        "ones, an adapter per expert)"))
+
+    @field_validator("targets")
+    @classmethod
+    def known_targets(cls, targets):
+        lora.LoraConfig(targets=tuple(targets))  # names the unknown ones
+        return targets
+
+
 class Mesh(Section):
     data: int = Field(-1, description="-1: the devices the other axes leave")
     fsdp: int = 1
@@ -158,7 +183,9 @@ class RunConfig(Section):
     run_dir: str = Field("runs/default", description="checkpoints, metrics.jsonl, tensorboard/")
     seed: int = Field(0, description="model initialisation")
     model: ModelSection = ModelSection()
-    init: str | None = Field(None, description="fine-tuning: a released-layout checkpoint folder to load")
+    init: str | None = Field(None, description="fine-tuning: a released-layout checkpoint folder to load (the "
+                                               "base model of a LoRA run)")
+    lora: LoraSection = LoraSection()
     data: DataSection = DataSection()
     stages: list[Stage] = Field(
         [Stage(until_step=100, batch_size=8, seq_len=256)], min_length=1,
@@ -216,7 +243,7 @@ def _known_keys(loc) -> list[str]:
 def validate(raw: dict) -> dict:
     """The run config as plain dicts, every key typed and checked, defaults filled in."""
     try:
-        return RunConfig.model_validate(raw).model_dump(by_alias=True)
+        cfg = RunConfig.model_validate(raw).model_dump(by_alias=True)
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -227,6 +254,13 @@ def validate(raw: dict) -> dict:
             else:
                 problems.append(f"{_key(err['loc'])} = {err['input']!r}: {err['msg']}")
         raise ConfigError("config: " + "; ".join(problems)) from None
+    if cfg["lora"]["enabled"] and not cfg["init"]:
+        raise ConfigError("config: lora.enabled trains adapters on a base model, and init names none: set init (and "
+                          "model.config) to the base's released-layout checkpoint folder")
+    if cfg["lora"]["enabled"] and any(st["attention"] == "indexer_warmup" for st in cfg["stages"]):
+        raise ConfigError("config: an indexer_warmup stage trains only the indexer, which LoRA leaves frozen: use "
+                          "dense or sparse stages with lora.enabled")
+    return cfg
 
 
 def merge(base: dict, new: dict) -> dict:
@@ -279,7 +313,7 @@ def schema_help(model=RunConfig, prefix: str = "") -> list[str]:
         if isinstance(t, type) and issubclass(t, BaseModel):
             lines += schema_help(t, key + ".")
             continue
-        if typing.get_origin(t) is list:
+        if typing.get_origin(t) is list and issubclass(typing.get_args(t)[0], BaseModel):
             lines.append(f"  {key}: a list, default {json.dumps(RunConfig().model_dump(by_alias=True)[key])}")
             lines += schema_help(typing.get_args(t)[0], key + "[i].")
             continue
@@ -300,6 +334,49 @@ def model_config(cfg: dict) -> ModelConfig:
     return ModelConfig.preset(m["preset"], **m["overrides"])
 
 
+def build_model(cfg: dict, mcfg: ModelConfig, mesh=None, rules=None) -> Transformer:
+    """The model a run starts from, placed on `mesh` by `rules` (if given): initialised from cfg["seed"], with
+    `init`'s weights if named; with lora.enabled, `init`'s weights as stored (FP8 / MXFP4 kept quantized, nothing
+    initialised) and fresh adapters (lora.attach: b = 0, so it computes the base)."""
+    if cfg["lora"]["enabled"]:
+        model = abstract_model(mcfg)
+        load_hub_state(model, cfg["init"], weights="quantized", mesh=mesh, rules=rules)
+        lora.attach(model, lora_config(cfg), nnx.Rngs(cfg["seed"]))
+        return model if mesh is None else shard_model(model, mesh, rules, lora.LoraParam)
+    model = Transformer(mcfg, rngs=nnx.Rngs(cfg["seed"]))
+    if cfg["init"]:
+        load_hub_state(model, cfg["init"], weights=mcfg.param_dtype)
+    return model if mesh is None else shard_model(model, mesh, rules)
+
+
+def lora_config(cfg: dict) -> lora.LoraConfig:
+    lc = cfg["lora"]
+    return lora.LoraConfig(rank=lc["rank"], alpha=lc["alpha"], targets=tuple(lc["targets"]))
+
+
+def trained(cfg: dict):
+    """The nnx filter of the variables a run trains: the adapters of a LoRA run, else every Param."""
+    return lora.LoraParam if cfg["lora"]["enabled"] else nnx.Param
+
+
+def optimizer(cfg: dict, mcfg: ModelConfig, params, schedule) -> optax.GradientTransformation:
+    """Muon + AdamW for the whole model (train.muon); AdamW alone for LoRA adapters (optimizer.adam_* keys)."""
+    o = cfg["optimizer"]
+    adam = dict(b1=o["adam_b1"], b2=o["adam_b2"], eps=o["adam_eps"], weight_decay=o["adam_weight_decay"])
+    if cfg["lora"]["enabled"]:
+        return optax.adamw(schedule, **adam)
+    return v4_optimizer(params, mcfg, schedule, momentum=o["momentum"], rms_scale=o["muon_rms_scale"],
+                        muon_wd=o["muon_weight_decay"], adam_b1=adam["b1"], adam_b2=adam["b2"], adam_eps=adam["eps"],
+                        adam_wd=adam["weight_decay"])
+
+
+def checkpointed(state: dict, cfg: dict) -> dict:
+    """The part of the train state a checkpoint holds: params, others (router biases, tid2eid) and the optimizer
+    state; a LoRA run's only the adapters and their optimizer state (its frozen base is `init`'s)."""
+    keys = ("params", "opt_state") if cfg["lora"]["enabled"] else ("params", "others", "opt_state")
+    return {k: state[k] for k in keys}
+
+
 def lr_schedule(s: dict, total_steps: int):
     """Linear warmup to peak_lr, constant until decay_start, then cosine down to final_lr at the last step."""
     decay_start = s["decay_start"] if s["decay_start"] is not None else total_steps
@@ -312,14 +389,15 @@ def lr_schedule(s: dict, total_steps: int):
 
 # ---- the train step ---------------------------------------------------------------------------------------
 
-def make_train_step(graphdef, tx, trainable, bias_speed: float, state_shardings):
+def make_train_step(graphdef, tx, trainable, bias_speed: float | None, state_shardings):
     """The jitted step: (params, others, opt_state, batch [accum, rows, L+1], weights, loss_limit) -> new state,
     metrics. The new state keeps `state_shardings` (the inputs'), so the next call reuses the compiled program.
 
-    `others` holds the non-trained variables (router biases, tid2eid); `trainable` is a {name: bool} mask
-    (False freezes a parameter: its update is zeroed). A bad step keeps the old state (parameters, optimizer,
-    router biases): its loss or gradient norm is not finite, its loss is above `loss_limit` (a spike), or its
-    update would make a parameter non-finite. metrics["good"] says which.
+    `others` holds the non-trained variables (router biases, tid2eid; a LoRA run's whole base); `trainable` is a
+    {name: bool} mask (False freezes a parameter: its update is zeroed). bias_speed None freezes the router
+    biases: `others` comes back as it went in. A bad step keeps the old state (parameters, optimizer, router
+    biases): its loss or gradient norm is not finite, its loss is above `loss_limit` (a spike), or its update
+    would make a parameter non-finite. metrics["good"] says which.
     """
 
     def loss_fn(params, others, mb, weights):
@@ -346,12 +424,13 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float, state_shardings)
         updates, new_opt = tx.update(grads, opt_state, params)
         updates = jax.tree_util.tree_map_with_path(lambda p, u: u if trainable[path_str(p)] else 0 * u, updates)
         new_params = optax.apply_updates(params, updates)
-        new_others = update_router_biases(others, loads, bias_speed)
         good = step_is_good(metrics["loss"], grad_norm, new_params, loss_limit)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(good, n, o), new, old)  # noqa: E731
+        if bias_speed is not None:
+            others = keep(update_router_biases(others, loads, bias_speed), others)
         load_max, load_min = losses.load_balance(loads)
         metrics |= {"grad_norm": grad_norm, "load_max": load_max, "load_min": load_min, "good": good}
-        return keep(new_params, params), keep(new_others, others), keep(new_opt, opt_state), metrics
+        return keep(new_params, params), others, keep(new_opt, opt_state), metrics
 
     return step
 
@@ -585,21 +664,18 @@ def main(argv: list[str]) -> None:
             f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
     log.say(f"data: {stream.describe()}")
 
-    model = Transformer(mcfg, rngs=nnx.Rngs(cfg["seed"]))
-    if cfg["init"]:
-        from v4jax.checkpoint import load_hub_state
-        load_hub_state(model, cfg["init"], weights=mcfg.param_dtype)
+    lora_on = cfg["lora"]["enabled"]
+    model = build_model(cfg, mcfg, mesh, rules)
+    if lora_on:
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(model, lora.LoraParam)))
+        log.say(f"LoRA: base {cfg['init']} frozen (FP8 / MXFP4 kept quantized); {n:,} adapter parameters "
+                f"(rank {cfg['lora']['rank']}, alpha {cfg['lora']['alpha']}, {', '.join(cfg['lora']['targets'])}) "
+                "trained with AdamW; router biases frozen")
+    elif cfg["init"]:
         log.say(f"init: weights from {cfg['init']}")
-    specs = model_specs(model, rules)
-    placed = jax.tree.map(lambda v, s: jax.device_put(v[...], NamedSharding(mesh, s)), nnx.state(model), specs,
-                          is_leaf=lambda x: isinstance(x, nnx.Variable))
-    nnx.update(model, placed)
-    _, params, others = nnx.split(model, nnx.Param, ...)
+    _, params, others = nnx.split(model, trained(cfg), ...)
     schedule = lr_schedule(cfg["schedule"], total)
-    o = cfg["optimizer"]
-    tx = v4_optimizer(params, mcfg, schedule, momentum=o["momentum"], rms_scale=o["muon_rms_scale"],
-                      muon_wd=o["muon_weight_decay"], adam_b1=o["adam_b1"], adam_b2=o["adam_b2"],
-                      adam_eps=o["adam_eps"], adam_wd=o["adam_weight_decay"])
+    tx = optimizer(cfg, mcfg, params, schedule)
     # the moments take their parameters' shardings (jnp.zeros alone would replicate them on every device)
     opt_state = jax.jit(tx.init, out_shardings=follow_params(jax.eval_shape(tx.init, params), params))(params)
     state = {"params": params, "others": others, "opt_state": opt_state}
@@ -608,9 +684,9 @@ def main(argv: list[str]) -> None:
     # losses of the last good steps (the spike check's average), all in each checkpoint.
     manager = checkpoint_manager(cfg)
     step, offset, window = 0, 0, []
-    got, damaged = restore_newest(manager, state)
+    got, damaged = restore_newest(manager, checkpointed(state, cfg))
     if got is not None:
-        state, meta = got
+        state, meta = state | got[0], got[1]
         if meta["data_seed"] != cfg["data"]["seed"]:
             raise ConfigError(f"{cfg['run_dir']} was trained with data.seed {meta['data_seed']}; resume with it")
         step, offset, window = meta["step"], meta["data_offset"], meta.get("loss_window", [])
@@ -636,15 +712,19 @@ def main(argv: list[str]) -> None:
                         f"{stage['attention']}")
             first = i not in compiled
             if first:
-                graphdef = nnx.graphdef(nnx.eval_shape(
-                    lambda: Transformer(mcfg.replace(**attn), rngs=nnx.Rngs(0))))
+                def staged():
+                    m = Transformer(mcfg.replace(**attn), rngs=nnx.Rngs(0))
+                    return lora.attach(m, lora_config(cfg), nnx.Rngs(0)) if lora_on else m
+
+                graphdef = nnx.graphdef(nnx.eval_shape(staged))
                 warmup = stage["attention"] == "indexer_warmup"
                 # a GA checkpoint's DSpark drafter is not part of this objective: it stays as loaded (no decay)
                 trainable = {path_str(p): not path_str(p).startswith("dspark.")
                              and (".indexer." in path_str(p) or not warmup)
                              for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])}
                 shardings = jax.tree.map(lambda x: x.sharding, (state["params"], state["others"], state["opt_state"]))
-                step_fn = make_train_step(graphdef, tx, trainable, cfg["loss"]["bias_update_speed"], shardings)
+                bias_speed = None if lora_on else cfg["loss"]["bias_update_speed"]
+                step_fn = make_train_step(graphdef, tx, trainable, bias_speed, shardings)
                 compiled[i] = (step_fn, train_flops_per_token(mcfg, stage["seq_len"], attn["csa_dense"])
                                * tokens_per_step)
                 log.say("compiling the train step (the stage's first step runs with it)...")
@@ -697,7 +777,8 @@ def main(argv: list[str]) -> None:
                                          f"{rollbacks.get(target, 0)} rollback(s) to checkpoint {target}; {kept}; "
                                          "lower schedule.peak_lr or check the data, then run again to resume")
                     rollbacks[target] = rollbacks.get(target, 0) + 1
-                    state, meta = restore(manager, state, target)
+                    got, meta = restore(manager, checkpointed(state, cfg), target)
+                    state |= got
                     log.say(f"rolled back to checkpoint {target} ({rollbacks[target]} of at most "
                             f"{g['max_rollbacks']}); the data goes on at offset {offset:,}: the batches of steps "
                             f"{target + 1}-{step} are skipped")
@@ -706,8 +787,8 @@ def main(argv: list[str]) -> None:
                     continue
             due = due or step % every == 0 or step == total
             if due and good:  # never after a bad step: every checkpoint holds a state that passed the guard
-                save(manager, step, state, {"step": step, "data_offset": offset,
-                                            "data_seed": cfg["data"]["seed"], "loss_window": window})
+                save(manager, step, checkpointed(state, cfg), {"step": step, "data_offset": offset,
+                                                               "data_seed": cfg["data"]["seed"], "loss_window": window})
                 due = False
         manager.wait_until_finished()
         last = manager.latest_step()

@@ -18,29 +18,27 @@ from infer.generate import SamplingParams, generate
 from train import pretrain
 from train import tokenizer as tokenizer_lib
 from train.cli import InputError, run
-from train.data import PackedStream
-from train.muon import v4_optimizer
-from v4jax.model import Transformer
+from train.data import open_corpus
 
 
 def restore_run(config_argv: list[str]):
-    """The model of a training run's newest intact checkpoint -> (model, the run's tokenizer path, its meta)."""
+    """The model of a training run's newest intact checkpoint -> (model, the run's tokenizer path, its meta).
+    A LoRA run's model is its base (init, kept quantized) with the checkpoint's adapters attached."""
     cfg = pretrain.load_config(config_argv)
     mcfg = pretrain.model_config(cfg)
-    stream = PackedStream(cfg["data"]["path"], cfg["data"]["seed"])
-    model = Transformer(mcfg, rngs=nnx.Rngs(cfg["seed"]))
-    graphdef, params, others = nnx.split(model, nnx.Param, ...)
+    stream = open_corpus(cfg["data"]["path"], cfg["data"]["seed"])
+    graphdef, params, others = nnx.split(pretrain.build_model(cfg, mcfg), pretrain.trained(cfg), ...)
     # the run's optimizer, only to give the checkpoint's tree its structure
-    tx = v4_optimizer(params, mcfg, pretrain.lr_schedule(cfg["schedule"], cfg["stages"][-1]["until_step"]))
+    tx = pretrain.optimizer(cfg, mcfg, params, pretrain.lr_schedule(cfg["schedule"], cfg["stages"][-1]["until_step"]))
+    state = {"params": params, "others": others, "opt_state": jax.jit(tx.init)(params)}
     manager = pretrain.checkpoint_manager(cfg)
-    got, damaged = pretrain.restore_newest(manager, {"params": params, "others": others,
-                                                     "opt_state": jax.jit(tx.init)(params)})
+    got, damaged = pretrain.restore_newest(manager, pretrain.checkpointed(state, cfg))
     manager.close()
     if got is None:
         raise InputError(f"no checkpoint in {manager.directory}: train first (python -m train.pretrain ...)")
     if damaged:
         print(damaged)
-    state, meta = got
+    state, meta = state | got[0], got[1]
     return nnx.merge(graphdef, state["params"], state["others"]), stream.meta["tokenizer"], meta
 
 
