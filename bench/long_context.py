@@ -34,13 +34,15 @@ the local slopes between neighbouring lengths are given too. Counted FLOPs (v4ja
 
 Configs: `tiny` is the test preset (window 16, 16 indexer heads of 128, top-k 8, 3 CSA + 2 HCA layers); at 1M its
 prefill counts 1.7e15 FLOPs, 97% of them the indexer's O(L^2) scan, far beyond a 2-core CPU, so its default
-lengths stop at 256K. `demo` is the stated long-context demo: V4's layer plan (two window-only layers, then CSA
-(ratio 4) and HCA (ratio 128) alternating: 0 0 4 128 4 128), V4's window 128, top-k 512 and YaRN (original length
-65,536, factor 16: 1M positions), at small widths (dim 128, 4 heads of 128, 4 routed experts of 128, vocab 4096)
-and with ONE indexer head of 64 dims instead of V4's 64 heads of 128: the indexer's scan is O(L^2) per CSA layer
-(2 * heads * head_dim * L^2 / 8 FLOPs); with V4's indexer it alone would count 1.2e17 FLOPs per CSA layer at 1M;
-with one head of 64 it is 1.8e13, and the whole 1M prefill counts 6.2e13 FLOPs (56% indexer scan, 34% attention,
-mostly HCA's L/128 entries), about 20 minutes at 50 GFLOP/s.
+lengths stop at 256K. `demo` is the stated long-context demo: V4's layer plan cut to one CSA / HCA pair (two
+window-only layers as in Flash, then CSA (ratio 4) and HCA (ratio 128): 0 0 4 128), V4's window 128, top-k 512,
+head dims (128, rope 64) and YaRN (original length 65,536, factor 16: 1M positions), at small widths (dim 128, 4
+heads, 4 routed experts of 128, vocab 4096) and with ONE indexer head of 64 dims instead of V4's 64 heads of 128:
+the indexer's scan is O(L^2) per CSA layer (2 * heads * head_dim * L^2 / 8 FLOPs): with V4's indexer it alone
+would count 1.2e17 FLOPs per CSA layer at 1M, with one head of 64 it is 1.8e13, and the whole 1M prefill counts
+3.3e13 FLOPs (54% indexer scan, 34% attention, mostly HCA's L/128 entries per query): about 18 minutes at 30
+GFLOP/s. A second CSA / HCA pair doubles the quadratic terms (6.2e13 FLOPs at 1M): measured at HEAD, the 6-layer
+plan ran its counted FLOPs at about 12 GFLOP/s up to 64K, so it would not fit the 30-minute target.
 """
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ from v4jax.config import ModelConfig  # noqa: E402
 CONFIGS = {
     "tiny": ModelConfig.preset("tiny"),
     "demo": ModelConfig.preset(
-        "tiny", vocab_size=4096, dim=128, moe_inter_dim=128, n_layers=6, n_hash_layers=1, n_mtp_layers=0,
+        "tiny", vocab_size=4096, dim=128, moe_inter_dim=128, n_layers=4, n_hash_layers=1, n_mtp_layers=0,
         n_heads=4, n_routed_experts=4, n_activated_experts=2, q_lora_rank=128, head_dim=128, o_groups=2,
-        o_lora_rank=64, window_size=128, compress_ratios=(0, 0, 4, 128, 4, 128), original_seq_len=65536,
+        o_lora_rank=64, window_size=128, compress_ratios=(0, 0, 4, 128), original_seq_len=65536,
         index_n_heads=1, index_head_dim=64, index_topk=512, attn_chunk=256),
 }
 FORMATS = {"bf16": ("bf16", "bf16"), "fp8+fp4": ("fp8", "fp4")}  # name: (kv_format, index_format)
@@ -420,9 +422,10 @@ def markdown(result: dict) -> str:
         "(bench/long_context.py). Formats: " + ", ".join(f"{k} = kv_format {v[0]}, index_format {v[1]}"
                                                          for k, v in result["formats"].items()) + ".", "",
         "Configs: " + "; ".join(f"`{k}`: {v}" for k, v in result["configs"].items()) + ". `demo` is V4's layer plan "
-        "(window-only, then CSA / HCA alternating), window 128 and top-k 512 at small widths with one indexer head of "
-        "64 (V4: 64 x 128), because the indexer's O(L^2) scan dominates prefill at 1M on a 2-core CPU; `tiny` stops at "
-        "256K by default (its 16 x 128 indexer counts 1.7e15 FLOPs at 1M).", "",
+        "cut to one pair (two window-only layers, then one CSA and one HCA layer), window 128 and top-k 512 at small "
+        "widths with one indexer head of 64 (V4: 64 x 128), because the indexer's O(L^2) scan dominates prefill at 1M "
+        "on a 2-core CPU (1M counts 3.3e13 FLOPs, 54% indexer scan); `tiny` stops at 256K by default (its 16 x 128 "
+        "indexer counts 1.7e15 FLOPs at 1M).", "",
         "What is measured and what is inferred: prefill seconds, step ms, compile seconds and peak RSS (the child's "
         "VmHWM) are measured; *model MiB/step* is `v4jax.cost.decode_read_bytes` (counted); *XLA MiB/step* is the "
         "compiled decode step's own cost analysis (\"bytes accessed\": operands and results of every HLO op, "
