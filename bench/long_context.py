@@ -491,7 +491,7 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per child process")
     p.add_argument("--capacity", type=int, default=CAPACITY, help="large capacity of the capacity check (0: skip)")
     p.add_argument("--capacity-fill", type=int, default=CAPACITY_FILL, help="tokens held in the capacity check")
-    p.add_argument("--out", default=None, help="write the plot and result.json / result.md here")
+    p.add_argument("--out", default=None, help="write long_context.png, .json and .md here")
     p.add_argument("--quick", action="store_true", help="1K and 4K, 4 steps, a 64K capacity check holding 1K")
     p.add_argument("--from-json", default=None, metavar="JSON",
                    help="print the table of a saved long_context.json (and redraw its plot into --out) without running")
