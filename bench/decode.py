@@ -8,8 +8,8 @@ several lengths, and each step time over the one at the shortest context (V4's p
 For each config and context: prefill `context` random tokens through Transformer.step in chunks of 512, then
 time `steps` single-token decode steps (jitted, cache donated; the first step is a warm-up and not counted;
 median step time). Prefill tokens/s leaves out the first chunk, which compiles. The cache is sized for
-context + steps tokens: a step decodes the cached entries, indexes every cached CSA key and attends the top-k
-of them plus every HCA entry; that is the part that grows with the context. Weights are random
+context + steps tokens: a step indexes every filled CSA key and attends (decoding them from the cache's format)
+the top-k of them plus every filled HCA entry; that is the part that grows with the context. Weights are random
 (1/sqrt(fan_in)); speed does not depend on them.
 
 Configs: `tiny` is the test preset (window 16, index top-k 8). `small` is V4's layout at ~56M parameters
