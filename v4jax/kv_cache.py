@@ -50,11 +50,21 @@ def _block_dequant(q: jax.Array, exponent_bytes: jax.Array, block: int, dtype) -
     return (q.astype(jnp.float32) * jnp.repeat(s, block, axis=-1)).astype(dtype)
 
 
+def _as_bytes(q: jax.Array) -> jax.Array:
+    """FP8 codes stored as their bytes: XLA:CPU has no float8 scatter and converts the whole buffer around a
+    one-row write (0.5 s for a 117 MB buffer, measured); a uint8 write touches the row only."""
+    return jax.lax.bitcast_convert_type(q, jnp.uint8)
+
+
+def _as_fp8(b: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(b, jnp.float8_e4m3fn)
+
+
 class Fp8Entries(NamedTuple):
     """KV entries as FlashMLA's V4 cache stores them (spec §4.2; 584 B at head_dim 512): the non-rope dims as
     FP8 e4m3 with one UE8M0 scale byte per 64 (7 bytes padded to 8), the rope dims in BF16."""
 
-    nope: jax.Array  # [..., head_dim - rope_dim] float8_e4m3fn
+    nope: jax.Array  # [..., head_dim - rope_dim] uint8: float8_e4m3fn bit patterns
     scale: jax.Array  # [..., ceil(n_blocks / 8) * 8] uint8: block j's scale is 2^(scale[j] - 127); pad bytes 0
     rope: jax.Array  # [..., rope_dim] bfloat16
 
@@ -64,7 +74,7 @@ class Fp8Entries(NamedTuple):
         if nope % 64:
             raise ValueError(f"kv_format='fp8' stores the {nope} non-rope dims in blocks of 64: use a head_dim - "
                              f"rope_head_dim that is a multiple of 64, or kv_format='bf16'")
-        return Fp8Entries(jnp.zeros((*shape, nope), jnp.float8_e4m3fn),
+        return Fp8Entries(jnp.zeros((*shape, nope), jnp.uint8),
                           jnp.zeros((*shape, -(-nope // 64 // 8) * 8), jnp.uint8),
                           jnp.zeros((*shape, rope_dim), jnp.bfloat16))
 
@@ -73,11 +83,12 @@ class Fp8Entries(NamedTuple):
         nope = self.nope.shape[-1]
         q, e = _block_quant(x[..., :nope], 64, FP8_MAX, 1e-4, jnp.float8_e4m3fn)
         pad = self.scale.shape[-1] - e.shape[-1]
-        return Fp8Entries(q, jnp.pad(e, [(0, 0)] * (e.ndim - 1) + [(0, pad)]), x[..., nope:].astype(jnp.bfloat16))
+        return Fp8Entries(_as_bytes(q), jnp.pad(e, [(0, 0)] * (e.ndim - 1) + [(0, pad)]),
+                          x[..., nope:].astype(jnp.bfloat16))
 
     def decode(self, dtype) -> jax.Array:
         n_blocks = self.nope.shape[-1] // 64
-        nope = _block_dequant(self.nope, self.scale[..., :n_blocks], 64, dtype)
+        nope = _block_dequant(_as_fp8(self.nope), self.scale[..., :n_blocks], 64, dtype)
         return jnp.concatenate([nope, self.rope.astype(dtype)], axis=-1)
 
 
@@ -112,19 +123,19 @@ class Fp8Keys(NamedTuple):
     fp32 scale per key (a power of two, so MXFP4 keys usually re-encode exactly; not guaranteed when the
     key's 32-blocks differ in scale by more than e4m3's range)."""
 
-    q: jax.Array  # [..., dim] float8_e4m3fn
+    q: jax.Array  # [..., dim] uint8: float8_e4m3fn bit patterns
     scale: jax.Array  # [..., 1] float32
 
     @staticmethod
     def empty(shape: tuple[int, ...], dim: int) -> "Fp8Keys":
-        return Fp8Keys(jnp.zeros((*shape, dim), jnp.float8_e4m3fn), jnp.zeros((*shape, 1), jnp.float32))
+        return Fp8Keys(jnp.zeros((*shape, dim), jnp.uint8), jnp.zeros((*shape, 1), jnp.float32))
 
     def encode(self, x: jax.Array) -> "Fp8Keys":
         q, e = _block_quant(x, x.shape[-1], FP8_MAX, 1e-4, jnp.float8_e4m3fn)
-        return Fp8Keys(q, jnp.ldexp(jnp.float32(1.0), e.astype(jnp.int32) - 127))
+        return Fp8Keys(_as_bytes(q), jnp.ldexp(jnp.float32(1.0), e.astype(jnp.int32) - 127))
 
     def decode(self, dtype) -> jax.Array:
-        return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
+        return (_as_fp8(self.q).astype(jnp.float32) * self.scale).astype(dtype)
 
 
 def check_formats(kv_format: str, index_format: str) -> None:
