@@ -95,17 +95,25 @@ def main(argv=None) -> None:
     for n in args.names:
         if n not in BENCHMARKS:
             ap.error(f"unknown benchmark {n!r}: choose from {', '.join(BENCHMARKS)}")
-    os.makedirs(OUT, exist_ok=True)
-    path = os.path.join(OUT, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else {}
     command = " ".join([".venv/bin/python -m bench", *(argv if argv is not None else sys.argv[1:])])
     for name in [] if args.render_only else (args.names or list(BENCHMARKS)):
         m = machine()
         print(f"== {name} ({describe(m)})", flush=True)
         result = importlib.import_module(BENCHMARKS[name][0]).run(OUT, quick=args.quick)
+        record(name, m, result, command, args.quick)  # after every benchmark: a later failure keeps the earlier ones
+    record()
+
+
+def record(name: str | None = None, m: dict | None = None, result=None, command: str = "", quick: bool = False):
+    """Store one benchmark's result in docs/perf/results.json (keyed by name, "@device" on an accelerator) and
+    rewrite docs/performance.md from the whole file; with no name, only rewrite."""
+    os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    if name is not None:
         key = name if m["backend"] == "cpu" else f"{name}@{m['device']}"  # accelerator runs sit beside the CPU's
-        results[key] = {"command": command, "machine": m, "quick": args.quick, "result": result}
-        with open(path, "w") as f:  # after every benchmark: a later failure keeps the earlier ones
+        results[key] = {"command": command, "machine": m, "quick": quick, "result": result}
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
     with open(DOC, "w") as f:
         f.write(render(results))

@@ -495,6 +495,9 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="1K and 4K, 4 steps, a 64K capacity check holding 1K")
     p.add_argument("--from-json", default=None, metavar="JSON",
                    help="print the table of a saved long_context.json (and redraw its plot into --out) without running")
+    p.add_argument("--record", action="store_true",
+                   help="store the result as the suite's long_context entry (docs/perf/results.json, plot in docs/perf) "
+                   "and rewrite docs/performance.md: for runs with lengths other than the suite's defaults")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.from_json:
@@ -519,6 +522,9 @@ def main(argv=None) -> None:
     else:
         lengths = {c: args.lengths or LENGTHS[c] for c in CONFIGS}
         steps, capacity, fill = args.steps, args.capacity, args.capacity_fill
+    if args.record:
+        from bench.__main__ import OUT, machine, record
+        args.out, m = OUT, machine()  # the machine (load average) before the run, as the suite records it
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     result = collect(args.configs, args.formats, lengths, steps, args.timeout, capacity, fill, args.out,
@@ -530,6 +536,9 @@ def main(argv=None) -> None:
             json.dump(result, f, indent=1)
         with open(os.path.join(args.out, "long_context.md"), "w") as f:
             f.write(md + "\n")
+    if args.record:
+        record("long_context", m, result, " ".join([".venv/bin/python -m bench.long_context", *(argv or sys.argv[1:])]),
+               args.quick)
 
 
 if __name__ == "__main__":
