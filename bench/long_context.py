@@ -429,7 +429,7 @@ def markdown(result: dict) -> str:
         "What is measured and what is inferred: prefill seconds, step ms, compile seconds and peak RSS (the child's "
         "VmHWM) are measured; *model MiB/step* is `v4jax.cost.decode_read_bytes` (counted); *XLA MiB/step* is the "
         "compiled decode step's own cost analysis (\"bytes accessed\": operands and results of every HLO op, "
-        "intermediates included: a static count, not DRAM traffic); *inferred growth* = (step(L) - step(L0)) x B, "
+        "intermediates included: a static count, not DRAM traffic: every run-time-chosen branch and loop body is counted as compiled, not as run); *inferred growth* = (step(L) - step(L0)) x B, "
         "with B this machine's bandwidth measured in the same child (jitted fp32 sum over 256 MiB, best of 5), set "
         "beside the model's growth decode_read_bytes(L) - decode_read_bytes(L0), L0 the shortest length: a time "
         "converted to bytes, which matches the model only if the extra step time is all memory traffic at B. "
