@@ -378,12 +378,13 @@ class Attention(nnx.Module):
             comp = None
             if not n_comp:
                 o, lse = attend(c, kv, idx)
-            elif (index is None or cfg.csa_dense) and stored is None:
-                (o, lse), comp = every_visible(c, idx, *ranges, n_comp)
-            elif index is None or cfg.csa_dense:  # the shortest prefix holding every entry this chunk can see
-                sizes = prefix_sizes(n_comp)
-                branches = [lambda n=n: every_visible(c, idx, *ranges, n)[0] for n in sizes]
-                o, lse = jax.lax.switch(jnp.sum(jnp.asarray(sizes) < jnp.max(ranges[1])), branches)
+            elif index is None or cfg.csa_dense:
+                if stored is None:
+                    (o, lse), comp = every_visible(c, idx, *ranges, n_comp)
+                else:  # the shortest prefix holding every entry this chunk can see
+                    sizes = prefix_sizes(n_comp)
+                    branches = [lambda n=n: every_visible(c, idx, *ranges, n)[0] for n in sizes]
+                    o, lse = jax.lax.switch(jnp.sum(jnp.asarray(sizes) < jnp.max(ranges[1])), branches)
             else:  # CSA: the indexer's top-k of the visible entries
                 k = min(cfg.index_topk, n_comp)
                 top, _ = indexer_topk(c["iq"], c["iw"], index[2], *ranges, k, q.dtype, implementation=cfg.kernels)
