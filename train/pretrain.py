@@ -55,7 +55,7 @@ import optax
 import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tensorboardX import SummaryWriter
 
@@ -69,7 +69,8 @@ from v4jax.checkpoint import abstract_model, load_hub_state
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 from v4jax.moe import RouterBias
-from v4jax.sharding import DECODE_RULES, TRAIN_RULES, follow_params, make_mesh, shard_model, use_rules
+from v4jax.sharding import (DECODE_RULES, TRAIN_RULES, follow_params, make_mesh, shard_model, train_batch_sharding,
+                             use_rules)
 
 # ---- configuration ----------------------------------------------------------------------------------------
 # Every key a run config may set: its type, range and default. A YAML file sets some; key=value arguments
@@ -646,7 +647,7 @@ def main(argv: list[str]) -> None:
     sizes = {k: (jax.device_count() // fixed if v == -1 else v) for k, v in sizes.items()}
     mesh = make_mesh(sizes)
     rules = {"train": TRAIN_RULES, "decode": DECODE_RULES}.get(cfg["rules"], cfg["rules"])
-    batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+    batch_sharding = train_batch_sharding(mesh, rules)
 
     # Data (a missing, empty or unsafe corpus is named here, before anything compiles) and model.
     stream = open_corpus(cfg["data"]["path"], cfg["data"]["seed"])

@@ -156,6 +156,12 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int, lead: int =
     return NamedSharding(mesh, logical_to_spec((None,) * lead + ("batch",) + (None,) * (ndim - lead - 1), rules))
 
 
+def train_batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
+    """The global training batch [micro-batches, rows, L+1]: rows by the rules' `batch` axis. train.pretrain
+    places its batches so and train.plan plans that layout: the one definition both use."""
+    return batch_sharding(mesh, rules, 3, lead=1)
+
+
 def follow_params(tree, params):
     """Shardings for an optimizer state (`tree`, arrays or ShapeDtypeStructs): each array takes the sharding of
     the parameter whose path is a suffix of its own and whose shape it has (moments); the rest (step counters)
