@@ -35,7 +35,8 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from v4jax.config import ModelConfig  # noqa: E402
-from v4jax.kv_cache import INDEX_FORMATS, KV_FORMATS, cache_bytes  # noqa: E402
+from v4jax.cost import cache_bytes  # noqa: E402
+from v4jax.kv_cache import INDEX_FORMATS, KV_FORMATS  # noqa: E402
 from v4jax.model import Transformer, param_counts  # noqa: E402
 
 CONFIGS = {

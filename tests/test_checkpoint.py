@@ -11,11 +11,10 @@ from jax.sharding import PartitionSpec
 
 from conftest import FIXTURE
 from v4jax import hub
-from v4jax.checkpoint import (CheckpointMismatch, abstract_model, export_hub_state, hub_names, hub_to_path,
-                              load_hub_state, model_variables, path_to_hub)
+from v4jax.checkpoint import CheckpointMismatch, export_hub_state, hub_names, hub_to_path, load_hub_state, path_to_hub
 from v4jax.config import ModelConfig
 from v4jax.hub import load_hub_checkpoint
-from v4jax.model import Transformer
+from v4jax.model import Transformer, abstract_model, model_variables
 from v4jax.quant import Fp8Weight, Mxfp4Weight, dense
 from v4jax.sharding import TRAIN_RULES, make_mesh
 

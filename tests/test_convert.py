@@ -14,8 +14,9 @@ from flax import nnx
 
 from conftest import FIXTURE
 from v4jax import hub
-from v4jax.checkpoint import CheckpointMismatch, OrbaxReader, abstract_model, load_hub_state, model_variables, restore_orbax
+from v4jax.checkpoint import CheckpointMismatch, OrbaxReader, load_hub_state, restore_orbax
 from v4jax.config import ModelConfig
+from v4jax.model import abstract_model, model_variables
 from v4jax.convert import convert, export, main
 from v4jax.quant import Mxfp4Weight, dense
 from v4jax.sharding import DECODE_RULES, TRAIN_RULES, make_mesh

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from v4jax import cost, kv_cache
+from v4jax import cost
 from v4jax.config import ModelConfig
 from v4jax.model import param_counts
 
@@ -42,9 +42,9 @@ def test_kv_bytes_per_layer_and_per_model_equal_section_1_2():
     for model, fmt, gib in ((PRO, "bf16", 9.62), (FLASH, "bf16", 6.72), (V32, "bf16", 83.9), (V32, "fp8", 46.9)):
         assert round(cost.kv_bytes_per_token(model, fmt, fmt) * 2**20 / GIB, 2 if gib < 10 else 1) == gib
     assert round(cost.kv_bytes_per_token(cost.gqa_baseline(61), "bf16") * 2**20 / GIB) == 244
-    # the slot-byte count agrees with kv_cache.cache_bytes's two-length difference of the same pytree
+    # the slot-byte count agrees with cost.cache_bytes's two-length difference of the same pytree
     for model in (FLASH, PRO):
-        assert cost.kv_bytes_per_token(model, "fp8", "fp4") == kv_cache.cache_bytes(model, "fp8", "fp4").per_token
+        assert cost.kv_bytes_per_token(model, "fp8", "fp4") == cost.cache_bytes(model, "fp8", "fp4").per_token
 
 
 def test_kv_ratios_reproduce_the_claims_within_half_a_point():

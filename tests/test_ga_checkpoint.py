@@ -14,8 +14,9 @@ import pytest
 
 from ga_fixture import SHARD_BYTES, write_ga_fixture
 from v4jax import hub
-from v4jax.checkpoint import CheckpointMismatch, abstract_model, hub_names, load_hub_state, model_variables
+from v4jax.checkpoint import CheckpointMismatch, hub_names, load_hub_state
 from v4jax.config import ConfigError, ModelConfig
+from v4jax.model import abstract_model, model_variables
 from v4jax.convert import convert, export, export_model, main, verify_outputs
 from v4jax.quant import Fp8Weight, Mxfp4Weight, dense
 from v4jax.sharding import TRAIN_RULES, make_mesh

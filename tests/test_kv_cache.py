@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from test_decode import _model
-from v4jax import kv_cache
+from v4jax import cost, kv_cache
 from v4jax.attention import kv_fake_quant
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
@@ -105,15 +105,15 @@ def test_cache_bytes_equal_the_spec_formula(preset, n_csa, n_hca):
     key = {"fp32": 512, "bf16": 256, "fp8": 132, "fp4": 68}
     state = 2 * 4 * (n_csa * (8 * 1024 + 8 * 256) + n_hca * 128 * 512)
     for kv_format, index_format in (("bf16", "bf16"), ("fp8", "fp4"), ("fp8", "fp8"), ("fp32", "fp32")):
-        got = kv_cache.cache_bytes(cfg, kv_format, index_format)
+        got = cost.cache_bytes(cfg, kv_format, index_format)
         e, k = entry[kv_format], key[index_format]
         assert got.per_token == n_csa * (e + k) / 4 + n_hca * e / 128, (kv_format, index_format)
         assert got.window == (cfg.n_layers + 1) * 128 * e
         assert got.compressor_state == state
         assert got.per_sequence == got.window + got.compressor_state + 2 * 4  # + the two int32 lengths
     # performance.md §1.2's all-BF16 figures
-    assert kv_cache.cache_bytes(cfg, "bf16", "bf16").per_token == {"flash": 6880, "pro": 9848}[preset]
-    assert kv_cache.cache_bytes(cfg) == kv_cache.cache_bytes(cfg, "bf16", "bf16")  # default: the compute dtype
+    assert cost.cache_bytes(cfg, "bf16", "bf16").per_token == {"flash": 6880, "pro": 9848}[preset]
+    assert cost.cache_bytes(cfg) == cost.cache_bytes(cfg, "bf16", "bf16")  # default: the compute dtype
 
 
 def test_bad_formats_are_refused_with_the_fix():

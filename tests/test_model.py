@@ -171,7 +171,7 @@ def test_ga_parameter_counts_include_the_dspark_drafter():
 
 def test_flash_shapes_match_released_tensor_table():
     """A few released tensor shapes (spec §5.2) come out of the abstract Flash model."""
-    from v4jax.checkpoint import model_variables
+    from v4jax.model import model_variables
 
     v = model_variables(nnx.eval_shape(lambda: Transformer(ModelConfig.preset("flash"), rngs=nnx.Rngs(0))))
     assert v["layers.2.attn.wo_a"].shape == (8192, 4096)

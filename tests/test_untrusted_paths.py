@@ -13,8 +13,9 @@ import pytest
 
 from conftest import REPO
 from v4jax import hub
-from v4jax.checkpoint import abstract_model, load_hub_state
+from v4jax.checkpoint import load_hub_state
 from v4jax.config import ModelConfig
+from v4jax.model import abstract_model
 from v4jax.convert import convert
 
 

@@ -65,9 +65,9 @@ from train.data import PackedStream, RowStream, open_corpus
 from train.flops import peak_flops_per_device, train_flops_per_token
 from train.muon import path_str, v4_optimizer
 from v4jax import lora
-from v4jax.checkpoint import abstract_model, load_hub_state
+from v4jax.checkpoint import load_hub_state
 from v4jax.config import ModelConfig
-from v4jax.model import Transformer
+from v4jax.model import Transformer, abstract_model
 from v4jax.moe import RouterBias
 from v4jax.sharding import (DECODE_RULES, TRAIN_RULES, follow_params, make_mesh, shard_model, train_batch_sharding,
                              use_rules)

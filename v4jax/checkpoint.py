@@ -32,18 +32,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from v4jax import hub
 from v4jax.hub import hub_to_path, path_to_hub
+from v4jax.model import abstract_model, model_variables
 from v4jax.quant import Fp8Weight, Mxfp4Weight, QuantizedWeight
 from v4jax.sharding import logical_to_spec
 
 WEIGHT_FORMATS = (None, "float32", "bfloat16", "quantized", "fp8")
 _DENSE = {None: np.float32, "float32": np.float32, "bfloat16": ml_dtypes.bfloat16}  # dense forms' numpy dtype
 _STACKED = re.compile(r"\.experts\.w[123]$")
-
-
-def model_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """Flat {dotted path: variable} of every parameter and buffer of the model."""
-    flat = nnx.to_flat_state(nnx.state(model))
-    return {".".join(str(k) for k in path): var for path, var in flat}
 
 
 def _is_stacked(path: str, var) -> bool:
@@ -328,14 +323,6 @@ def orbax_leaves(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             out[path] = _from_orbax_leaf(v)
     return out
-
-
-def abstract_model(cfg):
-    """The model's structure, shapes, dtypes and logical axes without allocating it (jax.eval_shape); every
-    variable gets its value from a checkpoint."""
-    from v4jax.model import Transformer
-
-    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
 class OrbaxReader:

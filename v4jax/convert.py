@@ -41,9 +41,10 @@ import numpy as np
 from flax import nnx
 
 from v4jax import hub
-from v4jax.checkpoint import (OrbaxReader, _is_stacked, abstract_model, hub_tensors, leaf_sharding, load_hub_state,
-                              model_variables, plan_hub, read_leaf, restore_orbax, to_orbax_tree)
+from v4jax.checkpoint import (OrbaxReader, _is_stacked, hub_tensors, leaf_sharding, load_hub_state, plan_hub, read_leaf,
+                              restore_orbax, to_orbax_tree)
 from v4jax.config import HF_FP8_QUANTIZATION, ModelConfig, cli_errors
+from v4jax.model import abstract_model, model_variables
 from v4jax.sharding import DECODE_RULES, TRAIN_RULES, make_mesh
 
 RULES = {"train": TRAIN_RULES, "decode": DECODE_RULES}

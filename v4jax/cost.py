@@ -31,6 +31,40 @@ from flax import nnx
 
 from v4jax import kv_cache
 from v4jax.config import ModelConfig
+from v4jax.model import abstract_model, model_variables
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheBytes:
+    """Cache size of one sequence: per_token is what every further token adds (compressed entries and indexer
+    keys), per_sequence the fixed rest: window rings, compressor states and the lengths."""
+
+    per_token: float
+    per_sequence: int
+    window: int  # the window rings of all layers, MTP included (part of per_sequence)
+    compressor_state: int  # the compressors' partial-window fp32 state (part of per_sequence)
+
+
+def _nbytes(tree) -> int:
+    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+_shapes = functools.lru_cache(maxsize=4)(abstract_model)  # read only here (init_cache, variables): cached
+
+
+def cache_bytes(cfg, kv_format: str | None = None, index_format: str | None = None) -> CacheBytes:
+    """Measure Transformer.init_cache's pytree for one sequence (shapes only, nothing allocated) at two lengths
+    that are multiples of every compress ratio: the growth per token is exact, the rest is fixed."""
+    model = _shapes(cfg)
+    unit = math.lcm(*(r for r in cfg.compress_ratios if r), 1)
+    short, long = (jax.eval_shape(lambda n=n: model.init_cache(1, n, kv_format, index_format))
+                   for n in (unit, 2 * unit))
+    per_token = (_nbytes(long) - _nbytes(short)) / unit
+    layers = (*short.layers, *([short.mtp] if short.mtp is not None else []))
+    return CacheBytes(per_token=per_token, per_sequence=round(_nbytes(short) - per_token * unit),
+                      window=_nbytes([c.window for c in layers]),
+                      compressor_state=_nbytes([(c.state, c.index_state) for c in layers]))
+
 
 POSITIONS = ("last", "mean")
 
@@ -90,12 +124,10 @@ def forward_flops(cfg: ModelConfig, context: int, position: str = "last", mtp: b
     routed experts), mhc, head. `mtp` adds the MTP block and its head pass (training counts them),
     `dense_csa` the dense phase of CSA (every visible entry attended; the indexer's projections still run,
     its scan is not counted)."""
-    from v4jax.checkpoint import model_variables
-
     mtp = mtp and cfg.n_mtp_layers > 0
     parts = dict.fromkeys(("projections", "compressors", "indexer_proj", "indexer_scan", "attention", "moe",
                            "mhc", "head"), 0.0)
-    for path, var in model_variables(kv_cache._abstract_model(cfg)).items():
+    for path, var in model_variables(_shapes(cfg)).items():
         part = _part(path)
         if not isinstance(var, nnx.Param) or part is None or (path.startswith("mtp.") and not mtp):
             continue
@@ -264,7 +296,7 @@ def kv_layers(model, kv_format: str | None = None, index_format: str | None = No
         plain = {"float32": "fp32", "bfloat16": "bf16"}[model.compute_dtype]
         kv_format, index_format = kv_format or plain, index_format or plain
         unit = math.lcm(*(r for r in model.compress_ratios if r), 1)
-        tm = kv_cache._abstract_model(model)
+        tm = _shapes(model)
         cache = jax.eval_shape(lambda: tm.init_cache(1, unit, kv_format, index_format))
         caches = (*cache.layers, *([cache.mtp] if mtp and cache.mtp is not None else []))
         return tuple(LayerKV(r, slot_bytes(c.window), slot_bytes(c.window, True), slot_bytes(c.index_keys),

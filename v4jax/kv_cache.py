@@ -1,4 +1,4 @@
-"""Storage formats of the inference cache (spec §4.2) and its size per token and per sequence (spec §4.3).
+"""Storage formats of the inference cache (spec §4.2); its size per token and sequence is v4jax.cost.cache_bytes.
 
 Each stored tensor of an AttentionCache (the window ring, the compressed entries, the indexer keys) is either
 a plain array in a float dtype ("fp32", "bf16") or one of the packed formats below. Every format keeps the
@@ -17,9 +17,6 @@ back exactly, so under qat=True these formats lose nothing.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -189,43 +186,3 @@ def write(buf, new: jax.Array, slots: jax.Array):
         return leaf.at[rows, jnp.where(slots >= 0, slots, leaf.shape[1])].set(value, mode="drop")
 
     return jax.tree.map(scatter, buf, enc)
-
-
-# ---- size ----------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class CacheBytes:
-    """Cache size of one sequence: per_token is what every further token adds (compressed entries and indexer
-    keys), per_sequence the fixed rest: window rings, compressor states and the lengths."""
-
-    per_token: float
-    per_sequence: int
-    window: int  # the window rings of all layers, MTP included (part of per_sequence)
-    compressor_state: int  # the compressors' partial-window fp32 state (part of per_sequence)
-
-
-def _nbytes(tree) -> int:
-    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
-
-
-@functools.lru_cache(maxsize=4)
-def _abstract_model(cfg):
-    """The model's structure without weights (Transformer.init_cache only needs shapes)."""
-    from flax import nnx
-
-    from v4jax.model import Transformer  # model.py imports this module
-
-    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-
-
-def cache_bytes(cfg, kv_format: str | None = None, index_format: str | None = None) -> CacheBytes:
-    """Measure Transformer.init_cache's pytree for one sequence (shapes only, nothing allocated) at two lengths
-    that are multiples of every compress ratio: the growth per token is exact, the rest is fixed."""
-    model = _abstract_model(cfg)
-    unit = math.lcm(*(r for r in cfg.compress_ratios if r), 1)
-    short, long = (jax.eval_shape(lambda n=n: model.init_cache(1, n, kv_format, index_format))
-                   for n in (unit, 2 * unit))
-    per_token = (_nbytes(long) - _nbytes(short)) / unit
-    layers = (*short.layers, *([short.mtp] if short.mtp is not None else []))
-    return CacheBytes(per_token=per_token, per_sequence=round(_nbytes(short) - per_token * unit),
-                      window=_nbytes([c.window for c in layers]),
-                      compressor_state=_nbytes([(c.state, c.index_state) for c in layers]))

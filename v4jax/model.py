@@ -31,7 +31,7 @@ from v4jax.config import ModelConfig
 from v4jax.dspark import Drafter
 from v4jax.hyper_connection import hc_head
 from v4jax.layers import param, rms_norm
-from v4jax.moe import MoE
+from v4jax.moe import HashTable
 from v4jax.quant import dense, linear, mean
 from v4jax.sharding import constrain
 
@@ -305,9 +305,20 @@ def pop_stats(model: nnx.Module) -> dict[str, jax.Array]:
     return {".".join(map(str, path)): var.get_value()[-1] for path, var in flat}
 
 
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model's structure, shapes, dtypes and logical axes without allocating it (nnx.eval_shape): a fresh
+    tree on every call, for a checkpoint to fill or to count and measure."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def model_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """Flat {dotted path: variable} of every parameter and buffer of the model."""
+    return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(nnx.state(model))}
+
+
 def with_config(model: Transformer, **changes) -> Transformer:
     """The same weights under a changed config (e.g. a training stage switching csa_dense / indexer_loss)."""
-    new = nnx.eval_shape(lambda: Transformer(model.cfg.replace(**changes), rngs=nnx.Rngs(0)))
+    new = abstract_model(model.cfg.replace(**changes))
     nnx.update(new, nnx.state(model))
     return new
 
@@ -322,10 +333,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     activated: what one token uses in the main model: everything but MTP / the drafter, the embedding table and
     the routed experts it does not pick (the LM head counts, as in DeepSeek's 13B / 49B figures).
     """
-    from v4jax.checkpoint import model_variables
-    from v4jax.moe import HashTable
-
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_model(cfg)
     sizes = {p: math.prod(v.shape) for p, v in model_variables(model).items() if not isinstance(v, HashTable)}
     total = sum(sizes.values())
     mtp = sum(n for p, n in sizes.items() if p.startswith(("mtp.", "dspark.")))

@@ -179,7 +179,8 @@ def test_finetune_from_released_weights_then_export(small_config, tmp_path):
     from conftest import FIXTURE
     from train.data import PackedStream
     from v4jax import hub
-    from v4jax.checkpoint import load_hub_state, model_variables
+    from v4jax.checkpoint import load_hub_state
+    from v4jax.model import model_variables
     from v4jax.config import ModelConfig
     from v4jax.model import Transformer
 
@@ -227,7 +228,8 @@ def test_finetune_of_a_ga_checkpoint_leaves_its_drafter_as_loaded(small_config, 
 
     from ga_fixture import write_ga_fixture
     from train.sample import restore_run
-    from v4jax.checkpoint import load_hub_state, model_variables
+    from v4jax.checkpoint import load_hub_state
+    from v4jax.model import model_variables
     from v4jax.config import ModelConfig
     from v4jax.model import Transformer
 
