@@ -6,7 +6,7 @@ it quantized and trains the adapters with AdamW.
 
     .venv/bin/python bench/lora_memory.py [--preset tiny] [--batch 8] [--seq 128] [--rank 16] [--remat none]
 
-peak = arguments + temporaries + outputs - outputs aliased to donated arguments (as v4jax.plan reports it).
+peak = arguments + temporaries + outputs - outputs aliased to donated arguments (as train.plan reports it).
 """
 
 from __future__ import annotations

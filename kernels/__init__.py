@@ -11,7 +11,7 @@ IMPLEMENTATIONS = ("auto", "pallas", "pallas_interpret", "reference")
 
 def target_platform() -> str:
     """The platform being compiled for: the current mesh's devices' (jax.set_mesh), else jax.default_backend().
-    They differ when a step is compiled ahead of time for devices this host does not have (v4jax.plan on a
+    They differ when a step is compiled ahead of time for devices this host does not have (train.plan on a
     TPU topology)."""
     device = jax.sharding.get_abstract_mesh().abstract_device
     return device.platform if device is not None else jax.default_backend()

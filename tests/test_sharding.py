@@ -137,7 +137,7 @@ def test_scan_and_remat_leave_loss_stats_and_gradients_unchanged(single_device):
 
 @pytest.mark.parametrize("name", ["flash_train", "flash_decode", "pro_train", "pro_decode"])
 def test_partition_specs_match_golden_files(name):
-    """Regenerate with `python -m v4jax.plan --golden tests/golden/partition_specs` after an intended change."""
+    """Regenerate with `python -m train.plan --golden tests/golden/partition_specs` after an intended change."""
     preset, rules = name.split("_")
     got = sharding.flat_specs(abstract_model(preset), sharding.PRESETS[rules])
     want = json.loads((GOLDEN / f"{name}.json").read_text())

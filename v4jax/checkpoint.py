@@ -206,6 +206,26 @@ def leaf_sharding(var, value, mesh: jax.sharding.Mesh, rules: dict):
     return jax.tree.map(fit, value)
 
 
+def abstract_quantized_leaf(path: str, var, mesh: jax.sharding.Mesh, rules: dict):
+    """What `load_hub_state(model, src, weights="quantized", mesh=mesh, rules=rules)` puts in variable `path`, as
+    ShapeDtypeStructs with their shardings, from the release's name table alone (no checkpoint): a Fp8Weight /
+    Mxfp4Weight (uint8 scales, uint8 packed nibbles) where the release quantizes the tensor, else the variable's
+    own shape and dtype. For planning the memory of a quantized base (train.plan --lora)."""
+    stacked = _is_stacked(path, var)
+    name = path_to_hub(path, 0 if stacked else None)
+    lead = tuple(var.shape[:1]) if stacked else ()
+    fmt = hub.release_dtype(name)
+    if fmt in ("fp8", "fp4"):
+        (w_dtype, w_shape), (_, s_shape) = hub.release_specs(name, var.shape[len(lead):]).values()
+        data = jax.ShapeDtypeStruct(lead + w_shape, w_dtype if fmt == "fp8" else np.uint8)
+        scale = jax.ShapeDtypeStruct(lead + s_shape, np.uint8)
+        value = Fp8Weight(data, scale) if fmt == "fp8" else Mxfp4Weight(data, scale)
+    else:
+        value = jax.ShapeDtypeStruct(var.shape, var.dtype)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), value,
+                        leaf_sharding(var, value, mesh, rules))
+
+
 def _assign(var, value) -> None:
     """Set a variable from a device value: dense arrays take the variable's dtype, quantized stay as they are."""
     if not isinstance(value, QuantizedWeight):

@@ -1,9 +1,10 @@
 """Compile-time memory planning for a V4 config on a device mesh (issue 7), without accelerators.
 
-    python -m v4jax.plan --config flash --mesh fsdp=32,expert=8 --step train --set moe_ep_capacity=1.25
-    python -m v4jax.plan --config flash --mesh fsdp=32,expert=8 --topology v5p:8x8x4 --step train ...
-    python -m v4jax.plan --config flash --mesh expert=8 --step decode --batch 16 --max-len 65536 --param-dtype bfloat16
-    python -m v4jax.plan --golden tests/golden/partition_specs      # rewrite the golden partition-spec files
+    python -m train.plan --config flash --mesh fsdp=32,expert=8 --step train --set moe_ep_capacity=1.25
+    python -m train.plan --config flash --mesh expert=8 --step train --lora --seq 8192     # LoRA SFT step
+    python -m train.plan --config flash --mesh fsdp=32,expert=8 --topology v5p:8x8x4 --step train ...
+    python -m train.plan --config flash --mesh expert=8 --step decode --batch 16 --max-len 65536 --param-dtype bfloat16
+    python -m train.plan --golden tests/golden/partition_specs      # rewrite the golden partition-spec files
 
 The model is abstract (nnx.eval_shape: nothing allocated); the step is lowered with ShapeDtypeStructs carrying
 their shardings and compiled by the SPMD partitioner, exactly as for real devices. The devices are fake CPU
@@ -17,7 +18,12 @@ KV cache are exact sums of each array's shard shape (analytic, from the partitio
 compiled program's temporary buffer size (XLA's memory analysis), and the peak is arguments + temporaries +
 outputs not aliased to donated arguments. `--step train` compiles train.pretrain's step: forward, backward and
 the Muon/AdamW update with the router-bias rule; `--step forward` the training objective alone; `--step decode`
-one token of Transformer.step over the cache.
+one token of Transformer.step over the cache. `--step train --lora` compiles the step of a LoRA run (the trainer's
+lora.enabled; --lora-rank / --lora-targets as its lora.rank / lora.targets, their defaults when not given): the
+frozen base as `load_hub_state(weights="quantized")` holds it (FP8 e4m3 + UE8M0 128x128 block scales, routed
+experts MXFP4, the rest as the model's variables), adapters trained with AdamW, router biases frozen, and an SFT
+batch (tokens, segment ids, loss mask); "params" is then the adapters and "other_variables" the frozen base.
+The batch is laid out by sharding.train_batch_sharding, as the trainer places it.
 """
 
 from __future__ import annotations
@@ -55,8 +61,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="override a ModelConfig field, e.g. --set n_layers=4 --set 'compress_ratios=[0,0,4,128,0]'")
     a.add_argument("--topology", metavar="NAME", help="compile for a TPU topology this host does not have, e.g. "
                    "v5p:8x8x4 (256 chips; needs libtpu: pip install 'jax[tpu]'), instead of fake CPU devices")
+    a.add_argument("--lora", action="store_true", help="--step train of a LoRA run on the quantized base")
+    a.add_argument("--lora-rank", type=int, help="adapter rank (default: the run config's lora.rank)")
+    a.add_argument("--lora-targets", help="comma-separated weights to adapt (default: the run config's lora.targets)")
     a.add_argument("--golden", metavar="DIR", help="write {flash,pro}_{train,decode}.json partition specs and exit")
     args = a.parse_args(argv)
+    if args.lora and args.step != "train":
+        raise SystemExit(f"--lora plans the train step of a LoRA run, not --step {args.step}: use --step train")
     shape = parse_mesh(args.mesh)
     n_devices = math.prod(shape.values())
     # Before jax starts its CPU backend: as many fake devices as the mesh has. The program is never run, so
@@ -102,7 +113,9 @@ def plan(args, shape: dict[str, int]) -> dict:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from v4jax import sharding
+    from train import losses, pretrain
+    from train.muon import path_str, v4_optimizer
+    from v4jax import checkpoint, lora, sharding
     from v4jax.config import ModelConfig
     from v4jax.model import Transformer
 
@@ -116,19 +129,28 @@ def plan(args, shape: dict[str, int]) -> dict:
     mesh = sharding.make_mesh(shape, devices=tpu_devices(args.topology, math.prod(shape.values()))
                               if args.topology else None)
     rules = sharding.PRESETS["decode" if args.step == "decode" else "train"]
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    run = lora_run(args) if args.lora else None  # the trainer's validated run config: its lora section
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)) if run is None else
+                           lora.attach(Transformer(cfg, rngs=nnx.Rngs(0)), pretrain.lora_config(run), nnx.Rngs(0)))
     specs = sharding.model_specs(model, rules)
     state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, s)),
                          nnx.state(model), specs, is_leaf=lambda x: isinstance(x, nnx.Variable))
     nnx.update(model, state)
-    graphdef, params, others = nnx.split(model, nnx.Param, ...)
-    batch_spec = sharding.logical_to_spec(("batch",), rules)[0]
+    if run is not None:  # the base as the trainer loads it: quantized where the release is, placed by the rules
+        for path, var in checkpoint.model_variables(model).items():
+            if not isinstance(var, lora.LoraParam):
+                var.set_value(checkpoint.abstract_quantized_leaf(path, var, mesh, rules))
+    graphdef, params, others = nnx.split(model, nnx.Param if run is None else pretrain.trained(run), ...)
+    batch_spec = sharding.train_batch_sharding(mesh, rules).spec[1]
     shards = math.prod(mesh.shape[a] for a in ((batch_spec,) if isinstance(batch_spec, str) else batch_spec or ()))
     batch = args.batch or shards
     report = {"config": args.config, "mesh": dict(mesh.shape), "step": args.step, "batch": batch,
-              "devices": mesh.size, "device_kind": mesh.devices.flat[0].device_kind,
+              "batch_axes": batch_spec, "devices": mesh.size, "device_kind": mesh.devices.flat[0].device_kind,
               "scan_layers": cfg.scan_layers, "remat": cfg.remat,
               "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype}
+    if run is not None:
+        report["lora"] = {k: run["lora"][k] for k in ("rank", "alpha", "targets")} | {
+            "adapter_parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(params))}
     bytes_ = {"params": shard_bytes(params), "other_variables": shard_bytes(others)}
 
     def sds(shape_, dtype, spec):
@@ -147,12 +169,9 @@ def plan(args, shape: dict[str, int]) -> dict:
         step = jax.jit(fn, donate_argnums=(2,))
         call_args = (params, others, cache, sds((batch, 1), jnp.int32, PartitionSpec(batch_spec)))
     else:
-        from train import losses
-        from train.muon import path_str, v4_optimizer
-        from train.pretrain import make_train_step
-
-        tokens = sds((1, batch, args.seq + 1), jnp.int32, PartitionSpec(None, batch_spec))
-        batch_in = {"tokens": tokens, "segment_ids": tokens}
+        tokens = jax.ShapeDtypeStruct((1, batch, args.seq + 1), jnp.int32,
+                                      sharding=sharding.train_batch_sharding(mesh, rules))
+        batch_in = {"tokens": tokens, "segment_ids": tokens} | ({"loss_mask": tokens} if run is not None else {})
         weights = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in ("lm", "mtp", "balance", "indexer")}
         report["seq"] = args.seq
         if args.step == "forward":
@@ -163,12 +182,12 @@ def plan(args, shape: dict[str, int]) -> dict:
             step = jax.jit(fn)
             call_args = (params, others, batch_in, weights)
         else:
-            tx = v4_optimizer(params, cfg, 1e-4)
+            tx = v4_optimizer(params, cfg, 1e-4) if run is None else pretrain.optimizer(run, cfg, params, 1e-4)
             opt_state = optimizer_state(tx, params)
             bytes_["optimizer_state"] = shard_bytes(opt_state)
             trainable = {path_str(p): True for p, _ in jax.tree_util.tree_leaves_with_path(params)}
             shardings = jax.tree.map(lambda x: x.sharding, (params, others, opt_state))
-            step = make_train_step(graphdef, tx, trainable, 1e-3, shardings)
+            step = pretrain.make_train_step(graphdef, tx, trainable, 1e-3 if run is None else None, shardings)
             call_args = (params, others, opt_state, batch_in, weights)
 
     print(json.dumps(report | {"analytic_bytes_per_device": bytes_}), flush=True)  # before the long compile
@@ -194,6 +213,21 @@ def plan(args, shape: dict[str, int]) -> dict:
     report |= {"lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
                "lower_cpu_s": round(c1 - c0, 1), "compile_cpu_s": round(c2 - c1, 1)}
     return report
+
+
+def lora_run(args) -> dict:
+    """A LoRA run config as train.pretrain validates it (its lora section, with --lora-rank / --lora-targets)."""
+    from train import pretrain
+
+    section = {"enabled": True}
+    if args.lora_rank is not None:
+        section["rank"] = args.lora_rank
+    if args.lora_targets:
+        section["targets"] = args.lora_targets.split(",")
+    try:  # init only has to be named: the plan reads no weights
+        return pretrain.validate({"init": "(planned: none read)", "lora": section})
+    except pretrain.ConfigError as e:
+        raise SystemExit(f"--lora-rank / --lora-targets: {e}") from None
 
 
 def tpu_devices(topology: str, n: int) -> list:
