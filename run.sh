@@ -10,4 +10,4 @@ bash scripts/bootstrap.sh
 PY=.venv/bin/python
 [ -f data/stdlib/meta.json ] || "$PY" -m train.data stdlib --output data/stdlib
 "$PY" -m train.pretrain configs/train/tiny.yaml "$@"
-"$PY" -m train.sample configs/train/tiny.yaml "$@"
+"$PY" -m infer.cli configs/train/tiny.yaml "$@" --prompt "def " --max-new-tokens 160 --temperature 0.8

@@ -1,12 +1,17 @@
 """`v4jax-generate`: generate text from a checkpoint over the compressed KV cache, streaming tokens.
 
-    v4jax-generate CHECKPOINT --tokenizer tokenizer.json --prompt "def " [--max-new-tokens 64] [--temperature 0.8]
-                   [--top-k 0] [--top-p 1.0] [--seed 0] [--speculative {mtp,dspark} [--confidence 0.5]]
-                   [--kv-format fp8 --index-format fp4]
+    v4jax-generate CHECKPOINT [key=value ...] --tokenizer tokenizer.json --prompt "def " [--adapters DIR]
+                   [--max-new-tokens 64] [--temperature 0.8] [--top-k 0] [--top-p 1.0] [--seed 0]
+                   [--speculative {mtp,dspark} [--confidence 0.5]] [--kv-format fp8 --index-format fp4]
 
 CHECKPOINT is one of: a released-layout folder (config.json + safetensors, FP8 / MXFP4 loaded as is), a folder
-written by `v4jax-convert to-orbax`, or a training run config (configs/train/*.yaml: its latest checkpoint, and
-the tokenizer its data was made with). Python: `load_model(...)` then `infer.generate.generate(...)`.
+written by `v4jax-convert to-orbax`, or a training run config (configs/train/*.yaml, with key=value overrides
+as for train.pretrain: its latest checkpoint, and the tokenizer its data was made with; this is how a training
+run is sampled). --adapters DIR puts LoRA adapters written by `python -m train.export ... --adapters-only`
+(PEFT-style) on the base. Python: `load_model(...)` then `infer.generate.generate(...)`.
+
+infer/ sits above train/ (it restores runs with train.sample.restore_run and reads train's tokenizers); train/
+does not import infer/.
 """
 
 from __future__ import annotations
@@ -21,8 +26,20 @@ from v4jax.config import ModelConfig, cli_errors
 from v4jax.model import Transformer
 
 
-def load_model(checkpoint: str, **config_overrides):
-    """-> (model, tokenizer path or None) for any of the three checkpoint kinds (see the module docstring)."""
+def load_model(checkpoint: str, adapters: str | None = None, run_overrides: tuple[str, ...] = (),
+               **config_overrides):
+    """-> (model, tokenizer path or None) for any of the three checkpoint kinds (see the module docstring), with
+    the LoRA adapters of the folder `adapters` attached (v4jax.lora.load_adapters) if given; `run_overrides`:
+    key=value overrides of a training run config."""
+    model, tokenizer_path = _load_base(checkpoint, run_overrides, config_overrides)
+    if adapters:
+        from v4jax.lora import load_adapters
+
+        load_adapters(model, adapters)
+    return model, tokenizer_path
+
+
+def _load_base(checkpoint: str, run_overrides, config_overrides):
     from flax import nnx
 
     from v4jax.checkpoint import load_hub_state, restore_orbax
@@ -31,8 +48,11 @@ def load_model(checkpoint: str, **config_overrides):
     if path.suffix in (".yaml", ".yml"):
         from train.sample import restore_run
 
-        model, tokenizer_path, _ = restore_run([checkpoint])
+        model, tokenizer_path, _ = restore_run([checkpoint, *run_overrides])
         return model, tokenizer_path
+    if run_overrides:
+        raise ValueError(f"{' '.join(run_overrides)}: key=value overrides are for a training run config (.yaml), "
+                         f"and {checkpoint} is not one: drop them")
     if not path.is_dir():
         raise FileNotFoundError(f"{checkpoint}: not a folder or a run config (.yaml); see v4jax-generate --help")
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
@@ -71,6 +91,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="v4jax-generate", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("checkpoint", help="released-layout folder, to-orbax folder or training run config (.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of a training run config")
+    ap.add_argument("--adapters", help="folder of LoRA adapters to put on the base (train.export --adapters-only)")
     ap.add_argument("--tokenizer", help="tokenizer.json (a training run brings its own)")
     ap.add_argument("--prompt", default="", help="text to continue")
     ap.add_argument("--bos", type=int, default=0, help="token put before the prompt (-1: none)")
@@ -103,12 +125,15 @@ def _run(args, tokenizer_lib) -> int:
         raise ValueError("no tokenizer: pass --tokenizer path/to/tokenizer.json (only a training run brings its own)")
     if args.tokenizer and not Path(args.tokenizer).is_file():
         raise FileNotFoundError(f"no tokenizer file at {args.tokenizer}: pass the path of a tokenizer.json")
+    if args.adapters and not Path(args.adapters).is_dir():
+        raise FileNotFoundError(f"--adapters {args.adapters}: no such folder; pass the folder that "
+                                "`python -m train.export ... --adapters-only --out DIR` wrote")
     if args.confidence is not None and not 0 <= args.confidence <= 1:
         raise ValueError(f"--confidence {args.confidence}: give a threshold between 0 and 1")
     if args.confidence is not None and args.speculative != "dspark":
         raise ValueError("--confidence cuts DSpark draft blocks: use it with --speculative dspark")
 
-    model, run_tokenizer = load_model(args.checkpoint)
+    model, run_tokenizer = load_model(args.checkpoint, args.adapters, tuple(args.overrides))
     if not (args.tokenizer or run_tokenizer):
         raise ValueError("no tokenizer: pass --tokenizer path/to/tokenizer.json")
     tok = tokenizer_lib.load(args.tokenizer or run_tokenizer)

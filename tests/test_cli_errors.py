@@ -127,6 +127,12 @@ def test_generate_checks_arguments_before_loading(tmp_path):
         "v4jax-generate: --confidence 1.5: give a threshold between 0 and 1")
     assert _error(generate_main, [ckpt, "--tokenizer", tok, "--confidence", "0.5"]) == (
         "v4jax-generate: --confidence cuts DSpark draft blocks: use it with --speculative dspark")
+    assert _error(generate_main, [ckpt, "--tokenizer", tok, "--adapters", ckpt]) == (
+        f"v4jax-generate: --adapters {ckpt}: no such folder; pass the folder that `python -m train.export ... "
+        "--adapters-only --out DIR` wrote")
+    assert _error(generate_main, [ckpt, "seed=1", "--tokenizer", tok]) == (
+        f"v4jax-generate: seed=1: key=value overrides are for a training run config (.yaml), and {ckpt} is not one: "
+        "drop them")
 
 
 @pytest.mark.parametrize("main, argv, defaults", [

@@ -1,8 +1,11 @@
 """LoRA adapters (v4jax.lora) on the tiny Flash-like checkpoint loaded as released (FP8 / MXFP4 kept quantized):
 zero-b identity, adapter gradients against the full model's weight gradient projected onto the adapter directions
-and against finite differences, AdamW on the adapters alone (the base bit-identical), sharding, merging."""
+and against finite differences, AdamW on the adapters alone (the base bit-identical), sharding, merging; adapters
+saved alone (PEFT layout) and loaded back, with named mismatches; dropout on the adapter input."""
 
 from __future__ import annotations
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +16,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from conftest import FIXTURE, assert_grads_close
-from v4jax import lora
+from v4jax import hub, lora
 from v4jax.checkpoint import abstract_model, load_hub_state
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
-from v4jax.moe import MoE
+from v4jax.moe import MoE, expert_ffn, grouped_ffn
+from v4jax.quant import Adapted, linear
 from v4jax.quant import Fp8Weight, Mxfp4Weight, QuantizedWeight
 from v4jax.sharding import TRAIN_RULES, make_mesh, shard_model
 
@@ -250,3 +254,127 @@ def test_routed_adapters_under_expert_parallelism_match_one_device():
     np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=1e-5 * scale)
     assert_grads_close(flat(got), flat(want), tol=1e-5)
     assert np.abs(flat(want)["experts.w1_lora.a"]).max() > 0
+
+
+def test_saved_adapters_load_back_bit_identical_under_peft_names(tmp_path):
+    """save_adapters writes PEFT's layout (HF module names, lora_A [rank, in], lora_B [out, rank], fp32);
+    load_adapters onto a fresh base gives the same factors bit for bit, hence the same logits."""
+    assert [lora.peft_module(f"layers.1.{p}") for p in ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_a",
+                                                          "attn.wo_b", "ffn.shared_experts.w1",
+                                                          "ffn.shared_experts.w2", "ffn.shared_experts.w3")] == [
+        f"model.layers.1.{m}" for m in ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_proj",
+                                        "self_attn.o_a_proj", "self_attn.o_b_proj", "mlp.shared_experts.gate_proj",
+                                        "mlp.shared_experts.down_proj", "mlp.shared_experts.up_proj")]
+    model = quantized_model()
+    ids = batch(model.cfg)[:, :-1]
+    lora.attach(model, lora.LoraConfig(rank=4, alpha=6.0, targets=ALL, dropout=0.1), nnx.Rngs(1))
+    randomize_b(model)
+    lora.save_adapters(model, tmp_path / "ad", base="the-base")
+    config = json.loads((tmp_path / "ad" / lora.ADAPTER_CONFIG).read_text())
+    assert {k: config[k] for k in ("peft_type", "r", "lora_alpha", "lora_dropout", "base_model_name_or_path")} == {
+        "peft_type": "LORA", "r": 4, "lora_alpha": 6.0, "lora_dropout": 0.1, "base_model_name_or_path": "the-base"}
+    stored = hub.SafetensorsFile(tmp_path / "ad" / lora.ADAPTER_WEIGHTS)
+    assert len(stored.keys()) == 2 * 7 * (5 + 3 + 3 * 16)  # 6 layers + MTP: 5 projections, shared, 16 experts
+    assert sorted(config["target_modules"]) == sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0]
+                                                       for k in stored.keys()})
+    layer = model.layers[1]
+    for name, want in (("model.layers.1.self_attn.q_a_proj.lora_A", layer.attn.wq_a_lora.a),
+                       ("model.layers.1.self_attn.o_b_proj.lora_B", layer.attn.wo_b_lora.b),
+                       ("model.layers.1.mlp.experts.3.down_proj.lora_B", layer.ffn.experts.w2_lora.b[3]),
+                       ("mtp.0.attn.wkv.lora_A", model.mtp.attn.wkv_lora.a)):
+        got = stored[f"base_model.model.{name}.weight"]
+        assert got.dtype == np.float32 and got.tobytes() == np.asarray(want).tobytes(), name
+
+    loaded = lora.load_adapters(quantized_model(), tmp_path / "ad")
+    want, got = leaves(nnx.state(model, lora.LoraParam)), leaves(nnx.state(loaded, lora.LoraParam))
+    assert got.keys() == want.keys() and all(got[k].tobytes() == want[k].tobytes() for k in want)
+    assert {(ad.scale, ad.dropout) for *_, ad in lora.adapters(loaded)} == {(1.5, 0.1)}
+    np.testing.assert_array_equal(np.asarray(logits_of(loaded, ids)), np.asarray(logits_of(model, ids)))
+
+
+def test_adapters_that_do_not_fit_are_named_and_nothing_is_attached(tmp_path):
+    model = quantized_model()
+    lora.attach(model, lora.LoraConfig(rank=4), nnx.Rngs(1))
+    ad = tmp_path / "ad"
+    lora.save_adapters(model, ad)
+    with pytest.raises(FileExistsError, match="already exists: remove it or choose another folder"):
+        lora.save_adapters(model, ad)
+    with pytest.raises(ValueError, match="already has LoRA adapters: load the adapters onto the base alone"):
+        lora.load_adapters(model, ad)
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json \\+ adapter_model.safetensors"):
+        lora.load_adapters(quantized_model(), tmp_path)
+
+    config, weights = json.loads((ad / lora.ADAPTER_CONFIG).read_text()), ad / lora.ADAPTER_WEIGHTS
+    stored = hub.SafetensorsFile(weights)
+    tensors = {k: np.array(stored[k]) for k in stored.keys()}
+    cases = [
+        ({**config, "r": 8}, tensors, r"q_a_proj.lora_A.weight is \[4, 128\], this model needs \[8, 128\]"),
+        ({**config, "use_dora": True}, tensors, r"\{'use_dora': True\}: only plain LoRA adapters load here"),
+        (config, {**{k: v for k, v in tensors.items() if "layers.2.self_attn.kv_proj" not in k},
+                  "base_model.model.model.layers.9.self_attn.kv_proj.lora_A.weight": np.zeros((4, 128), np.float32)},
+         r"missing \['base_model.model.model.layers.2.self_attn.kv_proj.lora_A.weight', .*\] \(2 in all\); not in "
+         r"this model \['base_model.model.model.layers.9.self_attn.kv_proj.lora_A.weight'\] \(1 in all\)\. Load them "
+         r"onto the base they were trained on"),
+    ]
+    for i, (cfg, ts, message) in enumerate(cases):
+        bad = tmp_path / f"bad{i}"
+        bad.mkdir()
+        (bad / lora.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+        hub.write_safetensors(bad / lora.ADAPTER_WEIGHTS, ts)
+        base = quantized_model()
+        with pytest.raises(lora.AdapterMismatch, match=message):
+            lora.load_adapters(base, bad)
+        assert not lora.adapters(base)
+
+
+def test_dropout_masks_the_adapter_input_only():
+    """linear: base product of x plus scale ((x * keep / (1 - rate)) a^T) b^T with keep drawn from the key for
+    x's shape; no key: the undropped product. grouped_ffn (rows of one expert) equals expert_ffn on that expert's
+    slices with the same keys: the grouped path masks its inputs the same way."""
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[-1]), jnp.float32)  # noqa: E731
+    x, w, a, b = normal(3, 5, 64), normal(32, 64), normal(4, 64), normal(32, 4)
+    key = jax.random.key(7)
+    keep = np.asarray(jax.random.bernoulli(key, 0.75, x.shape))
+    xd = np.where(keep, np.asarray(x) / 0.75, 0.0)
+    want = np.asarray(x) @ np.asarray(w).T + 2.0 * (xd @ np.asarray(a).T) @ np.asarray(b).T
+    np.testing.assert_allclose(linear(x, Adapted(w, a, b, 2.0, key, 0.25)), want, rtol=1e-5, atol=1e-5)
+    plain = np.asarray(x) @ np.asarray(w).T + 2.0 * (np.asarray(x) @ np.asarray(a).T) @ np.asarray(b).T
+    np.testing.assert_allclose(linear(x, Adapted(w, a, b, 2.0, None, 0.25)), plain, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(want, plain, atol=1e-2)
+
+    e, d, f, m = 3, 64, 32, 16
+    ws = [(normal(e, f, d), normal(e, 4, d), normal(e, f, 4)), (normal(e, d, f), normal(e, 4, f), normal(e, d, 4)),
+          (normal(e, f, d), normal(e, 4, d), normal(e, f, 4))]
+    adapted = [Adapted(w, a, b, 2.0, jax.random.fold_in(key, i), 0.25) for i, (w, a, b) in enumerate(ws)]
+    one = [Adapted(t.base[0], t.a[0], t.b[0], 2.0, t.key, 0.25) for t in adapted]
+    xs, route_w = normal(m, d), jnp.ones((m,), jnp.float32)
+    grouped = grouped_ffn(xs, jnp.asarray([m, 0, 0]), route_w, *adapted, limit=10.0, qat=False)
+    np.testing.assert_allclose(grouped, expert_ffn(xs, *one, limit=10.0, qat=False, route_w=route_w),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keys_draw_new_masks_and_rate_zero_sets_none():
+    """set_dropout_keys: the same key gives the same logits bit for bit, another key other ones (the attention
+    output projection's and the routed experts' adapters dropped); with rate 0 it sets no key, so the forward is
+    the one without dropout."""
+    model = quantized_model()
+    ids = batch(model.cfg)[:, :-1]
+    lora.attach(model, lora.LoraConfig(rank=4, targets=("wo_a", "experts"), dropout=0.5), nnx.Rngs(1))
+    randomize_b(model, std=0.2)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def logits(state, key):
+        return lora.set_dropout_keys(nnx.merge(graphdef, state), key)(ids)
+
+    key = jax.random.key(3)
+    one, same, other = (np.asarray(logits(state, k)) for k in (key, key, jax.random.fold_in(key, 1)))
+    np.testing.assert_array_equal(one, same)
+    assert np.abs(one - other).max() > 1e-2 * np.abs(one).max()
+    assert not jax.tree.leaves(nnx.state(model, lora.LoraKey))  # keys live in the train step's copy only
+
+    undropped = quantized_model()
+    lora.attach(undropped, lora.LoraConfig(rank=4, targets=("wo_a", "experts")), nnx.Rngs(1))
+    lora.set_dropout_keys(undropped, key)
+    assert not jax.tree.leaves(nnx.state(undropped, lora.LoraKey))

@@ -136,6 +136,9 @@ class LoraSection(Section):
     targets: list[str] = Field(list(lora.LoraConfig().targets), description=(
         f"weights to adapt: any of {', '.join(lora.ATTENTION_TARGETS + lora.EXPERT_TARGETS)} (experts: the routed "
         "ones, an adapter per expert)"))
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout rate of the adapters' input in training (a new "
+                                                        "mask per step and micro-batch; the base sees the input "
+                                                        "undropped)")
 
     @field_validator("targets")
     @classmethod
@@ -352,7 +355,7 @@ def build_model(cfg: dict, mcfg: ModelConfig, mesh=None, rules=None) -> Transfor
 
 def lora_config(cfg: dict) -> lora.LoraConfig:
     lc = cfg["lora"]
-    return lora.LoraConfig(rank=lc["rank"], alpha=lc["alpha"], targets=tuple(lc["targets"]))
+    return lora.LoraConfig(rank=lc["rank"], alpha=lc["alpha"], targets=tuple(lc["targets"]), dropout=lc["dropout"])
 
 
 def trained(cfg: dict):
@@ -403,6 +406,8 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float | None, state_sha
 
     def loss_fn(params, others, mb, weights):
         model = nnx.merge(graphdef, params, others)
+        if "dropout_key" in mb:  # LoRA dropout: this micro-batch's masks
+            lora.set_dropout_keys(model, mb["dropout_key"])
         loss, metrics, loads = losses.objective(model, mb["tokens"], mb["segment_ids"], weights, mb.get("loss_mask"))
         return loss, (metrics | {"loss": loss}, loads)
 
@@ -736,6 +741,9 @@ def main(argv: list[str]) -> None:
             full = g["spike_factor"] and len(window) == g["spike_window"]  # no spike check on a stage's first steps
             limit = g["spike_factor"] * sum(window) / len(window) if full else math.inf
             batch = global_batch(stream, offset, stage, batch_sharding)
+            if cfg["lora"]["dropout"]:  # a key per micro-batch, from (seed, step): a resume draws the same masks
+                batch["dropout_key"] = jax.random.split(jax.random.fold_in(jax.random.key(cfg["seed"]), step),
+                                                        stage["grad_accum"])
             weights = {k: jnp.float32(v) for k, v in loss_weights(step, stage, cfg).items()}
             with use_rules(mesh, rules):  # traced under the mesh and rules: per-device MoE dispatch, activation
                 # constraints at block boundaries, kernels per batch shard

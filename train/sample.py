@@ -1,23 +1,18 @@
-"""Sample text from a training run's newest intact checkpoint (a smoke test of what the model learned).
+"""The model of a training run's newest intact checkpoint, for everything that uses a run after training:
+train.export, the drafter's target, and v4jax-generate / the notebook, which sample from a run
+(`v4jax-generate configs/train/tiny.yaml --prompt "def "`: the sampling command of training runs too).
 
-    python -m train.sample configs/train/tiny.yaml [key=value ...] [--prompt "def "] [--tokens 160]
-
-The run config names the model, the run_dir with its checkpoints and the data folder (whose meta.json names the
-tokenizer). Generation runs over the compressed KV cache (infer.generate).
+Layering: v4jax/ imports neither train/ nor infer/; train/ imports v4jax/ only; infer/ (generation, its CLI
+and notebook) sits on top and may import both, e.g. this module to restore a run.
 """
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 from flax import nnx
 
-from infer.generate import SamplingParams, generate
-
 from train import pretrain
-from train import tokenizer as tokenizer_lib
-from train.cli import InputError, run
+from train.cli import InputError
 from train.data import open_corpus
 
 
@@ -40,26 +35,3 @@ def restore_run(config_argv: list[str]):
         print(damaged)
     state, meta = state | got[0], got[1]
     return nnx.merge(graphdef, state["params"], state["others"]), stream.meta["tokenizer"], meta
-
-
-def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
-    ap.add_argument("config", nargs="+", help="run config YAML and key=value overrides, as for train.pretrain")
-    ap.add_argument("--prompt", default="", help="text after the document start token")
-    ap.add_argument("--tokens", type=int, default=160, help="tokens to generate")
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--debug", action="store_true", help="show the traceback of a known error too "
-                                                         "(or set V4JAX_DEBUG=1)")
-    args = ap.parse_args(argv)
-    model, tokenizer_path, meta = restore_run(args.config)
-    tok = tokenizer_lib.load(tokenizer_path)
-    prompt = [0] + tok.encode(args.prompt).ids
-    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.tokens, seed=args.seed)
-    tokens = generate(model, [prompt], params)[0]
-    print(f"--- sample from step {meta['step']} (temperature {args.temperature}) ---")
-    print(tok.decode(prompt[1:] + tokens))
-
-
-if __name__ == "__main__":
-    run(main, "train.sample")

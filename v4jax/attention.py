@@ -313,7 +313,7 @@ class Attention(nnx.Module):
         w = weight(self, "wo_a")
         lat = einsum("bsgk,grk->bsgr", o, getattr(w, "base", w).astype(o.dtype).reshape(g, r, -1))
         if isinstance(w, Adapted):  # the adapter's rows of group j, like the weight's, read group j's heads only
-            h = einsum("bsgk,nk->bsgn", o, w.a.astype(o.dtype)).astype(o.dtype)
+            h = einsum("bsgk,nk->bsgn", w.adapter_input(o), w.a.astype(o.dtype)).astype(o.dtype)
             lat = lat + w.scale * einsum("bsgn,grn->bsgr", h, w.b.astype(o.dtype).reshape(g, r, -1))
         return linear(lat.astype(dtype).reshape(b, s, g * r), weight(self, "wo_b"), quantized=True, qat=cfg.qat)
 

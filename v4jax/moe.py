@@ -97,7 +97,7 @@ def grouped_ffn(xs, sizes, route_w, w1, w2, w3, limit: float, qat: bool, kernels
     weighted hidden are FP8-rounded, as in expert_ffn."""
     def grouped(a, w):  # a [m, in], w [e, out, in] -> [m, out]
         if isinstance(w, Adapted):  # per-expert adapters: two more grouped matmuls, rank wide
-            h = grouped_matmul(a, w.a.astype(a.dtype), sizes).astype(a.dtype)
+            h = grouped_matmul(w.adapter_input(a), w.a.astype(a.dtype), sizes).astype(a.dtype)
             return grouped(a, w.base) + w.scale * grouped_matmul(h, w.b.astype(a.dtype), sizes)
         if isinstance(w, Mxfp4Weight):
             return fp4_ragged_dot(a, w, sizes, implementation=kernels)

@@ -264,16 +264,29 @@ def dense(var) -> jax.Array:
 class Adapted:
     """A weight [.., out, in] with a LoRA adapter (v4jax.lora): it acts as base + scale * b @ a, with a
     [.., rank, in] and b [.., out, rank], through two thin matmuls (the sum is never formed in a forward).
-    `base` is dense, or a QuantizedWeight where the grouped expert kernels read the storage directly."""
+    `base` is dense, or a QuantizedWeight where the grouped expert kernels read the storage directly. With a
+    dropout `key` (set in training only, v4jax.lora.set_dropout_keys), the adapter's input goes through dropout
+    of rate `rate`; the base product always sees the undropped input."""
 
     base: object
     a: jax.Array
     b: jax.Array
     scale: float = dataclasses.field(metadata=dict(static=True))
+    key: jax.Array | None = None
+    rate: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+    def adapter_input(self, x: jax.Array) -> jax.Array:
+        """x as the adapter reads it: unchanged without a key, else each element zeroed with probability `rate`
+        and the rest divided by 1 - rate (the mask drawn from `key` for x's shape)."""
+        if self.key is None:
+            return x
+        keep = jax.random.bernoulli(self.key, 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
     def delta(self, x: jax.Array) -> jax.Array:
-        """scale * (x @ a.T) @ b.T for x [..., in], fp32 (the low-rank path rounds to x's dtype in between)."""
-        h = einsum("...i,ri->...r", x, self.a.astype(x.dtype)).astype(x.dtype)
+        """scale * (x @ a.T) @ b.T for x [..., in] (after adapter_input), fp32 (the low-rank path rounds to x's
+        dtype in between)."""
+        h = einsum("...i,ri->...r", self.adapter_input(x), self.a.astype(x.dtype)).astype(x.dtype)
         return self.scale * einsum("...r,or->...o", h, self.b.astype(x.dtype))
 
     def merged(self) -> jax.Array:
@@ -289,7 +302,10 @@ def weight(owner, name: str, decode: bool = True):
     var = getattr(owner, name)
     w = dense(var) if decode else var.get_value()
     lora = getattr(owner, f"{name}_lora", None)
-    return w if lora is None else Adapted(w, lora.a[...], lora.b[...], lora.scale)
+    if lora is None:
+        return w
+    key = getattr(lora, "dropout_key", None)
+    return Adapted(w, lora.a[...], lora.b[...], lora.scale, None if key is None else key[...], lora.dropout)
 
 
 # ---- released storage formats kept in the parameter tree (spec §5.2 encoding details) ----------------------

@@ -105,7 +105,7 @@ def test_help_as_script_and_module_lists_the_schema():
         assert p.returncode == 0, p.stderr
         assert "guard.max_bad_steps (int, default 3)" in p.stdout, p.stdout
         assert "checkpoint.async (bool, default true)" in p.stdout
-    for module in ("train.sample", "train.data", "train.export"):
+    for module in ("train.data", "train.export"):
         p = cli("-m", module, "--help")
         assert p.returncode == 0 and "--debug" in p.stdout, (module, p.stderr)
 
@@ -116,7 +116,7 @@ def test_known_errors_are_one_line_unless_debug(tmp_path):
         "train.pretrain: config: checkpoint.every = 0: Input should be greater than or equal to 1"], p.stderr
     p = cli("-m", "train.pretrain", CONFIG, "checkpoint.every=0", env={"V4JAX_DEBUG": "1"})
     assert p.returncode == 1 and "Traceback" in p.stderr
-    p = cli("-m", "train.sample", CONFIG, f"data.path={tmp_path}", "--debug")
+    p = cli("-m", "infer.cli", CONFIG, f"data.path={tmp_path}", "--debug")  # sampling a run: v4jax-generate
     assert p.returncode == 1 and "Traceback" in p.stderr and "meta.json not found" in p.stderr
     p = cli("-m", "train.data", "stdlib", "--output", str(tmp_path))
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [f"train.data: {tmp_path} already exists: remove it "

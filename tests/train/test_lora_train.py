@@ -1,8 +1,10 @@
 """LoRA fine-tuning in train/pretrain.py (lora.enabled): a tiny model with V4's vocabulary whose random weights are
 stored as released (FP8 / MXFP4), kept quantized, adapters trained with AdamW on chat rows (train.chat synth +
 pack). Held-out loss falls and every base leaf is bit-identical after training; checkpoints hold the adapters and
-their optimizer state alone and resume bitwise after kill -9; bad configs are named. (Adapter gradients against
-the full model's weight gradient projected onto the adapter directions, fp32 1e-4: tests/test_lora.py.)"""
+their optimizer state alone and resume bitwise after kill -9 (dropout masks included); train.export writes the
+adapters alone (reloaded bitwise) or merged (re-quantized: within the weights' own quantization error); bad
+configs are named. (Adapter gradients against the full model's weight gradient projected onto the adapter
+directions, fp32 1e-4: tests/test_lora.py.)"""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from flax import nnx
 from test_pretrain import KILL_IN_WRITE, losses_by_step, run
 
 from train import chat, losses, pretrain
-from v4jax import hub
+from v4jax import hub, lora
 from v4jax.config import ModelConfig
 from v4jax.lora import LoraParam
 
@@ -27,7 +29,7 @@ SMALL_V4 = dict(vocab_size=129280, n_layers=2, n_hash_layers=1, compress_ratios=
 CONFIG = """
 model: {{config: {root}/base, overrides: {{compute_dtype: float32, csa_dense: true}}}}
 init: {root}/base
-lora: {{enabled: true, rank: 8, alpha: 16}}
+lora: {{enabled: true, rank: 8, alpha: 16, dropout: 0.1}}
 data: {{path: {root}/train}}
 stages:
   - {{until_step: 4, batch_size: 2, seq_len: 128, attention: dense}}
@@ -123,9 +125,10 @@ def test_lora_lowers_heldout_loss_and_leaves_the_quantized_base_bit_identical(lo
     assert after < before - 2.0, (before, after)
 
 
-def test_adapter_only_checkpoints_resume_bitwise_after_kill9(lora_run, tmp_path):
+def test_adapter_only_checkpoints_resume_bitwise_after_kill9_and_export(lora_run, tmp_path):
     """A kill during the write of step 4 and a resume: losses and the final adapters and optimizer state equal an
-    uninterrupted run's bitwise; a checkpoint holds only the adapters and their AdamW state."""
+    uninterrupted run's bitwise; a checkpoint holds only the adapters and their AdamW state. Then the run's
+    exports (check_exports)."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     with ThreadPoolExecutor(2) as pool:  # the uninterrupted and the killed run side by side
         ref_run = pool.submit(run, ["-m", "train.pretrain", str(lora_run), f"run_dir={ref_dir}"])
@@ -149,9 +152,59 @@ def test_adapter_only_checkpoints_resume_bitwise_after_kill9(lora_run, tmp_path)
     assert leaves(got).keys() == leaves(want).keys()
     assert all(leaves(got)[k].tobytes() == v.tobytes() for k, v in leaves(want).items())
 
+    check_exports([str(lora_run), f"run_dir={run_dir}"], lora_run.parent, tmp_path)
+
+
+def check_exports(argv: list[str], root, tmp_path):
+    """train.export of the LoRA run `argv`: the adapters alone, put on the base by v4jax-generate's loader, give
+    the adapted model's logits bit for bit. Merged and re-quantized (--weights release), every adapted weight
+    takes a rounding error the size of its own FP8 quantization (per tensor RMS within 5% of that of quantizing
+    the dense values the base was made from: the same grid, errors of RMS step / sqrt(12) over >= 16K entries,
+    so 5% is many standard errors), and so, to first order, the logits are no further (5%) from the adapted
+    model's than the base's logits are from those of the base whose adapted weights are left unquantized (the
+    reference: what FP8 costs these weights); merged in BF16, less than half as far (BF16 keeps 8 significant
+    bits to FP8's 4; only half, as a routed token whose top-k flips dominates either error)."""
+    from infer.cli import load_model
     from train import export
-    with pytest.raises(export.InputError, match="the run trained LoRA adapters: exporting them .* not implemented"):
-        export.main([str(lora_run), f"run_dir={run_dir}", "--out", str(tmp_path / "export")])
+    from train.sample import restore_run
+
+    for flags, out in ((["--adapters-only"], "adapters"), (["--weights", "release"], "release"),
+                       (["--weights", "bfloat16"], "bf16")):
+        export.main([*argv, "--out", str(tmp_path / out), *flags])
+    with pytest.raises(export.InputError, match="already exists: remove it or choose another --out"):
+        export.main([*argv, "--out", str(tmp_path / "adapters"), "--adapters-only"])
+    over = dict(compute_dtype="float32", csa_dense=True)  # the run's model overrides
+    _, rows = chat.load_shards(root / "heldout")
+    ids = jnp.asarray(rows["tokens"][:2, :-1], jnp.int32)
+    forward = nnx.jit(lambda model: model(ids))
+
+    def error(model, ref):  # relative RMS over the logits
+        d = np.asarray(forward(model)) - ref
+        return float(np.sqrt(np.mean(d ** 2) / np.mean(ref ** 2)))
+
+    adapted = np.asarray(forward(restore_run(argv)[0]))
+    assert error(load_model(str(root / "base"), str(tmp_path / "adapters"), **over)[0], adapted) == 0.0
+    release, bf16 = (error(load_model(str(tmp_path / w), **over)[0], adapted) for w in ("release", "bf16"))
+
+    dense = hub.random_hub_checkpoint(ModelConfig.preset("tiny", **SMALL_V4).to_hf_config(), 0)
+    cfg = pretrain.lora_config(pretrain.load_config(argv))
+    merged = {path: np.asarray(getattr(owner, name).get_value())
+              for path, owner, name in lora.targets(lora.merge(restore_run(argv)[0]), cfg)}
+    unquantized, quantized = (load_model(str(root / "base"), **over)[0] for _ in range(2))
+    rms = lambda x: np.sqrt(np.mean(np.square(x)))  # noqa: E731
+    ratios = []
+    for path, owner, name in lora.targets(unquantized, cfg):
+        hub_name, w = hub.path_to_hub(path), merged[path]
+        requantized = hub.dequantize_hub_state(hub.encode_release(hub_name, w))[hub_name]
+        quantized_dense = hub.dequantize_hub_state(hub.encode_release(hub_name, dense[hub_name]))[hub_name]
+        ratios.append(rms(requantized - w) / rms(quantized_dense - dense[hub_name]))
+        getattr(owner, name).set_value(jnp.asarray(dense[hub_name]))
+    reference = error(unquantized, np.asarray(forward(quantized)))
+    print(f"logits, relative RMS error: merged + re-quantized {release:.4f}, merged BF16 {bf16:.4f}; the adapted "
+          f"weights' FP8 quantization {reference:.4f}; re-quantization / quantization RMS per weight "
+          f"{min(ratios):.3f}..{max(ratios):.3f}")
+    assert len(ratios) == 3 * 8 and all(0.95 <= r <= 1.05 for r in ratios), ratios
+    assert release <= 1.05 * reference and bf16 < release / 2, (release, bf16, reference)
 
 
 def test_lora_config_errors_name_the_fix(lora_run):
