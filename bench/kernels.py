@@ -51,7 +51,7 @@ import numpy as np
 from kernels.fp4_matmul import fp4_matmul, fp4_ragged_dot
 from kernels.indexer import indexer_topk
 from kernels.sparse_attention import pallas, reference
-from v4jax.quant import Mxfp4Weight
+from v4jax.formats import Mxfp4Weight
 
 WINDOW, TOPK = 128, 512
 ON_GPU = jax.default_backend() == "gpu"

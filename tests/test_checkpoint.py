@@ -15,7 +15,8 @@ from v4jax.checkpoint import CheckpointMismatch, export_hub_state, hub_names, hu
 from v4jax.config import ModelConfig
 from v4jax.hub import load_hub_checkpoint
 from v4jax.model import Transformer, abstract_model, model_variables
-from v4jax.quant import Fp8Weight, Mxfp4Weight, dense
+from v4jax.formats import Fp8Weight, Mxfp4Weight
+from v4jax.quant import dense
 from v4jax.sharding import TRAIN_RULES, make_mesh
 
 

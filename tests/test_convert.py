@@ -18,7 +18,8 @@ from v4jax.checkpoint import CheckpointMismatch, OrbaxReader, load_hub_state, re
 from v4jax.config import ModelConfig
 from v4jax.model import abstract_model, model_variables
 from v4jax.convert import convert, export, main
-from v4jax.quant import Mxfp4Weight, dense
+from v4jax.formats import Mxfp4Weight
+from v4jax.quant import dense
 from v4jax.sharding import DECODE_RULES, TRAIN_RULES, make_mesh
 
 MESH = {"fsdp": 4, "expert": 2}

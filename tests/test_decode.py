@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import rel_err
-from v4jax import attention, quant
+from v4jax import attention, numerics
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 
@@ -127,13 +127,13 @@ def test_mtp_over_its_cache_equals_full_mtp(setup):
 # some fusions go to a library (YNNPACK) with its own exp, and whether a multiply lands in the same fused loop as
 # the add after it (an FMA) depends on the fusion decisions. qat=False tolerates that (within 1e-5 above). Under
 # qat a last-bit change flips an FP8 rounding now and then, and on random tiny weights a flip grows through the
-# layers: without quant.batch_invariant(), chunked prefill and decode over these 610 tokens differ from the full
+# layers: without numerics.batch_invariant(), chunked prefill and decode over these 610 tokens differ from the full
 # pass by 0.59 - 0.72 (relative) at worst, at 315 - 578 of the 610 positions beyond 1e-5, for each chunk size
-# tested here. quant.batch_invariant() fixes the order of every contraction and reduction (v4jax/quant.py); in it
+# tested here. numerics.batch_invariant() fixes the order of every contraction and reduction (v4jax/numerics.py); in it
 # the cache path gives the full pass's logits bit for bit (asserted below at 1e-5, the acceptance bar).
 
 def test_batch_invariant_einsum_is_one_fixed_order_whatever_the_rows():
-    """Inside the mode quant.einsum sums fp32 products by a halving tree (emulated here in numpy fp32), and runs a
+    """Inside the mode numerics.einsum sums fp32 products by a halving tree (emulated here in numpy fp32), and runs a
     linear map row by row (a row alone, in 3 or in 37 rows: the same bits). Outside it is jnp.einsum again: the
     jit cache is keyed on the mode, the same jitted function is retraced."""
     rng = np.random.default_rng(3)
@@ -142,9 +142,9 @@ def test_batch_invariant_einsum_is_one_fixed_order_whatever_the_rows():
     prod = np.pad(x[..., None] * y[:, None], ((0, 0), (0, 0), (0, 28), (0, 0)))  # [b, s, k, d], k padded to 128
     while prod.shape[2] > 1:
         prod = prod[:, :, :prod.shape[2] // 2] + prod[:, :, prod.shape[2] // 2:]
-    f = jax.jit(lambda a, b: quant.einsum("bsk,bkd->bsd", a, b))
-    lin = jax.jit(lambda a: quant.einsum("...i,oi->...o", a, y[0].T))
-    with quant.batch_invariant():
+    f = jax.jit(lambda a, b: numerics.einsum("bsk,bkd->bsd", a, b))
+    lin = jax.jit(lambda a: numerics.einsum("...i,oi->...o", a, y[0].T))
+    with numerics.batch_invariant():
         np.testing.assert_array_equal(np.asarray(f(x, y)), prod[:, :, 0])
         full = np.asarray(lin(x))
         for rows in (slice(5, 6), slice(3, 6), slice(0, 37)):
@@ -154,12 +154,12 @@ def test_batch_invariant_einsum_is_one_fixed_order_whatever_the_rows():
     assert np.any(np.asarray(plain) != prod[:, :, 0])  # so the line above tells the two modes apart
     # the other ordered reductions and an ellipsis einsum equal their jnp counterparts up to rounding
     a = jnp.asarray(rng.standard_normal((3, 5, 7)), jnp.float32)
-    with quant.batch_invariant():
-        for ours, ref in ((quant.ordered_sum, jnp.sum), (quant.ordered_max, jnp.max), (quant.mean, jnp.mean),
-                          (quant.softmax, jax.nn.softmax)):
+    with numerics.batch_invariant():
+        for ours, ref in ((numerics.ordered_sum, jnp.sum), (numerics.ordered_max, jnp.max), (numerics.mean, jnp.mean),
+                          (numerics.softmax, jax.nn.softmax)):
             for axis in (-1, -2, 0):
                 np.testing.assert_allclose(ours(a, axis=axis), ref(a, axis=axis), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(quant.einsum("...jk,...jd->...kd", a[:, :, :5], a), jnp.einsum(
+        np.testing.assert_allclose(numerics.einsum("...jk,...jd->...kd", a[:, :, :5], a), jnp.einsum(
             "...jk,...jd->...kd", a[:, :, :5], a), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(full, x @ y[0], rtol=1e-5, atol=1e-5)
 
@@ -167,7 +167,7 @@ def test_batch_invariant_einsum_is_one_fixed_order_whatever_the_rows():
 def test_batch_invariant_mode_computes_the_same_model(setup):
     """The mode changes only the order of the sums: the qat=False full pass in it equals the plain one (1e-5)."""
     model, ids, full = setup
-    with quant.batch_invariant():
+    with numerics.batch_invariant():
         logits = np.asarray(nnx.jit(lambda m, i: m(i))(model, ids[:, :128]))
     assert rel_err(logits, full[:, :128]).max() < 1e-5
 
@@ -176,16 +176,16 @@ def test_batch_invariant_mode_computes_the_same_model(setup):
 def qat_setup():
     model = _model(qat=True)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, model.cfg.vocab_size, (1, 610)))
-    with quant.batch_invariant():
+    with numerics.batch_invariant():
         return model, ids, np.asarray(nnx.jit(lambda m, i: m(i))(model, ids))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 127, 128, 129, 300])
 def test_qat_chunked_prefill_and_decode_equal_full_forward_batch_invariant(qat_setup, chunk, monkeypatch):
-    """qat=True, in quant.batch_invariant(): chunks of 1 (decode) .. 300 over 610 tokens give the full pass's
+    """qat=True, in numerics.batch_invariant(): chunks of 1 (decode) .. 300 over 610 tokens give the full pass's
     logits at every position (measured: bit for bit)."""
     model, ids, full = qat_setup
-    with quant.batch_invariant():
+    with numerics.batch_invariant():
         logits, lengths = chunked_logits(model, ids, chunk, cache_size(chunk, monkeypatch))
     assert int(lengths[0]) == 610
     err = rel_err(logits, full)

@@ -18,7 +18,7 @@ from scipy import stats
 from infer.generate import SamplingParams, generate, generate_dspark, sampling_logits, speculative_accept
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
-from v4jax.quant import batch_invariant
+from v4jax.numerics import batch_invariant
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,8 +15,9 @@ from flax import nnx
 from conftest import random_ids
 from v4jax import expert_parallel, sharding
 from v4jax.config import ConfigError, ModelConfig
+from v4jax.experts import expert_ffn
 from v4jax.model import Transformer
-from v4jax.moe import MoE, expert_ffn
+from v4jax.moe import MoE
 from v4jax.quant import dense
 
 CFG = ModelConfig.preset("tiny", compute_dtype="float32")  # 16 experts, top-3, 2 hash layers
@@ -81,7 +82,7 @@ def test_ep_equals_dense_forward_and_grads(mesh_name, layer):
     wrt the expert, shared-expert and gate weights and the input equal the dense MoE; nothing is dropped."""
     y, tokens, ct = _inputs()
     for force in (False, True):
-        ref, ep = _moe(layer, moe_impl="dense"), _moe(layer)
+        ref, ep = _moe(layer, moe_impl="dense"), _moe(layer, moe_impl="expert_parallel")
         if force:
             _force_routing(ref)
             _force_routing(ep)
@@ -98,10 +99,11 @@ def test_ep_equals_dense_forward_and_grads(mesh_name, layer):
             assert (g[list(FORCED)] > 0).all() and (np.delete(g, FORCED) == 0).all()
 
 
-def test_ep_engages_only_under_an_expert_mesh_with_ragged():
-    """The switch (traced only): the per-device dispatch (shard_map) and the ep_dropped stat appear exactly for
-    moe_impl "ragged" under a multi-device mesh, exchanging tokens when its expert axis is > 1; no mesh or
-    moe_impl "dense" keep the single-device path."""
+def test_ep_engages_exactly_with_its_moe_impl():
+    """The path is the config's (traced only): the per-device dispatch (shard_map) and the ep_dropped stat appear
+    exactly for moe_impl "expert_parallel", exchanging tokens when the mesh's expert axis is > 1; "ragged" and
+    "dense" keep the single-device path under any mesh; "expert_parallel" without a mesh says what to do;
+    sharding.for_mesh turns "ragged" into "expert_parallel" on more than one device only."""
     y, tokens, _ = _inputs()
 
     def traced(impl, mesh_shape):
@@ -119,13 +121,18 @@ def test_ep_engages_only_under_an_expert_mesh_with_ragged():
         with jax.set_mesh(sharding.make_mesh(mesh_shape)):
             return str(jax.make_jaxpr(f)(state, y)), sown
 
-    for impl, mesh_shape in (("ragged", None), ("dense", {"expert": 8})):
+    for impl, mesh_shape in (("ragged", None), ("ragged", {"data": 2, "expert": 4}), ("dense", {"expert": 8})):
         jaxpr, sown = traced(impl, mesh_shape)
         assert "all_to_all" not in jaxpr and "shard_map" not in jaxpr and "ep_dropped" not in sown
-    jaxpr, sown = traced("ragged", {"data": 8})  # tokens sorted where they are: no global sort
+    jaxpr, sown = traced("expert_parallel", {"data": 8})  # tokens sorted where they are: no global sort
     assert "shard_map" in jaxpr and "ep_dropped" in sown
-    jaxpr, sown = traced("ragged", {"data": 2, "expert": 4})
+    jaxpr, sown = traced("expert_parallel", {"data": 2, "expert": 4})
     assert "all_to_all" in jaxpr and "ep_dropped" in sown
+    with pytest.raises(ValueError, match="no.* mesh|none is set"):
+        traced("expert_parallel", None)
+    for impl, mesh_shape, want in (("ragged", {"data": 1}, "ragged"), ("ragged", {"data": 8}, "expert_parallel"),
+                                   ("dense", {"expert": 8}, "dense")):
+        assert sharding.for_mesh(CFG.replace(moe_impl=impl), sharding.make_mesh(mesh_shape)).moe_impl == want
 
 
 def _dropped_pairs(ids: np.ndarray, n_shards: int, n_dev: int, capacity: float) -> np.ndarray:
@@ -161,7 +168,7 @@ def test_small_capacity_drops_exactly_the_counted_pairs(exchange, monkeypatch):
     weights, ids, _ = ref.gate(x, tokens.reshape(-1))
     mesh = sharding.make_mesh(MESHES["data2_expert4"])
     drop = _dropped_pairs(np.asarray(ids), 8, 4, 0.5)
-    ep = _moe(SCORE, moe_ep_capacity=0.5)
+    ep = _moe(SCORE, moe_ep_capacity=0.5, moe_impl="expert_parallel")
     with jax.set_mesh(mesh):
         out = np.asarray(nnx.jit(lambda m, a, b: m(a, b))(ep, y, tokens)).reshape(x.shape)
     assert int(nnx.pop(ep, nnx.Intermediate)["ep_dropped"][-1]) == drop.sum() > 10
@@ -205,7 +212,7 @@ def test_real_ragged_all_to_all_lowers_with_gradients(monkeypatch):
     """The GPU/TPU path (real ragged_all_to_all) traces and lowers, forward and backward, on the CPU mesh (XLA:CPU
     only fails at compile time): four dispatches forward and their transposes backward."""
     monkeypatch.setattr(expert_parallel, "default_exchange", lambda mesh: "ragged_all_to_all")
-    moe = _moe(SCORE)
+    moe = _moe(SCORE, moe_impl="expert_parallel")
     y, tokens, ct = _inputs()
     graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
 
@@ -230,11 +237,11 @@ def test_qat_matches_single_device_ragged_and_bad_layouts_are_rejected():
     fwd = nnx.jit(lambda m, a, b: m(a, b, False))
     want = np.asarray(fwd(_moe(HASH, qat=True), y, tokens))
     with jax.set_mesh(sharding.make_mesh(MESHES["expert8"])):
-        got = np.asarray(fwd(_moe(HASH, qat=True), y, tokens))
+        got = np.asarray(fwd(_moe(HASH, qat=True, moe_impl="expert_parallel"), y, tokens))
     _assert_close(got, want)
     for mesh, cfg, msg in (("fsdp2_expert2_tensor2", dict(qat=True), "qat blocks"),
                            ("expert8", dict(n_routed_experts=12), "do not split over the mesh's expert axis")):
-        moe = _moe(HASH, **cfg)
+        moe = _moe(HASH, **cfg, moe_impl="expert_parallel")
         with jax.set_mesh(sharding.make_mesh(MESHES[mesh])), pytest.raises(ValueError, match=msg):
             jax.eval_shape(lambda: moe(y, tokens, False))  # the check runs while tracing
 
@@ -246,7 +253,8 @@ def test_transformer_logits_under_expert_mesh_equal_single_device():
     ids = random_ids((2, 16), cfg.vocab_size, seed=5)
     want = np.asarray(nnx.jit(lambda m, i: m(i))(Transformer(cfg, rngs=nnx.Rngs(0)), ids))
     mesh = sharding.make_mesh(MESHES["data2_expert4"])
-    model = sharding.shard_model(Transformer(cfg, rngs=nnx.Rngs(0)), mesh, sharding.TRAIN_RULES)
+    model = Transformer(sharding.for_mesh(cfg, mesh), rngs=nnx.Rngs(0))  # the expert-parallel MoE
+    model = sharding.shard_model(model, mesh, sharding.TRAIN_RULES)
     with jax.set_mesh(mesh):
         got = np.asarray(nnx.jit(lambda m, i: m(i))(model, ids))
     _assert_close(got, want)

@@ -18,7 +18,8 @@ from v4jax.checkpoint import CheckpointMismatch, hub_names, load_hub_state
 from v4jax.config import ConfigError, ModelConfig
 from v4jax.model import abstract_model, model_variables
 from v4jax.convert import convert, export, export_model, main, verify_outputs
-from v4jax.quant import Fp8Weight, Mxfp4Weight, dense
+from v4jax.formats import Fp8Weight, Mxfp4Weight
+from v4jax.quant import dense
 from v4jax.sharding import TRAIN_RULES, make_mesh
 
 

@@ -5,6 +5,7 @@ saved alone (PEFT layout) and loaded back, with named mismatches; dropout on the
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -22,7 +23,7 @@ from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 from v4jax.moe import MoE, expert_ffn, grouped_ffn
 from v4jax.quant import Adapted, linear
-from v4jax.quant import Fp8Weight, Mxfp4Weight, QuantizedWeight
+from v4jax.formats import Fp8Weight, Mxfp4Weight, QuantizedWeight
 from v4jax.sharding import TRAIN_RULES, make_mesh, shard_model
 
 ALL = lora.ATTENTION_TARGETS + lora.EXPERT_TARGETS
@@ -238,18 +239,20 @@ def test_routed_adapters_under_expert_parallelism_match_one_device():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)))
     ct = jax.random.normal(jax.random.key(1), y.shape)
     graphdef, adapters, rest = nnx.split(moe, lora.LoraParam, ...)
+    moe.cfg = cfg.replace(moe_impl="expert_parallel")  # the same weights on the expert-parallel path
+    graphdef_ep = nnx.graphdef(moe)
 
-    @jax.jit
-    def run(adapters):
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(graphdef, adapters):
         def loss(ad):
             out = nnx.merge(graphdef, ad, rest)(y, tokens, sow_stats=False)
             return jnp.sum(out * ct), out
         return jax.value_and_grad(loss, has_aux=True)(adapters)
 
-    (_, want_out), want = run(adapters)
+    (_, want_out), want = run(graphdef, adapters)
     with jax.set_mesh(make_mesh({"expert": 8})):
-        assert "shard_map" in str(jax.make_jaxpr(run)(adapters))  # the expert-parallel path is the one traced
-        (_, out), got = run(adapters)
+        assert "shard_map" in str(jax.make_jaxpr(run, static_argnums=0)(graphdef_ep, adapters))
+        (_, out), got = run(graphdef_ep, adapters)
     scale = np.abs(np.asarray(want_out)).max()
     np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=1e-5 * scale)
     assert_grads_close(flat(got), flat(want), tol=1e-5)

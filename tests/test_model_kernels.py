@@ -15,7 +15,7 @@ from train.losses import objective
 from v4jax.checkpoint import load_hub_state
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
-from v4jax.quant import Mxfp4Weight
+from v4jax.formats import Mxfp4Weight
 
 
 def test_fixture_logits_with_kernels_equal_references():

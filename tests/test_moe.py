@@ -10,7 +10,7 @@ from flax import nnx
 
 from v4jax.config import ModelConfig
 from v4jax.moe import MoE, balanced_hash_table
-from v4jax.quant import grouped_matmul
+from kernels.fp4_matmul import grouped_matmul
 
 CFG = ModelConfig.preset("tiny", compute_dtype="float32")
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from v4jax.quant import fp8_fake_quant, hadamard, mxfp4_fake_quant, pow2_ceil
+from v4jax.formats import pow2_ceil
+from v4jax.quant import fp8_fake_quant, hadamard, mxfp4_fake_quant
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
 

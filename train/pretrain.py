@@ -69,8 +69,8 @@ from v4jax.checkpoint import load_hub_state
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer, abstract_model
 from v4jax.moe import RouterBias
-from v4jax.sharding import (DECODE_RULES, TRAIN_RULES, follow_params, make_mesh, shard_model, train_batch_sharding,
-                             use_rules)
+from v4jax.sharding import (DECODE_RULES, TRAIN_RULES, follow_params, for_mesh, make_mesh, shard_model,
+                             train_batch_sharding, use_rules)
 
 # ---- configuration ----------------------------------------------------------------------------------------
 # Every key a run config may set: its type, range and default. A YAML file sets some; key=value arguments
@@ -659,15 +659,15 @@ def main(argv: list[str]) -> None:
     if stream.seq_len is not None and any(st["seq_len"] != stream.seq_len for st in cfg["stages"]):
         raise ConfigError(f"{cfg['data']['path']} holds rows of seq_len {stream.seq_len} (packed by train.chat): set "
                           f"every stage's seq_len to {stream.seq_len}")
-    mcfg = model_config(cfg)
+    mcfg = for_mesh(model_config(cfg), mesh)  # the MoE path this mesh runs
     if stream.meta["vocab_size"] > mcfg.vocab_size:
         raise ConfigError(f"the data's vocabulary ({stream.meta['vocab_size']}) is larger than the model's "
                           f"vocab_size ({mcfg.vocab_size}): set model.overrides.vocab_size or retokenise")
     stages = cfg["stages"]
     total = stages[-1]["until_step"]
     log = Log(cfg, total)
-    log.say(f"model: {mcfg.n_layers} layers, dim {mcfg.dim}, {mcfg.n_routed_experts} experts | mesh {sizes} | "
-            f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
+    log.say(f"model: {mcfg.n_layers} layers, dim {mcfg.dim}, {mcfg.n_routed_experts} experts ({mcfg.moe_impl}) | "
+            f"mesh {sizes} | {jax.process_count()} process(es), {jax.device_count()} device(s)")
     log.say(f"data: {stream.describe()}")
 
     lora_on = cfg["lora"]["enabled"]

@@ -23,8 +23,8 @@ from kernels.sparse_attention import sparse_attention
 from v4jax import kv_cache
 from v4jax.config import ModelConfig
 from v4jax.layers import apply_rope, param, rms_norm, rope_frequencies, split_chunks
-from v4jax.quant import (Adapted, dense, einsum, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant, ordered_sum,
-                         softmax, weight)
+from v4jax.numerics import einsum, ordered_sum, softmax
+from v4jax.quant import Adapted, dense, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant, weight
 
 
 def kv_fake_quant(kv: jax.Array, rope_dim: int) -> jax.Array:
@@ -215,9 +215,58 @@ class Indexer(nnx.Module):
         w = linear(x, self.weights_proj[...], out_dtype=jnp.float32)
         return q, w * (cfg.index_head_dim**-0.5 * cfg.index_n_heads**-0.5)
 
-    def __call__(self, x: jax.Array, qr: jax.Array, lay: Layout, ent: Entries):
-        """-> (queries [b, T, i, d], head weights [b, T, i] fp32, keys [b, n, d])."""
-        return (*self.queries(x, qr, lay.pos), self.compressor(x, lay, ent))
+    def __call__(self, x: jax.Array, qr: jax.Array, lay: Layout, ent: Entries) -> "IndexInputs":
+        return IndexInputs(*self.queries(x, qr, lay.pos), self.compressor(x, lay, ent))
+
+
+class IndexInputs(NamedTuple):
+    """What the lightning indexer scores with: its queries [b, s, i, d] and head weights [b, s, i] (fp32), and the
+    entries' index keys [b, n, d] (in a cached step the cache's buffer, possibly in a packed format)."""
+
+    q: jax.Array
+    weights: jax.Array
+    keys: jax.Array | kv_cache.Fp8Keys | kv_cache.Fp4Keys
+
+
+class Queries(NamedTuple):
+    """The queries of an attention call, per query [b, s, ...]: q [b, s, h, d], position pos (in its document),
+    document doc (full pass; None in a cached step) and row (full pass: the query's row t; cached step: the
+    row's first new position). Attention._attend maps over chunks of them (the last one padded with _PADDING)."""
+
+    q: jax.Array
+    pos: jax.Array
+    doc: jax.Array | None
+    row: jax.Array
+
+
+_PADDING = Queries(q=0, pos=0, doc=-1, row=0)
+
+
+class PassKeys(NamedTuple):
+    """The keys of a full pass, rows [window kv (T) ; compressed entries]: a query sees the window rows of its
+    document up to itself and the entries the visibility rule allows (visible_ranges)."""
+
+    doc: jax.Array  # [b, T] every token's document
+    entries: Entries | None
+
+    def of(self, c: Queries, window: int, ratio: int):
+        """-> (window rows [b, chunk, window], -1 absent; visible entry slots lo <= j < hi, [b, chunk] each)."""
+        win = window_indices(c.row[0], window, self.doc, c.doc)
+        return win, (visible_ranges(c.pos, c.doc, self.entries.doc, self.entries.win, ratio) if ratio else None)
+
+
+class StepKeys(NamedTuple):
+    """The keys of a cached step, rows [window ring (W) ; this chunk (C)], then the cache's n_entries entry slots:
+    position p sits in ring slot p mod W until the chunk (from the row's start) holds it."""
+
+    n_entries: int
+
+    def of(self, c: Queries, window: int, ratio: int):
+        """-> (window rows [b, chunk, window], -1 absent; the filled entry slots lo <= j < hi, [b, chunk] each)."""
+        k = c.pos[..., None] - window + 1 + jnp.arange(window)  # key positions
+        start = c.row[..., None]
+        win = jnp.where(k < 0, -1, jnp.where(k >= start, window + k - start, k % window))
+        return win, (prefix_ranges(c.pos, self.n_entries, ratio) if ratio else None)
 
 
 def window_indices(t: jax.Array, window: int, doc: jax.Array, doc_q: jax.Array) -> jax.Array:
@@ -336,45 +385,43 @@ class Attention(nnx.Module):
             kv = jnp.concatenate([kv, self.compressor(x, lay, ent)], axis=1)
         if self.indexer is not None:
             index = self.indexer(*self._index_inputs(x, qr), lay, ent)
-        t = jnp.broadcast_to(jnp.arange(T), (b, T))
-
-        def keys(c):  # window key rows and the visible entry slots [lo, hi), for one chunk of queries
-            win = window_indices(c["t"][0], self.cfg.window_size, lay.doc, c["doc"])
-            return win, (visible_ranges(c["pos"], c["doc"], ent.doc, ent.win, ratio) if ratio else None)
-
-        o = self._attend(q, kv, index, {"doc": (lay.doc, -1), "pos": (lay.pos, 0), "t": (t, 0)}, keys, T, True)
+        queries = Queries(q, lay.pos, lay.doc, jnp.broadcast_to(jnp.arange(T), (b, T)))
+        o = self._attend(queries, kv, index, PassKeys(lay.doc, ent), T, True)
         return self._output(o, lay.pos, x.dtype)
 
-    def _attend(self, q, kv, index, query_info, keys, comp_offset: int, sow_stats: bool, stored=None) -> jax.Array:
-        """Sparse attention of q [b, s, h, d] over kv rows, `attn_chunk` queries at a time. Per chunk, keys(c)
-        gives the window rows [b, chunk, window] and the bounds lo, hi [b, chunk] of the visible entry slots
+    def _attend(self, queries: Queries, kv: jax.Array, index: IndexInputs | None, keys: PassKeys | StepKeys,
+                comp_offset: int, sow_stats: bool, stored=None) -> jax.Array:
+        """Sparse attention of the queries over kv rows, `attn_chunk` queries at a time. Per chunk, keys.of gives
+        the window rows [b, chunk, window] and the bounds lo, hi [b, chunk] of the visible entry slots
         lo <= j < hi. The entries are kv's rows from comp_offset on (the full pass), or, with `stored` (a cached
         step), the cache's entry buffer: then a chunk reads only what it attends, the top-k rows it picked (CSA)
         or the filled prefix (HCA; a static length of prefix_sizes, chosen at run time), decoded from the cache's
-        format, and appends them to its own copy of kv. query_info: {name: ([b, s] array, value for padded
-        queries)} passed to keys. With cfg.indexer_loss and sow_stats, sows the indexer KL (training)."""
+        format, and appends them to its own copy of kv. With cfg.indexer_loss and sow_stats, sows the indexer KL
+        (training). -> [b, s, h, d]."""
         cfg, ratio = self.cfg, self.ratio
+        q = queries.q
         b, S, h, hd = q.shape
         n_comp = (n_slots(stored) if stored is not None else kv.shape[1] - comp_offset) if ratio else 0
         chunk = min(cfg.attn_chunk, S)
-        xs = {k: split_chunks(a, chunk, fill) for k, (a, fill) in query_info.items()}
-        xs["q"] = split_chunks(q, chunk)
-        if index is not None:
-            xs["iq"], xs["iw"] = split_chunks(index[0], chunk), split_chunks(index[1], chunk)
+        xs = Queries(*(None if a is None else split_chunks(a, chunk, fill) for a, fill in zip(queries, _PADDING)))
+        # the indexer's queries and weights go in chunks alongside; its keys are every chunk's
+        index_xs = None if index is None else (split_chunks(index.q, chunk), split_chunks(index.weights, chunk))
         sink, scale = self.attn_sink[...], hd**-0.5
         kl_on = index is not None and cfg.indexer_loss and n_comp > 0 and sow_stats
         assert stored is None or not kl_on, "the indexer loss is a training (full pass) statistic"
 
         def attend(c, rows, idx):
-            return sparse_attention(c["q"], rows, sink, idx, scale, return_lse=True, implementation=cfg.kernels)
+            return sparse_attention(c.q, rows, sink, idx, scale, return_lse=True, implementation=cfg.kernels)
 
         def every_visible(c, idx, lo, hi, n):  # HCA, or CSA's dense phase: entry slots 0 .. n - 1, masked
             rows = kv if stored is None else jnp.concatenate([kv, kv_cache.read_prefix(stored, n, kv.dtype)], 1)
             comp = jnp.where(range_mask(lo, hi, n), comp_offset + jnp.arange(n), -1)
             return attend(c, rows, jnp.concatenate([idx, comp], axis=-1)), comp
 
-        def one_chunk(c):
-            idx, ranges = keys(c)  # window rows [b, chunk, W]; visible entry slots lo <= j < hi, [b, chunk] each
+        def one_chunk(chunk_in):
+            c, index_c = chunk_in
+            ix = None if index is None else IndexInputs(*index_c, index.keys)
+            idx, ranges = keys.of(c, cfg.window_size, ratio)
             comp = None
             if not n_comp:
                 o, lse = attend(c, kv, idx)
@@ -387,7 +434,7 @@ class Attention(nnx.Module):
                     o, lse = jax.lax.switch(jnp.sum(jnp.asarray(sizes) < jnp.max(ranges[1])), branches)
             else:  # CSA: the indexer's top-k of the visible entries
                 k = min(cfg.index_topk, n_comp)
-                top, _ = indexer_topk(c["iq"], c["iw"], index[2], *ranges, k, q.dtype, implementation=cfg.kernels)
+                top, _ = indexer_topk(ix.q, ix.weights, ix.keys, *ranges, k, q.dtype, implementation=cfg.kernels)
                 if stored is None:
                     rows, comp = kv, jnp.where(top >= 0, comp_offset + top, -1)
                 else:  # the picked rows, decoded, after kv: query i's pick j is row comp_offset + i * k + j
@@ -397,15 +444,15 @@ class Attention(nnx.Module):
                 o, lse = attend(c, rows, jnp.concatenate([idx, comp], axis=-1))
             if kl_on:  # the indexer's scores of the attended entries (all visible ones, in slot order, when dense)
                 slots = jnp.where(comp >= 0, comp - comp_offset, -1)
-                logits = (jnp.where(comp >= 0, index_scores(c["iq"], c["iw"], index[2], q.dtype), -jnp.inf)
-                          if cfg.csa_dense else picked_scores(c["iq"], c["iw"], index[2], slots, q.dtype))
-                return o, indexer_kl(c["q"], kv, lse, comp, logits, scale)
+                logits = (jnp.where(comp >= 0, index_scores(ix.q, ix.weights, ix.keys, q.dtype), -jnp.inf)
+                          if cfg.csa_dense else picked_scores(ix.q, ix.weights, ix.keys, slots, q.dtype))
+                return o, indexer_kl(c.q, kv, lse, comp, logits, scale)
             return o, (jnp.zeros(()), jnp.zeros((), jnp.int32))
 
         # Under remat, the backward pass recomputes each chunk: the map then keeps the chunk's inputs, not every
         # chunk's gathered key rows and probabilities ([chunk, keys, head_dim] and [chunk, heads, keys] each).
         body = one_chunk if cfg.remat == "none" else jax.checkpoint(one_chunk)
-        o, (kl_sum, kl_count) = jax.lax.map(body, xs)  # o: [n_chunks, b, chunk, h, hd]
+        o, (kl_sum, kl_count) = jax.lax.map(body, (xs, index_xs))  # o: [n_chunks, b, chunk, h, hd]
         if kl_on:
             self.sow(nnx.Intermediate, "indexer_kl", jnp.sum(kl_sum) / jnp.maximum(jnp.sum(kl_count), 1))
         return jnp.moveaxis(o, 0, 1).reshape(b, -1, h, hd)[:, :S]
@@ -444,18 +491,11 @@ class Attention(nnx.Module):
         new_cache = self.commit(cache, pending, start, n_new)
         index = None
         if self.indexer is not None:
-            index = (*self.indexer.queries(xi, qri, pos), new_cache.index_keys)
+            index = IndexInputs(*self.indexer.queries(xi, qri, pos), new_cache.index_keys)
         kv_rows = jnp.concatenate([kv_cache.read(cache.window, kv.dtype), kv], axis=1)
-        n_entries = n_slots(new_cache.entries) if m else 0
-
-        def keys(c):
-            p, s0 = c["pos"], c["start"]  # [b, chunk]
-            k = p[..., None] - W + 1 + jnp.arange(W)  # key positions
-            win = jnp.where(k < 0, -1, jnp.where(k >= s0[..., None], W + k - s0[..., None], k % W))
-            return win, (prefix_ranges(p, n_entries, m) if m else None)
-
-        o = self._attend(q, kv_rows, index, {"pos": (pos, 0), "start": (jnp.broadcast_to(start[:, None], pos.shape), 0)},
-                         keys, W + C, False, stored=new_cache.entries)
+        queries = Queries(q, pos, None, jnp.broadcast_to(start[:, None], pos.shape))
+        keys = StepKeys(n_slots(new_cache.entries) if m else 0)
+        o = self._attend(queries, kv_rows, index, keys, W + C, False, stored=new_cache.entries)
         return self._output(o, pos, x.dtype), new_cache, pending
 
     def commit(self, cache: "AttentionCache", pending: "Pending", start: jax.Array, n: jax.Array) -> "AttentionCache":

@@ -24,9 +24,16 @@ class HCSite(nnx.Module):
     def __init__(self, cfg: ModelConfig, head: bool, *, rngs: nnx.Rngs):
         hc = cfg.hc_mult
         n_mix = hc if head else (2 + hc) * hc
+        self.cfg = cfg
         self.fn = param(rngs, (n_mix, hc * cfg.dim), ("hc_mix", "hc_embed"), jnp.float32)
         self.base = param(rngs, (n_mix,), ("hc_mix",), jnp.float32, "const", 0.0)
         self.scale = param(rngs, (1 if head else 3,), ("hc_gate",), jnp.float32, "const", 0.01)
+
+    def pre(self, x: jax.Array):
+        """hc_pre: streams x [b, s, hc, d] -> (the sub-layer's input u [b, s, d], post, comb for hc_post)."""
+        cfg = self.cfg
+        return hc_pre(x, self.fn[...], self.scale[...], self.base[...], hc=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters,
+                      eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
 
 
 class Block(nnx.Module):
@@ -42,27 +49,22 @@ class Block(nnx.Module):
         self.attn = self.attention_cls(cfg, layer, rngs=rngs)
         self.ffn = MoE(cfg, layer, rngs=rngs)
 
-    def _site(self, x, site: HCSite, norm, sublayer):
-        cfg = self.cfg
-        u, post, comb = hc_pre(x, site.fn[...], site.scale[...], site.base[...], hc=cfg.hc_mult,
-                               iters=cfg.hc_sinkhorn_iters, eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
-        return hc_post(sublayer(rms_norm(u, norm[...], cfg.norm_eps)), x, post, comb)
-
     def __call__(self, x: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [b, s, hc, d] streams, token_ids [b, s] (hash routing), segment_ids [b, s] packed documents
         (None: one per row) -> [b, s, hc, d]."""
-        x = self._site(x, self.hc_attn, self.attn_norm, lambda y: self.attn(y, segment_ids))
-        return self._site(x, self.hc_ffn, self.ffn_norm, lambda y: self.ffn(y, token_ids))
+        eps = self.cfg.norm_eps
+        u, post, comb = self.hc_attn.pre(x)
+        x = hc_post(self.attn(rms_norm(u, self.attn_norm[...], eps), segment_ids), x, post, comb)
+        u, post, comb = self.hc_ffn.pre(x)
+        return hc_post(self.ffn(rms_norm(u, self.ffn_norm[...], eps), token_ids), x, post, comb)
 
     def step(self, x, token_ids, cache: AttentionCache, start, n_new):
         """The block over a cache: the next tokens of each sequence (see Attention.step) -> (x, new cache, the
         chunk's pending cache writes)."""
-        out = {}
-
-        def attn(y):
-            y, out["cache"], out["pending"] = self.attn.step(y, cache, start, n_new)
-            return y
-
-        x = self._site(x, self.hc_attn, self.attn_norm, attn)
-        x = self._site(x, self.hc_ffn, self.ffn_norm, lambda y: self.ffn(y, token_ids, False))
-        return x, out["cache"], out["pending"]
+        eps = self.cfg.norm_eps
+        u, post, comb = self.hc_attn.pre(x)
+        y, cache, pending = self.attn.step(rms_norm(u, self.attn_norm[...], eps), cache, start, n_new)
+        x = hc_post(y, x, post, comb)
+        u, post, comb = self.hc_ffn.pre(x)
+        x = hc_post(self.ffn(rms_norm(u, self.ffn_norm[...], eps), token_ids, False), x, post, comb)
+        return x, cache, pending

@@ -9,8 +9,8 @@ tensor is transposed. The model's config says which layout `mtp.*` holds: the pr
 
 A weight can be held in one of these forms (`weights=`):
   * None / "float32" / "bfloat16": dense (FP8 and MXFP4 dequantized), for training;
-  * "quantized": as released: FP8 tensors become `quant.Fp8Weight` (e4m3 + UE8M0 128x128 scales), MXFP4 experts
-    `quant.Mxfp4Weight` (packed e2m1 + UE8M0 1x32 scales); the model's matmuls read them through `quant.dense`;
+  * "quantized": as released: FP8 tensors become `formats.Fp8Weight` (e4m3 + UE8M0 128x128 scales), MXFP4 experts
+    `formats.Mxfp4Weight` (packed e2m1 + UE8M0 1x32 scales); the model's matmuls read them through `quant.dense`;
   * "fp8": like "quantized" with the experts re-encoded losslessly to FP8 (official convert.py --expert-dtype fp8).
 Unquantized tensors keep their stored dtype in "quantized" / "fp8" form, and take the variable's dtype once in a
 model. UE8M0 scales are kept as their raw uint8 exponent bytes.
@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from v4jax import hub
 from v4jax.hub import hub_to_path, path_to_hub
 from v4jax.model import abstract_model, model_variables
-from v4jax.quant import Fp8Weight, Mxfp4Weight, QuantizedWeight
+from v4jax.formats import Fp8Weight, Mxfp4Weight, QuantizedWeight
 from v4jax.sharding import logical_to_spec
 
 WEIGHT_FORMATS = (None, "float32", "bfloat16", "quantized", "fp8")

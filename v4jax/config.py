@@ -43,6 +43,9 @@ def cli_errors(prog: str, debug: bool = False):
         raise SystemExit(f"{prog}: {e}") from None
 
 
+MOE_IMPLS = ("ragged", "expert_parallel", "dense")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # --- official ModelArgs fields (inference/model.py) ---
@@ -92,8 +95,11 @@ class ModelConfig:
     qat: bool = False  # reproduce the official inference code's quantization simulation (spec §3.8)
     compute_dtype: str = "bfloat16"  # activations; "float32" for parity tests
     param_dtype: str = "float32"  # master weights
-    moe_impl: str = "ragged"  # "ragged": dropless grouped matmul; "dense": every expert on every token (tests)
-    # Expert parallelism (v4jax/expert_parallel.py, used under a mesh whose `expert` axis is > 1): rows each device
+    # The routed experts' path (v4jax/moe.py): "ragged" dropless grouped matmuls; "expert_parallel" the same per
+    # device under a multi-device mesh (v4jax/expert_parallel.py; sharding.for_mesh picks it for a run's mesh);
+    # "dense" every expert on every token (a reference for tests)
+    moe_impl: str = "ragged"
+    # Expert parallelism (moe_impl "expert_parallel"; tokens exchanged when the mesh's `expert` axis is > 1): rows each device
     # may send to each device holding experts, as a multiple of the balanced share n_local * k / expert_size;
     # None = n_local * k, the worst case, which never drops. Smaller saves memory; drops are counted (ep_dropped).
     moe_ep_capacity: float | None = None
@@ -194,8 +200,8 @@ class ModelConfig:
             bad("score_func", f"is {self.score_func!r}", "Use 'sqrtsoftplus' (V4), 'sigmoid' or 'softmax'")
         if self.window_size < 1 or self.index_topk < 1 or self.hc_mult < 1 or self.hc_sinkhorn_iters < 1:
             bad("window_size/index_topk/hc_mult/hc_sinkhorn_iters", "must all be positive", "Fix the non-positive one")
-        if self.moe_impl not in ("ragged", "dense"):
-            bad("moe_impl", f"is {self.moe_impl!r}", "Use 'ragged' or 'dense'")
+        if self.moe_impl not in MOE_IMPLS:
+            bad("moe_impl", f"is {self.moe_impl!r}", f"Use one of {MOE_IMPLS}")
         cap = self.moe_ep_capacity
         if cap is not None and not cap > 0:
             bad("moe_ep_capacity", f"is {self.moe_ep_capacity!r}",

@@ -10,7 +10,7 @@ exchange tokens; groups are independent. Per device, inside a jax.shard_map:
   2. dispatch: at most C pairs from each source to each destination device (the capacity, below); the rest are
      dropped and counted, never silently;
   3. on the receiver: sort the received rows by local expert and run the same grouped SwiGLU as the single-device
-     "ragged" path (moe.grouped_ffn: ragged_dot, routing weight before w2, qat's FP8 fake-quant at the same points);
+     "ragged" path (experts.grouped_ffn: ragged_dot, routing weight before w2, qat's FP8 fake-quant at the same points);
   4. combine: send the results back (in the compute dtype), sum them at their tokens in fp32, psum over `tensor`.
 
 Collectives: `jax.lax.ragged_all_to_all` on GPU and TPU (sends only the rows that exist, packed per receiver into a
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from v4jax.config import ModelConfig
-from v4jax.moe import grouped_ffn
+from v4jax.experts import grouped_ffn
 from v4jax.sharding import active_rules
 
 TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes that split tokens; `tensor` replicates them

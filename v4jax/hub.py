@@ -494,7 +494,7 @@ def _has_header(path, header):
 
 # ----------------------------------------------------------------------------- FP8 / MXFP4 decode + encode
 # e2m1 code -> value; bit 3 is the sign (codes 8..15 are the negatives of 0..7).
-_E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+E2M1_VALUES = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 FP8_MAX, FP4_MAX = 448.0, 6.0
 
 
@@ -526,7 +526,7 @@ def dequant_fp8(w, scale, block=128):
 def unpack_fp4(packed):
     """int8/uint8 [.., out, in/2] -> fp32 values [.., out, in]; low nibble = element 2j, high = 2j+1."""
     b = np.asarray(packed).view(np.uint8)
-    vals = np.stack([_E2M1[b & 0xF], _E2M1[b >> 4]], axis=-1)
+    vals = np.stack([E2M1_VALUES[b & 0xF], E2M1_VALUES[b >> 4]], axis=-1)
     return vals.reshape(*b.shape[:-1], 2 * b.shape[-1])
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from v4jax.quant import einsum, mean, ordered_sum, softmax
+from v4jax.numerics import einsum, mean, ordered_sum, softmax
 
 
 def hc_mixes(x: jax.Array, fn: jax.Array, eps: float) -> jax.Array:

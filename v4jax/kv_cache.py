@@ -11,7 +11,7 @@ keys span by span as the indexer scores them (kernels/indexer).
 
 The FP8 entry and FP4 key encodings are the quantizers the model already simulates under qat=True (spec
 §3.8: FP8 e4m3 with a UE8M0 scale per 1x64 block on the non-rope dims; MXFP4 per 1x32 after the Hadamard),
-with the same arithmetic as quant.fp8_fake_quant / mxfp4_fake_quant. Encoding a fake-quantized value gives it
+with the same quantiser as quant.fp8_fake_quant / mxfp4_fake_quant (formats.block_quantize). Encoding a fake-quantized value gives it
 back exactly, so under qat=True these formats lose nothing.
 """
 
@@ -22,29 +22,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from v4jax.quant import FP4_MAX, FP8_MAX, pow2_ceil
+from v4jax.formats import FP4_MAX, FP8_MAX, block_dequantize, block_quantize
 
 PLAIN = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 KV_FORMATS = ("fp32", "bf16", "fp8")
 INDEX_FORMATS = ("fp32", "bf16", "fp8", "fp4")
-
-
-def _block_quant(x: jax.Array, block: int, qmax: float, amin: float, qdtype):
-    """Quantize x [..., n * block] in 1 x block blocks with power-of-two scales (spec §3.8), step for step as
-    quant._block_fake_quant -> (codes [..., n * block] in qdtype, UE8M0 exponent bytes [..., n] uint8: the
-    block's scale is 2^(byte - 127))."""
-    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // block, block)
-    amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), amin)
-    s = pow2_ceil(amax * jnp.float32(1.0 / qmax))
-    q = jnp.clip(xb / s, -qmax, qmax).astype(qdtype)
-    exponent = jnp.frexp(s)[1] - 1  # s = 0.5 * 2^e exactly, i.e. 2^(e - 1)
-    return q.reshape(x.shape), (exponent[..., 0] + 127).astype(jnp.uint8)
-
-
-def _block_dequant(q: jax.Array, exponent_bytes: jax.Array, block: int, dtype) -> jax.Array:
-    """codes [..., n * block] times 2^(byte - 127) of their block ([..., n] uint8) -> [..., n * block] dtype."""
-    s = jnp.ldexp(jnp.float32(1.0), exponent_bytes.astype(jnp.int32) - 127)
-    return (q.astype(jnp.float32) * jnp.repeat(s, block, axis=-1)).astype(dtype)
 
 
 def _as_bytes(q: jax.Array) -> jax.Array:
@@ -78,14 +60,14 @@ class Fp8Entries(NamedTuple):
     def encode(self, x: jax.Array) -> "Fp8Entries":
         """x [..., head_dim] -> its encoding (the rope dims rounded to BF16, as the official cache keeps them)."""
         nope = self.nope.shape[-1]
-        q, e = _block_quant(x[..., :nope], 64, FP8_MAX, 1e-4, jnp.float8_e4m3fn)
+        q, e = block_quantize(x[..., :nope], 64, FP8_MAX, 1e-4, jnp.float8_e4m3fn)
         pad = self.scale.shape[-1] - e.shape[-1]
         return Fp8Entries(_as_bytes(q), jnp.pad(e, [(0, 0)] * (e.ndim - 1) + [(0, pad)]),
                           x[..., nope:].astype(jnp.bfloat16))
 
     def decode(self, dtype) -> jax.Array:
         n_blocks = self.nope.shape[-1] // 64
-        nope = _block_dequant(_as_fp8(self.nope), self.scale[..., :n_blocks], 64, dtype)
+        nope = block_dequantize(_as_fp8(self.nope), self.scale[..., :n_blocks], 64, dtype)
         return jnp.concatenate([nope, self.rope.astype(dtype)], axis=-1)
 
 
@@ -104,7 +86,7 @@ class Fp4Keys(NamedTuple):
         return Fp4Keys(jnp.zeros((*shape, dim // 2), jnp.uint8), jnp.zeros((*shape, dim // 32), jnp.uint8))
 
     def encode(self, x: jax.Array) -> "Fp4Keys":
-        q, e = _block_quant(x, 32, FP4_MAX, FP4_MAX * 2.0**-126, jnp.float4_e2m1fn)
+        q, e = block_quantize(x, 32, FP4_MAX, FP4_MAX * 2.0**-126, jnp.float4_e2m1fn)
         code = jax.lax.bitcast_convert_type(q, jnp.uint4).astype(jnp.uint8)  # sign bit 3, exponent 2, mantissa 1
         pairs = code.reshape(*code.shape[:-1], -1, 2)
         return Fp4Keys(pairs[..., 0] | (pairs[..., 1] << 4), e)
@@ -112,7 +94,7 @@ class Fp4Keys(NamedTuple):
     def decode(self, dtype) -> jax.Array:
         nibbles = jnp.stack([self.packed & 0xF, self.packed >> 4], axis=-1).reshape(*self.packed.shape[:-1], -1)
         q = jax.lax.bitcast_convert_type(nibbles.astype(jnp.uint4), jnp.float4_e2m1fn)
-        return _block_dequant(q, self.scale, 32, dtype)
+        return block_dequantize(q, self.scale, 32, dtype)
 
 
 class Fp8Keys(NamedTuple):
@@ -128,7 +110,7 @@ class Fp8Keys(NamedTuple):
         return Fp8Keys(jnp.zeros((*shape, dim), jnp.uint8), jnp.zeros((*shape, 1), jnp.float32))
 
     def encode(self, x: jax.Array) -> "Fp8Keys":
-        q, e = _block_quant(x, x.shape[-1], FP8_MAX, 1e-4, jnp.float8_e4m3fn)
+        q, e = block_quantize(x, x.shape[-1], FP8_MAX, 1e-4, jnp.float8_e4m3fn)
         return Fp8Keys(_as_bytes(q), jnp.ldexp(jnp.float32(1.0), e.astype(jnp.int32) - 127))
 
     def decode(self, dtype) -> jax.Array:

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.config import ModelConfig
-from v4jax.quant import mean
+from v4jax.numerics import mean
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:

@@ -7,7 +7,7 @@ Where they live: `attach` puts a `Lora` module beside each targeted weight of th
 `<weight>_lora` of the module that owns it (`layers.3.attn.wq_a` gets `layers.3.attn.wq_a_lora.{a,b}`). The model
 reads every targeted weight through `quant.weight(owner, name)`, which returns a `quant.Adapted` (base, a, b,
 scale) when such an attribute exists; `quant.linear`, the grouped output projection (attention `_output`) and the
-grouped expert matmuls (`moe.grouped_ffn`) add scale * (x a^T) b^T to the base product. The sum W + scale b a is
+grouped expert matmuls (`experts.grouped_ffn`) add scale * (x a^T) b^T to the base product. The sum W + scale b a is
 never formed in a forward or backward pass (except under expert parallelism, below), so no weight-sized gradient
 is computed for it.
 
@@ -46,7 +46,7 @@ returns no state), so the mask's key is state instead: a train step calls `set_d
 model it merged, which gives each adapter a `LoraKey` variable; quant.weight passes it to `Adapted`, whose
 `adapter_input` draws the mask. The keys are inputs of every block (a rematerialised block redraws the same mask)
 and are never in a checkpoint; a model without keys (eval, generation, export) applies no dropout.
-Under expert parallelism (a mesh with more than one device, moe_impl "ragged") routed-expert adapters are
+Under expert parallelism (a mesh with more than one device, moe_impl "expert_parallel") routed-expert adapters are
 merged into dense expert weights before the exchange (correct, but a dense weight gradient per layer). A model
 with adapters attached is not a hub / Orbax model tree: merge (or drop) them before export_hub_state, and
 model.with_config rebuilds the tree without them (attach again, then update).

@@ -32,7 +32,8 @@ from v4jax.dspark import Drafter
 from v4jax.hyper_connection import hc_head
 from v4jax.layers import param, rms_norm
 from v4jax.moe import HashTable
-from v4jax.quant import dense, linear, mean
+from v4jax.numerics import mean
+from v4jax.quant import dense, linear
 from v4jax.sharding import constrain
 
 REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,

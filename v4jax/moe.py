@@ -3,20 +3,19 @@
 Gate: s = sqrt(softplus(y . W_g)) in fp32. Score-routed layers pick the top-k of s + bias (the
 auxiliary-loss-free bias steers selection only); the first n_hash_layers take their k experts from a fixed
 token-id table tid2eid. Either way the weights are the *unbiased* s at the chosen experts, normalised to sum 1
-and scaled by route_scale. Experts are SwiGLU with the clamp; the routing weight multiplies the hidden
+and scaled by route_scale. Experts (v4jax.experts) are SwiGLU with the clamp; the routing weight multiplies the hidden
 activation before the down projection, as the official code does (it matters under qat's FP8 rounding).
 
-Two implementations of the routed sum, selected by cfg.moe_impl: "ragged" sorts the (token, slot) pairs by
-expert and runs dropless grouped matmuls (`jax.lax.ragged_dot`); "dense" runs every expert on every token
-(a plain reference for tests). Letters: n tokens, k slots, e experts, f expert hidden, d model.
-
-Expert parallelism: with moe_impl "ragged", a call traced under a mesh of more than one device (`jax.set_mesh` /
-`jax.sharding.use_mesh`, read with `jax.sharding.get_abstract_mesh()`) runs the routed sum with
-v4jax.expert_parallel: each device routes and sorts its own tokens (never a global sort, which the partitioner
-would replicate), exchanges them with the devices holding their experts when the `expert` axis is larger than 1
-(buffers sized by cfg.moe_ep_capacity), and sows `ep_dropped`, the (token, slot) pairs that did not fit (0 with
-the default). Without such a mesh (one device, or a mesh used only through shardings) nothing changes. The gate
-and the shared expert run outside the exchange either way.
+Three implementations of the routed sum, chosen by cfg.moe_impl (a run on a mesh gets its choice from
+sharding.for_mesh, once, before the model is built):
+  * "ragged": sort the (token, slot) pairs by expert and run dropless grouped matmuls (`jax.lax.ragged_dot`);
+  * "expert_parallel": the same on every device of the current mesh (`jax.set_mesh` / sharding.use_rules) for its
+    own tokens (v4jax.expert_parallel: never a global sort, which the partitioner would replicate), exchanging
+    them with the devices holding their experts when the `expert` axis is larger than 1 (buffers sized by
+    cfg.moe_ep_capacity); sows `ep_dropped`, the (token, slot) pairs that did not fit (0 with the default);
+  * "dense": every expert on every token (a plain reference for tests).
+The gate and the shared expert run outside the exchange either way. Letters: n tokens, k slots, e experts,
+f expert hidden, d model.
 """
 
 from __future__ import annotations
@@ -26,9 +25,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from v4jax.config import ModelConfig
-from v4jax.layers import param, swiglu
-from kernels.fp4_matmul import fp4_ragged_dot
-from v4jax.quant import Adapted, Mxfp4Weight, QuantizedWeight, fp8_fake_quant, grouped_matmul, linear, weight
+from v4jax.expert_parallel import ep_routed
+from v4jax.experts import Experts, expert_ffn, grouped_ffn
+from v4jax.layers import param
+from v4jax.quant import Adapted, linear, weight
 
 
 class RouterBias(nnx.Variable):
@@ -79,40 +79,6 @@ class Gate(nnx.Module):
         return weights * cfg.route_scale, ids, scores
 
 
-def expert_ffn(x, w1, w2, w3, limit: float, qat: bool, route_w=None):
-    """One SwiGLU expert on x [n, d] with [out, in] weights (arrays or quant.Adapted); route_w [n] scales the hidden
-    before w2."""
-    hid = swiglu(linear(x, w1, quantized=True, qat=qat, out_dtype=jnp.float32),
-                 linear(x, w3, quantized=True, qat=qat, out_dtype=jnp.float32), limit)
-    if route_w is not None:
-        hid = hid * route_w[:, None]
-    return linear(hid.astype(x.dtype), w2, quantized=True, qat=qat, out_dtype=jnp.float32)
-
-
-def grouped_ffn(xs, sizes, route_w, w1, w2, w3, limit: float, qat: bool, kernels: str = "reference"):
-    """SwiGLU experts on rows sorted by expert: xs [m, d], sizes [e] rows per expert (rows past their sum belong
-    to no expert), route_w [m], weights [e, out, in] (arrays, or MXFP4 storage: the fp4 grouped kernel then
-    decodes them on the fly, by `kernels` = ModelConfig.kernels; either may come as quant.Adapted, with per-expert
-    LoRA factors) -> [m, d] fp32. One grouped matmul per weight, fp32 accumulation; under qat the rows and the
-    weighted hidden are FP8-rounded, as in expert_ffn."""
-    def grouped(a, w):  # a [m, in], w [e, out, in] -> [m, out]
-        if isinstance(w, Adapted):  # per-expert adapters: two more grouped matmuls, rank wide
-            h = grouped_matmul(w.adapter_input(a), w.a.astype(a.dtype), sizes).astype(a.dtype)
-            return grouped(a, w.base) + w.scale * grouped_matmul(h, w.b.astype(a.dtype), sizes)
-        if isinstance(w, Mxfp4Weight):
-            return fp4_ragged_dot(a, w, sizes, implementation=kernels)
-        w = w.dequantize(jnp.float32) if isinstance(w, QuantizedWeight) else w
-        return grouped_matmul(a, w.astype(a.dtype), sizes)
-
-    if qat:
-        xs = fp8_fake_quant(xs, 128)
-    hid = swiglu(grouped(xs, w1), grouped(xs, w3), limit)
-    hid = (hid * route_w[:, None]).astype(xs.dtype)
-    if qat:
-        hid = fp8_fake_quant(hid, 128)
-    return grouped(hid, w2)
-
-
 def balance_loss(scores: jax.Array, ids: jax.Array) -> jax.Array:
     """DeepSeek-V3's sequence-wise balance loss sum_e f_e P_e, averaged over rows (spec §6.1; unweighted).
 
@@ -125,19 +91,6 @@ def balance_loss(scores: jax.Array, ids: jax.Array) -> jax.Array:
     f = jax.lax.stop_gradient(counts * (e / (k * s)))
     p = jnp.mean(scores / jnp.sum(scores, axis=-1, keepdims=True), axis=1)
     return jnp.mean(jnp.sum(f * p, axis=-1))
-
-
-class Experts(nnx.Module):
-    """SwiGLU weights w1 (gate), w3 (up) [.., f, d] and w2 (down) [.., d, f]; `n` stacks routed experts."""
-
-    def __init__(self, cfg: ModelConfig, n: int | None, *, rngs: nnx.Rngs):
-        pd = jnp.dtype(cfg.param_dtype)
-        lead, lead_axes = ((n,), ("experts",)) if n else ((), ())
-        f_axis, d_axis = ("expert_ffw", "expert_embed") if n else ("ffw", "embed")
-        f, d = cfg.moe_inter_dim, cfg.dim
-        self.w1 = param(rngs, lead + (f, d), lead_axes + (f_axis, d_axis), pd)
-        self.w2 = param(rngs, lead + (d, f), lead_axes + (d_axis, f_axis), pd)
-        self.w3 = param(rngs, lead + (f, d), lead_axes + (f_axis, d_axis), pd)
 
 
 class MoE(nnx.Module):
@@ -157,10 +110,11 @@ class MoE(nnx.Module):
         weights, ids, scores = self.gate(x, token_ids.reshape(-1))
         if sow_stats:
             self._sow_stats(ids, scores, shape[0])
-        mesh = jax.sharding.get_abstract_mesh()
-        if cfg.moe_impl == "ragged" and not mesh.empty and mesh.size > 1:
-            from v4jax.expert_parallel import ep_routed  # imported here: it builds on this module
-
+        if cfg.moe_impl == "expert_parallel":
+            mesh = jax.sharding.get_abstract_mesh()
+            if mesh.empty:
+                raise ValueError("moe_impl 'expert_parallel' runs on the current mesh and none is set: trace inside "
+                                 "sharding.use_rules(mesh, rules) (or jax.set_mesh), or use moe_impl 'ragged'")
             ex = self.experts
             # LoRA on routed experts goes in merged (a dense weight gradient per layer, as in full training).
             w1, w2, w3 = (w.merged() if isinstance(w, Adapted) else w
@@ -170,8 +124,10 @@ class MoE(nnx.Module):
                                         cfg.moe_ep_capacity if sow_stats else None)
             if sow_stats:
                 self.sow(nnx.Intermediate, "ep_dropped", dropped)
+        elif cfg.moe_impl == "ragged":
+            routed = self._ragged(x, weights, ids)
         else:
-            routed = (self._ragged if cfg.moe_impl == "ragged" else self._dense)(x, weights, ids)
+            routed = self._dense(x, weights, ids)
         if self.shared_experts is not None:
             se = self.shared_experts
             routed = routed + expert_ffn(x, *(weight(se, n) for n in ("w1", "w2", "w3")), cfg.swiglu_limit, cfg.qat)

@@ -21,8 +21,9 @@ from flax import nnx
 from kernels.indexer import index_scores, indexer_topk, visible_ranges
 from kernels.indexer.reference import range_mask
 from v4jax.attention import Attention, entry_layout, token_layout
-from v4jax.hyper_connection import hc_mixes, split_sinkhorn
 from v4jax.block import Block, HCSite
+from v4jax.hyper_connection import hc_mixes, hc_post, split_sinkhorn
+from v4jax.layers import rms_norm
 from v4jax.model import Transformer, pop_stats
 
 
@@ -82,16 +83,15 @@ def entry_selection(attn: Attention, y: jax.Array, segment_ids: jax.Array | None
 def _block(model: Transformer, block: Block, x, token_ids, segment_ids):
     """One block as Block.__call__ runs it, recording its intermediates. -> (output streams, record fields)."""
     rec = dict(x_in=x, mhc_attn=site_maps(model, block.hc_attn, x))
-
-    def attn(y):  # the attention sub-layer, seeing exactly the input the block gives it
-        rec["attn_in"] = y
-        if block.attn.ratio:
-            rec.update(entry_selection(block.attn, y, segment_ids))
-        return block.attn(y, segment_ids)
-
-    x = block._site(x, block.hc_attn, block.attn_norm, attn)
+    eps = model.cfg.norm_eps
+    u, post, comb = block.hc_attn.pre(x)
+    y = rec["attn_in"] = rms_norm(u, block.attn_norm[...], eps)  # the attention sub-layer's input
+    if block.attn.ratio:
+        rec.update(entry_selection(block.attn, y, segment_ids))
+    x = hc_post(block.attn(y, segment_ids), x, post, comb)
     rec["mhc_ffn"] = site_maps(model, block.hc_ffn, x)
-    return block._site(x, block.hc_ffn, block.ffn_norm, lambda y: block.ffn(y, token_ids)), rec
+    u, post, comb = block.hc_ffn.pre(x)
+    return hc_post(block.ffn(rms_norm(u, block.ffn_norm[...], eps), token_ids), x, post, comb), rec
 
 
 @nnx.jit

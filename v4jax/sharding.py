@@ -25,6 +25,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from v4jax.config import ModelConfig
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 Rules = dict[str, "str | tuple[str, ...] | None"]
@@ -149,6 +151,12 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules: Rules, *filte
                            is_leaf=lambda x: isinstance(x, nnx.Variable))
     nnx.update(model, sharded)
     return model
+
+
+def for_mesh(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> ModelConfig:
+    """cfg as a run on `mesh` uses it: on more than one device the grouped MoE ("ragged") becomes
+    "expert_parallel" (each device dispatches its own tokens). The one place where the mesh picks a code path."""
+    return cfg.replace(moe_impl="expert_parallel") if cfg.moe_impl == "ragged" and mesh.size > 1 else cfg
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int, lead: int = 0) -> NamedSharding:

@@ -9,14 +9,15 @@ import jax.numpy as jnp
 from kernels import resolve, target_platform
 from kernels.fp4_matmul import pallas_kernel, reference
 from kernels.fp4_matmul.tuning import blocks as tuned_blocks
-from v4jax.quant import Mxfp4Weight
+from kernels.fp4_matmul.reference import grouped_matmul
+from v4jax.formats import Mxfp4Weight
 
-__all__ = ["fp4_matmul", "fp4_ragged_dot"]
+__all__ = ["fp4_matmul", "fp4_ragged_dot", "grouped_matmul"]
 
 
 def _check(name, x, w, weight_ndim):
     if not isinstance(w, Mxfp4Weight):
-        raise ValueError(f"{name} wants a v4jax.quant.Mxfp4Weight, got {type(w).__name__}: quantize the weight "
+        raise ValueError(f"{name} wants a v4jax.formats.Mxfp4Weight, got {type(w).__name__}: quantize the weight "
                          "first (v4jax.hub reads the released MXFP4 experts as Mxfp4Weight)")
     if x.ndim != 2 or w.packed.ndim != weight_ndim or x.shape[1] != w.shape[-1]:
         lead = "[e, n, k]" if weight_ndim == 3 else "[n, k]"

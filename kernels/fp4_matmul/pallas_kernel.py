@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from v4jax.quant import Mxfp4Weight
+from v4jax.formats import Mxfp4Weight
 
 
 def _dot(a, b, trans_b=False):

@@ -2,10 +2,13 @@
 the official `fp4_gemm` (kernel.py, FP4 expert weights times FP8 activations) and DeepGEMM's
 m_grouped_fp8_fp4_gemm for the grouped (MoE) form.
 
-Weights are v4jax.quant.Mxfp4Weight (spec §5.2): `packed` uint8 [.., n, k/2], two e2m1 codes per byte along
+Weights are v4jax.formats.Mxfp4Weight (spec §5.2): `packed` uint8 [.., n, k/2], two e2m1 codes per byte along
 k (low nibble = even element), `scale` uint8 UE8M0 exponents [.., n, k/32]: W = e2m1 * 2^(scale - 127).
 The reference decodes with Mxfp4Weight.dequantize itself, rounds W to the activation dtype (exact: e2m1 times
 a power of two fits bf16) and multiplies with fp32 accumulation, as v4jax.quant.linear and moe._ragged do.
+
+Also here: `grouped_matmul`, the grouped matmul of dense weights every MoE path runs on (ragged_dot on GPU / TPU,
+tiles on CPU).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from v4jax.quant import Mxfp4Weight, einsum, grouped_matmul
+from kernels import target_platform
+from v4jax.formats import Mxfp4Weight
+from v4jax.numerics import einsum
 
 
 def fp4_matmul(x: jax.Array, w: Mxfp4Weight) -> jax.Array:
@@ -24,5 +29,41 @@ def fp4_matmul(x: jax.Array, w: Mxfp4Weight) -> jax.Array:
 def fp4_ragged_dot(x: jax.Array, w: Mxfp4Weight, group_sizes: jax.Array) -> jax.Array:
     """Rows of x [m, k] sorted by group, group g's rows times W[g].T: W [e, n, k], group_sizes [e] -> [m, n]
     fp32 (rows past sum(group_sizes) are 0), jax.lax.ragged_dot's contract with [out, in] weights: the
-    dequantized weight through the model's grouped matmul (v4jax.quant.grouped_matmul)."""
+    dequantized weight through grouped_matmul."""
     return grouped_matmul(x, w.dequantize(jnp.float32).astype(x.dtype), group_sizes)
+
+
+def grouped_matmul(a: jax.Array, w: jax.Array, sizes: jax.Array, tile: int = 128) -> jax.Array:
+    """a [m, in] (rows sorted by group), w [e, out, in], sizes [e] -> [m, out] fp32: row r times its group's
+    weight; rows past sum(sizes) give 0. `jax.lax.ragged_dot` on GPU / TPU. XLA:CPU lowers ragged_dot densely
+    (every group over every row: e times the work and an [e, m, out] buffer; measured: 16 groups cost 33x one),
+    so on CPU the rows go in tiles and each (tile, group) pair that overlaps is one small matmul: at most
+    m / tile + e of them (megablox's schedule, in jnp)."""
+    if target_platform() != "cpu":
+        return jax.lax.ragged_dot(a, jnp.swapaxes(w, 1, 2), sizes, preferred_element_type=jnp.float32)
+    m, e = a.shape[0], w.shape[0]
+    tile = min(tile, -(-m // 8) * 8)  # decode: a few rows, small tiles
+    n_tiles = -(-m // tile)
+    a = jnp.pad(a, ((0, n_tiles * tile - m), (0, 0)))
+    end = jnp.cumsum(sizes)
+    start = end - sizes
+    count = jnp.where(sizes > 0, (end - 1) // tile - start // tile + 1, 0)  # tiles group g overlaps
+    item_end = jnp.cumsum(count)
+    item = jnp.arange(n_tiles + e)  # work items: (tile, group) pairs in group order; the tail is unused
+    group = jnp.minimum(jnp.searchsorted(item_end, item, side="right"), e - 1)
+    used = item < item_end[-1]
+    tile_of = jnp.where(used, start[group] // tile + item - (item_end - count)[group], 0)
+
+    @jax.checkpoint  # backward recomputes each item: no per-item copy of the group's weight is saved
+    def one(t, g, ok):
+        rows = t * tile + jnp.arange(tile)
+        y = einsum("ri,oi->ro", jax.lax.dynamic_slice_in_dim(a, t * tile, tile), w[g])
+        return jnp.where((ok & (rows >= start[g]) & (rows < end[g]))[:, None], y, 0.0)
+
+    def add_item(i, out):  # accumulated in place: no [items, tile, out] stack, forward or backward
+        return out.at[tile_of[i]].add(one(tile_of[i], group[i], used[i]))
+
+    # Item 0 starts the sum outside the loop: the carry then has the operands' type (varying under shard_map).
+    out = add_item(0, jnp.zeros((n_tiles, tile, w.shape[1]), jnp.float32))
+    out = jax.lax.fori_loop(1, n_tiles + e, add_item, out)
+    return out.reshape(n_tiles * tile, -1)[:m]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from v4jax.quant import einsum, ordered_sum
+from v4jax.numerics import einsum, ordered_sum
 
 
 def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array, dtype) -> jax.Array:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from v4jax.quant import einsum, ordered_max, ordered_sum
+from v4jax.numerics import einsum, ordered_max, ordered_sum
 
 
 def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Array, scale: float,

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import KERNEL_IMPL, export_for
 from kernels.fp4_matmul import fp4_matmul, fp4_ragged_dot, pallas_kernel
-from v4jax.quant import Mxfp4Weight
+from v4jax.formats import Mxfp4Weight
 
 
 def _weight(seed, shape, lo=118, hi=134):

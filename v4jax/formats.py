@@ -1,0 +1,111 @@
+"""The number formats V4 stores and computes in (spec §3.8, §4.2, §5.2): FP8 e4m3 and MXFP4 (e2m1) values with
+UE8M0 power-of-two block scales.
+
+  * block_quantize / block_dequantize: the activation quantiser of the official kernels (one scale per 1 x block
+    run along the last dim, chosen by the kernel's fp32 arithmetic), which the qat simulation (quant.py) and the
+    FP8 / FP4 inference cache (kv_cache.py) both use;
+  * Fp8Weight / Mxfp4Weight: released weights kept in their storage inside the parameter tree (128 x 128 FP8
+    blocks, 1 x 32 MXFP4 blocks), dequantized where a matmul reads them.
+
+The e2m1 value table and the format limits are v4jax.hub's (numpy, where released files are encoded and decoded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.hub import E2M1_VALUES, FP4_MAX, FP8_MAX
+from v4jax.numerics import ordered_max
+
+__all__ = ["FP4_MAX", "FP8_MAX", "Fp8Weight", "Mxfp4Weight", "QuantizedWeight", "block_dequantize",
+           "block_quantize", "pow2_ceil"]
+
+
+def pow2_ceil(v: jax.Array) -> jax.Array:
+    """2 ** ceil(log2(v)) for positive normal fp32 v, exactly (the kernel's exponent-bit trick)."""
+    m, e = jnp.frexp(v)  # v = m * 2**e with m in [0.5, 1); m == 0.5 means v is already a power of two
+    return jnp.ldexp(jnp.ones_like(v), e - (m == 0.5).astype(e.dtype))
+
+
+def block_quantize(x: jax.Array, block: int, qmax: float, amin: float, qdtype) -> tuple[jax.Array, jax.Array]:
+    """x [..., n * block] -> (codes [..., n * block] in qdtype, UE8M0 exponent bytes [..., n] uint8): each run of
+    `block` values along the last dim shares the scale 2^(byte - 127) = pow2_ceil(max(amax, amin) / qmax), the
+    official act_quant's arithmetic (it multiplies by the fp32 constant 1 / qmax rather than dividing)."""
+    xb = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = jnp.maximum(ordered_max(jnp.abs(xb), axis=-1, keepdims=True), amin)
+    s = pow2_ceil(amax * jnp.float32(1.0 / qmax))
+    q = jnp.clip(xb / s, -qmax, qmax).astype(qdtype)
+    exponent = jnp.frexp(s)[1] - 1  # s = 0.5 * 2^e exactly, i.e. 2^(e - 1)
+    return q.reshape(x.shape), (exponent[..., 0] + 127).astype(jnp.uint8)
+
+
+def block_dequantize(q: jax.Array, exponent_bytes: jax.Array, block: int, dtype) -> jax.Array:
+    """codes [..., n * block] times 2^(byte - 127) of their block ([..., n] uint8) -> [..., n * block] dtype."""
+    return (q.astype(jnp.float32) * jnp.repeat(_ue8m0_to_f32(exponent_bytes), block, axis=-1)).astype(dtype)
+
+
+class QuantizedWeight:
+    """Base of weights kept in a released storage format (FP8 blocks, MXFP4) inside an nnx.Param.
+
+    Subclasses are pytrees with `shape` (the logical [.., out, in]) and `dequantize(dtype)`; the model reads
+    every weight through `dense`, so a quantized tree runs unchanged (dequantized at the point of use).
+    """
+
+    shape: tuple[int, ...]
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        raise NotImplementedError
+
+
+def _ue8m0_to_f32(scale: jax.Array) -> jax.Array:
+    """UE8M0 exponent bytes (stored as uint8) -> 2^(b - 127) exactly; F32 scales (Base models) pass through."""
+    if scale.dtype == jnp.float32:
+        return scale
+    return jnp.ldexp(jnp.float32(1.0), scale.astype(jnp.int32) - 127)
+
+
+def _expand_blocks(s: jax.Array, shape: tuple[int, ...], rows: int, cols: int) -> jax.Array:
+    """A per-block grid [.., ceil(r/rows), ceil(c/cols)] repeated over [.., r, c]."""
+    s = jnp.repeat(jnp.repeat(s, rows, axis=-2), cols, axis=-1)
+    return s[..., : shape[-2], : shape[-1]]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp8Weight(QuantizedWeight):
+    """FP8 e4m3 weight [.., out, in] with one UE8M0 scale per 128x128 block ([.., ceil(out/128), ceil(in/128)]
+    uint8 exponent bytes, the checkpoint's F8_E8M0 bytes; or float32 scales): w = data * 2^(scale - 127)."""
+
+    data: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        s = _expand_blocks(_ue8m0_to_f32(self.scale), self.shape, 128, 128)
+        return (self.data.astype(jnp.float32) * s).astype(dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mxfp4Weight(QuantizedWeight):
+    """MXFP4 weight: `packed` uint8 (or int8) [.., out, in/2] holding two e2m1 codes per byte along K (low nibble
+    = even element), `scale` uint8 UE8M0 exponents [.., out, in/32]: w = e2m1 * 2^(scale - 127)."""
+
+    packed: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.packed.shape[:-1], 2 * self.packed.shape[-1])
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        b = self.packed.astype(jnp.uint8)
+        lut = jnp.asarray(E2M1_VALUES)
+        vals = jnp.stack([lut[b & 0xF], lut[b >> 4]], axis=-1).reshape(self.shape)
+        return (vals * _expand_blocks(_ue8m0_to_f32(self.scale), self.shape, 1, 32)).astype(dtype)
