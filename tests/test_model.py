@@ -98,7 +98,7 @@ def test_qat_routes_and_topk_match_official():
     """The MoE routes and the indexer's selections of the qat run equal the official ones for >= 98% of tokens."""
     from v4jax.attention import entry_layout, index_scores, token_layout, visible_entries
     from v4jax.layers import rms_norm
-    from v4jax.hyper_connection import hc_pre
+    from v4jax.hyper_connection import hc_post, hc_pre
     from v4jax.quant import linear
 
     model = fixture_model(qat=True)
@@ -126,7 +126,8 @@ def test_qat_routes_and_topk_match_official():
     assert (refs["qat_index_topk"][1, :3] == -1).all()  # fewer visible entries than top-k at the start
 
     def routes(blk, x):  # the block's attention site, then its router on the ffn input
-        x = blk._site(x, blk.hc_attn, blk.attn_norm, blk.attn)
+        u, post, comb = blk.hc_attn.pre(x)
+        x = hc_post(blk.attn(rms_norm(u, blk.attn_norm[...], cfg.norm_eps)), x, post, comb)
         u, _, _ = hc_pre(x, blk.hc_ffn.fn[...], blk.hc_ffn.scale[...], blk.hc_ffn.base[...], hc=4,
                          iters=cfg.hc_sinkhorn_iters, eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
         return blk.ffn.gate(rms_norm(u, blk.ffn_norm[...], cfg.norm_eps)[0], ids[0])[1]
