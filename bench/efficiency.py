@@ -117,7 +117,7 @@ def markdown(result: dict) -> str:
                      f"({SPEC_KV[name][1]}%, ~{CLAIMS['kv_1m_gqa'][name]}%) |")
     lines.append(f"| v3.2 | {kv['v3.2']['bf16']:.0f} | - | {kv['v3.2']['stored']:.0f} | "
                  f"{kv['v3.2']['stored'] * 2**20 / 2**30:.1f} | 100% | - |")
-    lines += ["", "Cache bytes read per decode step, one sequence, GB (`v4jax.cost.decode_read_bytes`; spec §1.4): "
+    lines += ["", "Cache bytes read per decode step, one sequence, GB (`v4jax.cost.decode_read_bytes`; performance.md §1.4): "
               + "; ".join(f"{k} {v[0]:.3f} at 128K (spec {SPEC_READ[k][0]}), {v[1]:.3f} at 1M (spec {SPEC_READ[k][1]})"
                           for k, v in rd.items())
               + f". Pro / V3.2: {100 * rd['pro'][0] / rd['v3.2'][0]:.1f}% and "

@@ -1,4 +1,4 @@
-"""Generation over DeepSeek-V4's compressed KV cache (spec §4): prefill, decode, sampling, MTP speculation.
+"""Generation over DeepSeek-V4's compressed KV cache (architecture §4): prefill, decode, sampling, MTP speculation.
 
 The cache is a pytree (v4jax.model.Cache) passed in and returned by jitted steps: `Transformer.step` feeds any
 number of new tokens per sequence (a prefill chunk, or one token to decode) and is exact against the full

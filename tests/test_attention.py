@@ -1,4 +1,4 @@
-"""Hybrid attention pieces (spec §3.4): index lists, visibility, the compressor's overlap order, chunking, memory."""
+"""Hybrid attention pieces (architecture §3.4): index lists, visibility, the compressor's overlap order, chunking, memory."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _randomize(module, seed):
 
 
 def compressor_reference(x, wkv, wgate, ape, norm, ratio, cfg):
-    """Spec §3.4.3 written out per entry and channel (numpy, float64)."""
+    """Architecture §3.4.3 written out per entry and channel (numpy, float64)."""
     x = x[0].astype(np.float64)
     d = norm.shape[0]
     a, z = x @ wkv.T, x @ wgate.T

@@ -1,4 +1,4 @@
-"""ModelConfig: presets (spec §2), the official and HF loaders, configs/model/*.json, and clear errors."""
+"""ModelConfig: presets (architecture §2), the official and HF loaders, configs/model/*.json, and clear errors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_flash_and_pro_presets_match_spec_table():
     assert (p.dim, p.n_layers, p.n_heads, p.q_lora_rank, p.o_groups, p.index_topk, p.n_routed_experts,
             p.moe_inter_dim, p.route_scale) == (7168, 61, 128, 1536, 16, 1024, 384, 3072, 2.5)
     assert len(f.compress_ratios) == 44 and len(p.compress_ratios) == 62
-    assert f.compress_ratios.count(4) == 21 and f.compress_ratios.count(128) == 20  # spec §2.3
+    assert f.compress_ratios.count(4) == 21 and f.compress_ratios.count(128) == 20  # architecture §2.3
     assert p.compress_ratios.count(4) == 30 and p.compress_ratios.count(128) == 31
     assert f.compress_ratios[:3] == (0, 0, 4) and p.compress_ratios[:3] == (128, 128, 4)
 
@@ -53,7 +53,7 @@ def test_hf_and_official_loaders_agree_on_the_fixture():
 
 
 def test_released_hf_config_fields():
-    """A released-style HF config (spec §2.1 field names) maps onto Flash."""
+    """A released-style HF config (architecture §2.1 field names) maps onto Flash."""
     hf = {"vocab_size": 129280, "n_routed_experts": 256, "n_shared_experts": 1, "q_lora_rank": 1024, "head_dim": 512,
           "o_groups": 8, "o_lora_rank": 1024, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512,
           "hc_mult": 4,

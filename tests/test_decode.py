@@ -1,4 +1,4 @@
-"""Inference over the cache (spec §4): chunked prefill of any size and decoding equal the full forward pass."""
+"""Inference over the cache (architecture §4): chunked prefill of any size and decoding equal the full forward pass."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GA checkpoints (Flash-0731 layout, spec v4-ga-dspark §2-3) on the tiny fixture tests/ga_fixture.py writes: both
+"""GA checkpoints (Flash-0731 layout, architecture §8.2-8.3) on the tiny fixture tests/ga_fixture.py writes: both
 config files, the name map and release dtypes of every drafter tensor, dense and quantized loads giving identical
 logits and drafts, to-orbax -> to-hub byte for byte, verify, train.export's writer, and the errors for mtp.*
 tensors of the wrong layout."""
@@ -74,7 +74,7 @@ def test_every_drafter_tensor_is_mapped_and_stored_as_released(ga):
                          ("mtp.0.e_proj.weight", True)):
         with pytest.raises(KeyError, match="GA" if dspark else "preview"):
             hub.hub_to_path(name, dspark=dspark)
-    # the stage-specific tensors in their release dtypes (spec v4-ga-dspark §3), tiny shapes
+    # the stage-specific tensors in their release dtypes (architecture §8.3), tiny shapes
     E4M3, UE8M0, BF16, F32 = hub.E4M3, hub.UE8M0, hub.BF16, np.dtype(np.float32)
     assert {n: ckpt.info(n) for n in ckpt.keys() if n.startswith("mtp.") and n.split(".", 2)[2] in (
         "main_proj.weight", "main_proj.scale", "main_norm.weight", "norm.weight", "hc_head_fn", "hc_head_base",

@@ -1,5 +1,5 @@
 """The safetensors reader / writer and the FP8 / MXFP4 codecs of v4jax.hub, against independent decoders
-written here from the format definitions (safetensors layout; e4m3, e2m1 and UE8M0 bit layouts, spec §5.2)."""
+written here from the format definitions (safetensors layout; e4m3, e2m1 and UE8M0 bit layouts, architecture §5.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""mHC (spec §3.2): Sinkhorn in the official order, and the direction of the stream mixing."""
+"""mHC (architecture §3.2): Sinkhorn in the official order, and the direction of the stream mixing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from v4jax.hyper_connection import hc_post, sinkhorn, split_sinkhorn
 
 
 def sinkhorn_reference(c: np.ndarray, iters: int, eps: float) -> np.ndarray:
-    """Spec §3.2 step 7, written out: row softmax + eps, column normalisation, then (row, column) x (iters-1)."""
+    """Architecture §3.2 step 7, written out: row softmax + eps, column normalisation, then (row, column) x (iters-1)."""
     p = np.exp(c - c.max(-1, keepdims=True))
     p = p / p.sum(-1, keepdims=True) + eps
     p = p / (p.sum(-2, keepdims=True) + eps)

@@ -1,4 +1,4 @@
-"""Cache storage formats (spec §4.2) and cache size (spec §4.3, performance.md §1.2)."""
+"""Cache storage formats (architecture §4.2) and cache size (architecture §4.3, performance.md §1.2)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_fp8_entries_are_flashmla_584_bytes_and_encode_the_qat_kv_quantization()
     stored = buf.encode(x)
     back = kv_cache.read(stored, jnp.float32)
     fq = kv_fake_quant(x, 64)
-    # the non-rope dims are spec §3.8's 1x64 FP8 quantization bit for bit; the rope dims are rounded to BF16
+    # the non-rope dims are architecture §3.8's 1x64 FP8 quantization bit for bit; the rope dims are rounded to BF16
     assert np.array_equal(_bits(back[..., :448]), _bits(fq[..., :448]))
     assert np.array_equal(_bits(back[..., 448:]), _bits(x[..., 448:].astype(jnp.bfloat16)))
     assert not np.any(np.asarray(stored.scale[..., 7]))  # the pad byte
@@ -98,7 +98,7 @@ def test_fp8_cache_is_lossless_under_qat():
 @pytest.mark.parametrize("preset, n_csa, n_hca", [("flash", 21, 20), ("pro", 30, 31)])
 def test_cache_bytes_equal_the_spec_formula(preset, n_csa, n_hca):
     """Bytes per token measured from init_cache's pytree = n_csa (entry + key) / 4 + n_hca entry / 128 for
-    every precision (spec §4.3); the fixed part holds a 128-slot window per layer (MTP included) and the fp32
+    every precision (architecture §4.3); the fixed part holds a 128-slot window per layer (MTP included) and the fp32
     compressor states ([8, 2 * 512] and [8, 2 * 128] per CSA layer, [128, 512] per HCA layer, values + logits)."""
     cfg = ModelConfig.preset(preset)
     entry = {"fp32": 2048, "bf16": 1024, "fp8": 584}

@@ -1,4 +1,4 @@
-"""RMSNorm, RoPE (interleaved pairs, two bases, YaRN on compressed layers) and the clamped SwiGLU (spec §3.3, §3.5)."""
+"""RMSNorm, RoPE (interleaved pairs, two bases, YaRN on compressed layers) and the clamped SwiGLU (architecture §3.3, §3.5)."""
 
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ def test_qat_routes_and_topk_match_official():
 
 def test_flash_and_pro_parameter_counts():
     """jax.eval_shape of the full models: Flash has exactly the released checkpoint's 290,942,289,362 logical
-    parameters (spec §2.4, [HDR]); Pro about 1598.8B; activated per token about 13.3B and 48.9B."""
+    parameters (architecture §2.4, [HDR]); Pro about 1598.8B; activated per token about 13.3B and 48.9B."""
     flash, pro = param_counts(ModelConfig.preset("flash")), param_counts(ModelConfig.preset("pro"))
     assert flash["total"] == 290_942_289_362
     assert round(pro["total"] / 1e9, 1) == 1598.8
@@ -152,7 +152,7 @@ def test_flash_and_pro_parameter_counts():
 
 def test_ga_parameter_counts_include_the_dspark_drafter():
     """Flash-0731 / Pro-0813: the preview backbone (same counts without the mtp namespace) plus three drafter
-    stages, each a window-only score-routed block, and the stage-specific tensors of spec v4-ga-dspark §3,
+    stages, each a window-only score-routed block, and the stage-specific tensors of architecture §8.3,
     counted here by hand from the tensor table: Flash's drafter is 19,845,850,983 (the spec's "about 19.8B")."""
     def drafter(d, n_heads, q_lora, o_groups, experts, rank, vocab=129280, hd=512, o_lora=1024, inter=None, hc=4):
         attn = (q_lora * d + q_lora + n_heads * hd * q_lora + hd * d + hd
@@ -171,7 +171,7 @@ def test_ga_parameter_counts_include_the_dspark_drafter():
 
 
 def test_flash_shapes_match_released_tensor_table():
-    """A few released tensor shapes (spec §5.2) come out of the abstract Flash model."""
+    """A few released tensor shapes (architecture §5.2) come out of the abstract Flash model."""
     from v4jax.model import model_variables
 
     v = model_variables(nnx.eval_shape(lambda: Transformer(ModelConfig.preset("flash"), rngs=nnx.Rngs(0))))

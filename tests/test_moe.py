@@ -1,4 +1,4 @@
-"""The MoE (spec §3.5): routing weights from unbiased scores, hash routing, ragged == dense, the shared expert."""
+"""The MoE (architecture §3.5): routing weights from unbiased scores, hash routing, ragged == dense, the shared expert."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def test_visibility_and_indexer_picks():
     lay = token_layout(seg, 2, T)
     _, _, qr = attn._project(rec.attn_in, lay.pos)
     q, w, keys = (np.asarray(a, np.float64) for a in attn.indexer(rec.attn_in, qr, lay, entry_layout(lay, 4)))
-    # I[t, s] = sum_i w[t, i] relu(q_i[t] . k[s]) (spec §3.4.5), over the visible entries only
+    # I[t, s] = sum_i w[t, i] relu(q_i[t] . k[s]) (architecture §3.4.5), over the visible entries only
     scores = np.einsum("bti,btis->bts", w, np.maximum(np.einsum("btid,bsd->btis", q, keys), 0))
     visible = np.asarray(rec.visible)
     got = np.asarray(rec.scores)
@@ -110,7 +110,7 @@ def test_picks_are_what_attention_attends():
 
 
 def test_mhc_maps_match_the_definition():
-    """pre / post / comb equal a numpy evaluation of spec §3.2 on the block input; comb is doubly stochastic."""
+    """pre / post / comb equal a numpy evaluation of architecture §3.2 on the block input; comb is doubly stochastic."""
     model, _, _, layers, *_ = _run()
     hc, sig = CFG.hc_mult, lambda z: 1 / (1 + np.exp(-z))
     for blk, rec in zip(model.layers, layers):

@@ -1,4 +1,4 @@
-"""The QAT primitives (spec §3.8) bit-exact against independent definitions written here in numpy."""
+"""The QAT primitives (architecture §3.8) bit-exact against independent definitions written here in numpy."""
 
 from __future__ import annotations
 

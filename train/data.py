@@ -1,4 +1,4 @@
-"""Training data: tokenised shards on disk, and a loader that packs documents into rows (spec §6.1 "Data").
+"""Training data: tokenised shards on disk, and a loader that packs documents into rows (architecture §6.1 "Data").
 
 Shard format (a folder): `meta.json` plus, per shard, `NNNNN.tokens.npy` (all documents' token ids back to
 back, uint16 when the vocabulary fits, else uint32) and `NNNNN.docs.npy` (int64 document start offsets, with

@@ -1,4 +1,4 @@
-"""Export a training run's latest checkpoint as a released-layout safetensors checkpoint (spec §5), so that a
+"""Export a training run's latest checkpoint as a released-layout safetensors checkpoint (architecture §5), so that a
 model pretrained or fine-tuned by train/pretrain.py can be served by other engines or loaded by HF transformers;
 or, for a LoRA run, its adapters alone.
 

@@ -1,4 +1,4 @@
-"""The DeepSeek-V4 optimizer (spec §6.1, [TR §2.4]): Muon for the matrices, AdamW for everything else.
+"""The DeepSeek-V4 optimizer (architecture §6.1, [TR §2.4]): Muon for the matrices, AdamW for everything else.
 
 Muon, per logically independent matrix W (n x m), with gradient G:
     M <- mu M + G                                  (momentum, mu = 0.95)
@@ -8,7 +8,7 @@ Muon, per logically independent matrix W (n x m), with gradient G:
 HybridNS: 10 steps X <- a X + b (X X^T) X + c (X X^T)^2 X, 8 with (3.4445, -4.7750, 2.0315) driving the
 singular values up fast, then 2 with (2, -1.5, 0.5) settling them at 1.
 
-Which matrices are "logically independent" (spec §7.4 leaves it open; our choice, one rule in `muon_split`):
+Which matrices are "logically independent" (architecture §7.4 leaves it open; our choice, one rule in `muon_split`):
   * stacked routed experts [E, out, in]: every expert on its own (the leading axis is a batch of matrices);
   * attn.wo_a: one matrix per output group (the paper's A_k act on disjoint head groups: block diagonal);
   * CSA compressors' wkv / wgate [2 * head, dim]: the two halves on their own (the paper's W^b for the previous

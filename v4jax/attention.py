@@ -1,4 +1,4 @@
-"""DeepSeek-V4 hybrid attention: sliding window + CSA (compressed sparse) + HCA (heavily compressed), spec §3.4.
+"""DeepSeek-V4 hybrid attention: sliding window + CSA (compressed sparse) + HCA (heavily compressed), architecture §3.4.
 
 Every layer attends over its own 128-token window of one shared K=V head (512 dims, the last 64 roped) plus a
 sink. CSA layers (ratio 4) add the lightning indexer's top-k of overlapping 4-token compressed entries; HCA
@@ -28,7 +28,7 @@ from v4jax.quant import Adapted, dense, fp8_fake_quant, hadamard, linear, mxfp4_
 
 
 def kv_fake_quant(kv: jax.Array, rope_dim: int) -> jax.Array:
-    """QAT of a KV entry: FP8 in 1x64 blocks on the non-rope dims; rope dims untouched (spec §3.4.2)."""
+    """QAT of a KV entry: FP8 in 1x64 blocks on the non-rope dims; rope dims untouched (architecture §3.4.2)."""
     return jnp.concatenate([fp8_fake_quant(kv[..., :-rope_dim], 64), kv[..., -rope_dim:]], axis=-1)
 
 
@@ -77,7 +77,7 @@ def entry_layout(lay: Layout, ratio: int) -> Entries:
 
 
 class Compressor(nnx.Module):
-    """Gated pooling of `ratio` consecutive tokens into one KV entry (spec §3.4.3).
+    """Gated pooling of `ratio` consecutive tokens into one KV entry (architecture §3.4.3).
 
     Ratio 4 (CSA) overlaps: entry i pools the first halves (dims [0, head_dim)) of window i-1's tokens with the
     second halves of window i's, one softmax over the 8 candidates per channel. Ratio 128 (HCA) pools its own
@@ -193,7 +193,7 @@ class CompressorState(NamedTuple):
 
 
 class Indexer(nnx.Module):
-    """The lightning indexer of CSA layers (spec §3.4.5): scores I[t, s] = sum_i w[t, i] relu(q_i[t] . k[s])
+    """The lightning indexer of CSA layers (architecture §3.4.5): scores I[t, s] = sum_i w[t, i] relu(q_i[t] . k[s])
     over its own compressed keys and picks the top index_topk visible entries per query."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -281,13 +281,13 @@ def window_indices(t: jax.Array, window: int, doc: jax.Array, doc_q: jax.Array) 
 def visible_entries(pos_q: jax.Array, doc_q: jax.Array, ent: Entries, ratio: int) -> jax.Array:
     """[b, q, n] bool: a query (position pos_q in document doc_q) may use entry j iff it belongs to the same
     document and its whole window ends by the query: (win + 1) * ratio <= pos + 1 (the official rule; the
-    report's floor(t / m) is off by one, spec §3.4.4)."""
+    report's floor(t / m) is off by one, architecture §3.4.4)."""
     same = ent.doc[:, None, :] == doc_q[:, :, None]
     return same & ((ent.win[:, None, :] + 1) * ratio <= (pos_q + 1)[:, :, None])
 
 
 def indexer_kl(q, kv, lse, comp, logits, scale: float):
-    """The V3.2 indexer loss for one chunk of queries (spec §6.2): KL(p || softmax(I)) over the compressed
+    """The V3.2 indexer loss for one chunk of queries (architecture §6.2): KL(p || softmax(I)) over the compressed
     entries in `comp` ([b, s, k] kv row indices, -1 unused) whose index scores are `logits` [b, s, k], where p is
     the main attention's probability mass on each entry (its full softmax, window and sink included:
     exp(z - lse)), summed over heads and normalised over the set. The teacher carries no gradient.
@@ -459,7 +459,7 @@ class Attention(nnx.Module):
 
     # ---- inference: the same layer over a cache ------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, kv_format: str, index_format: str) -> "AttentionCache":
-        """An empty cache for sequences of up to max_len tokens (spec §4.1); window ring and entries stored as
+        """An empty cache for sequences of up to max_len tokens (architecture §4.1); window ring and entries stored as
         kv_format, indexer keys as index_format (v4jax.kv_cache)."""
         cfg, m = self.cfg, self.ratio
         kv = lambda n: kv_cache.empty_kv(kv_format, (batch, n), cfg.head_dim, cfg.rope_head_dim)  # noqa: E731
@@ -530,7 +530,7 @@ class Pending(NamedTuple):
 
 
 class AttentionCache(NamedTuple):
-    """One layer's inference state (spec §4.1): the window ring [b, W, d] (position p in slot p mod W); for
+    """One layer's inference state (architecture §4.1): the window ring [b, W, d] (position p in slot p mod W); for
     compressed layers the entries [b, max_len // ratio, d] and the compressor's partial window; for CSA also
     the indexer's keys [b, max_len // 4, index_head_dim] and its compressor state. Ring, entries and keys are
     plain arrays or the packed formats of v4jax.kv_cache (same [b, slots] leading dims; read them through

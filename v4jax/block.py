@@ -1,4 +1,4 @@
-"""One V4 block (spec §3.2): two mHC sites, attention then MoE, each read as the official code writes it:
+"""One V4 block (architecture §3.2): two mHC sites, attention then MoE, each read as the official code writes it:
 hc_pre (collapse the streams) -> norm -> sub-layer -> hc_post (spread back and mix). The backbone's layers, the
 preview's MTP block and the DSpark drafter's stages are all this block.
 """

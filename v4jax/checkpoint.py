@@ -1,4 +1,4 @@
-"""Weights in and out of the v4jax parameter tree (spec §5): the released safetensors <-> model variables, and
+"""Weights in and out of the v4jax parameter tree (architecture §5): the released safetensors <-> model variables, and
 restoring a converted Orbax checkpoint onto any mesh.
 
 The hub (official) name <-> v4jax path <-> HF name table lives in v4jax.hub (numpy-only, shared with the HF

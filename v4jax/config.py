@@ -1,4 +1,4 @@
-"""Model configuration for DeepSeek-V4 (spec §2).
+"""Model configuration for DeepSeek-V4 (architecture §2).
 
 `ModelConfig` uses the field names of the official `inference/model.py` ModelArgs, so an official
 `inference/config.json` loads field for field; `from_hf_config` maps the HF `config.json` names. A few fields
@@ -8,7 +8,7 @@ are ours (marked below): numerics (`qat`, dtypes) and implementation switches. P
 `compress_ratios` has n_layers + n_mtp_layers entries, as in the released configs: 0 = sliding window only,
 4 = CSA (overlapping compressor + lightning indexer), 128 = HCA. The MTP entries are 0.
 
-Two checkpoint layouts share the backbone (spec v4-ga-dspark §2). The April preview (`flash`, `pro`) has one MTP
+Two checkpoint layouts share the backbone (architecture §8.2). The April preview (`flash`, `pro`) has one MTP
 block (n_mtp_layers = 1). The GA checkpoints (`flash-0731`, `pro-0813`) set the `dspark_*` fields and hold a DSpark
 drafter of n_mtp_layers stages (3) in the same `mtp.*` namespace; their HF `num_nextn_predict_layers` still says 1
 and is not what counts: the stage count is `n_mtp_layers` (official config), else len(compress_ratios) - n_layers,
@@ -87,12 +87,12 @@ class ModelConfig:
     dspark_noise_token_id: int = 0  # the token filling the block after the anchor
     dspark_target_layer_ids: tuple[int, ...] = ()  # backbone layers whose outputs feed the drafter
     dspark_markov_rank: int = 0  # rank of the Markov (previous draft token) logit correction
-    # checkpoint storage format (official names; they describe the released files, see spec §5)
+    # checkpoint storage format (official names; they describe the released files, see architecture §5)
     dtype: str = "fp8"
     scale_fmt: str | None = "ue8m0"
     expert_dtype: str | None = "fp4"
     # --- v4jax fields ---
-    qat: bool = False  # reproduce the official inference code's quantization simulation (spec §3.8)
+    qat: bool = False  # reproduce the official inference code's quantization simulation (architecture §3.8)
     compute_dtype: str = "bfloat16"  # activations; "float32" for parity tests
     param_dtype: str = "float32"  # master weights
     # The routed experts' path (v4jax/moe.py): "ragged" dropless grouped matmuls; "expert_parallel" the same per
@@ -105,7 +105,7 @@ class ModelConfig:
     moe_ep_capacity: float | None = None
     attn_chunk: int = 256  # queries per chunk in compressed attention: bounds memory to O(chunk * T)
     loss_chunk: int = 1024  # positions per chunk of the training loss's head + cross entropy (fp32 logits)
-    csa_dense: bool = False  # CSA attends every visible compressed entry (the dense training phase, spec §6.2)
+    csa_dense: bool = False  # CSA attends every visible compressed entry (the dense training phase, architecture §6.2)
     indexer_loss: bool = False  # CSA layers sow the V3.2 indexer KL loss; the indexer's inputs are detached
     # "auto": Pallas kernels where the backend has them (GPU, TPU), else the pure-jnp references; or force
     # "pallas", "reference", or "pallas_interpret" (the GPU kernels interpreted on any backend: slow, for tests)
@@ -216,7 +216,7 @@ class ModelConfig:
         if self.attn_chunk < 1 or self.loss_chunk < 1:
             bad("attn_chunk / loss_chunk", f"are {self.attn_chunk} / {self.loss_chunk}", "Use positive chunk sizes")
         if self.qat:
-            # The simulation quantizes in fixed blocks (spec §3.8): the dims must split into whole blocks.
+            # The simulation quantizes in fixed blocks (architecture §3.8): the dims must split into whole blocks.
             for f, v, b in (("dim", self.dim, 128), ("q_lora_rank", self.q_lora_rank, 128),
                             ("moe_inter_dim", self.moe_inter_dim, 128),
                             ("head_dim - rope_head_dim", self.nope_head_dim, 64)):
@@ -400,7 +400,7 @@ def hf_drafter_stages(d: dict, source=None) -> int | None:
                       "the drafter's stage count is unknown. Give compress_ratios (n_layers + stages entries)")
 
 
-# The release's quantization_config (FP8 e4m3, 128x128 blocks, dynamic activation scales; spec §5.1).
+# The release's quantization_config (FP8 e4m3, 128x128 blocks, dynamic activation scales; architecture §5.1).
 HF_FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
                        "weight_block_size": [128, 128]}
 
@@ -416,14 +416,14 @@ def _read(source) -> dict:
     return json.loads(path.read_text())
 
 
-# Spec §2.1/§2.2. Flash and Pro differ in width, depth, experts, top-k and the first two layers' type.
+# Architecture §2.1/§2.2. Flash and Pro differ in width, depth, experts, top-k and the first two layers' type.
 PRESETS: dict[str, dict] = {
     "flash": dict(),
     "pro": dict(
         dim=7168, moe_inter_dim=3072, n_layers=61, n_heads=128, n_routed_experts=384, route_scale=2.5,
         q_lora_rank=1536, o_groups=16, index_topk=1024, compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0),
     ),
-    # The GA checkpoints (spec v4-ga-dspark §2): the preview backbone, a 3-stage DSpark drafter under mtp.*.
+    # The GA checkpoints (architecture §8.2): the preview backbone, a 3-stage DSpark drafter under mtp.*.
     "flash-0731": dict(
         compress_ratios=(0, 0) + (4, 128) * 20 + (4,) + (0, 0, 0), n_mtp_layers=3, dspark_block_size=5,
         dspark_noise_token_id=128799, dspark_target_layer_ids=(40, 41, 42), dspark_markov_rank=256,

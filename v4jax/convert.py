@@ -1,4 +1,4 @@
-"""`v4jax-convert`: released safetensors -> sharded Orbax checkpoint, and back (spec §5).
+"""`v4jax-convert`: released safetensors -> sharded Orbax checkpoint, and back (architecture §5).
 
     v4jax-convert to-orbax SRC DST [--weights quantized|fp8|float32|bfloat16] [--mesh fsdp=4,expert=2]
                                    [--rules train|decode] [--unit-gb 1] [--verify]

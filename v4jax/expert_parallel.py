@@ -1,4 +1,4 @@
-"""Expert parallelism for the DeepSeek-V4 MoE (spec §3.5): the routed sum with the experts split over devices.
+"""Expert parallelism for the DeepSeek-V4 MoE (architecture §3.5): the routed sum with the experts split over devices.
 
 Layout (the usual EP one). Tokens are split over every token axis of the mesh (data, fsdp and expert), the routed
 experts over `expert` in contiguous blocks of e_l = e / E (device j of the axis holds experts j*e_l .. j*e_l+e_l-1),

@@ -1,4 +1,4 @@
-"""The SwiGLU experts of V4's MoE (spec §3.5): their weights, and the two ways of running them, one expert on
+"""The SwiGLU experts of V4's MoE (architecture §3.5): their weights, and the two ways of running them, one expert on
 its tokens (`expert_ffn`: the shared expert, the dense reference) or all routed experts at once on rows sorted by
 expert (`grouped_ffn`: one grouped matmul per weight; the local work of moe's grouped and expert-parallel paths).
 """

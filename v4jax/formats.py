@@ -1,4 +1,4 @@
-"""The number formats V4 stores and computes in (spec §3.8, §4.2, §5.2): FP8 e4m3 and MXFP4 (e2m1) values with
+"""The number formats V4 stores and computes in (architecture §3.8, §4.2, §5.2): FP8 e4m3 and MXFP4 (e2m1) values with
 UE8M0 power-of-two block scales.
 
   * block_quantize / block_dequantize: the activation quantiser of the official kernels (one scale per 1 x block

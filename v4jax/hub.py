@@ -1,4 +1,4 @@
-"""The released DeepSeek-V4 checkpoint format (spec §5), in plain numpy + ml_dtypes.
+"""The released DeepSeek-V4 checkpoint format (architecture §5), in plain numpy + ml_dtypes.
 
 What is here:
   * safetensors reading: the header is parsed and checked (offsets, sizes, dtypes) and the bytes are
@@ -9,9 +9,9 @@ What is here:
     `destination_lock` (DST.lock) and `Journal` (DST.journal.json, what a resumed write keeps);
   * decoding and encoding of the two quantized formats: FP8 e4m3 with one UE8M0 scale per 128x128 block, MXFP4
     (e2m1 pairs packed in a byte, low nibble = even element, one UE8M0 scale per 1x32 block along K), and the
-    lossless MXFP4 -> FP8 re-encode of the official convert.py (spec §5.4 step 5);
+    lossless MXFP4 -> FP8 re-encode of the official convert.py (architecture §5.4 step 5);
   * THE name table: hub (official) names <-> v4jax parameter paths <-> HF transformers names, with each
-    tensor's released storage format (spec §5.2-5.3);
+    tensor's released storage format (architecture §5.2-5.3);
   * `random_hub_checkpoint`, an unquantized random checkpoint with every released tensor name (preview or GA
     layout), and `write_random_checkpoint`, the same stored as released.
 
@@ -582,7 +582,7 @@ def quantize_fp4(w, block=32):
 
 
 def fp4_to_fp8(packed, scale, block=128):
-    """The lossless MXFP4 -> FP8 re-encode (official convert.py --expert-dtype fp8, spec §5.4 step 5).
+    """The lossless MXFP4 -> FP8 re-encode (official convert.py --expert-dtype fp8, architecture §5.4 step 5).
 
     Each 128x128 block gets the shared scale max(its 1x32 scales) / 2^6; the per-32 ratios (<= 2^6) fold into
     the e4m3 values (|e2m1| * 2^6 <= 384 <= 448). Exact unless a block's 1x32 scales span more than 2^14
@@ -664,7 +664,7 @@ def quantize_hub_state(state):
 # ----------------------------------------------------------------------------- the name table
 # One row per released tensor: (hub name, v4jax parameter path, HF transformers name, released storage).
 # Rows under _BLOCK are relative to `layers.N.` (hub, v4jax) / `model.layers.N.` (HF). The `mtp.*` namespace holds
-# one of two layouts (spec v4-ga-dspark §1-3), which the config tells apart: the preview's MTP block, `mtp.0.`
+# one of two layouts (architecture §8.1-8.3), which the config tells apart: the preview's MTP block, `mtp.0.`
 # (hub) / `mtp.` (v4jax), _BLOCK + _MTP_ONLY; or a GA checkpoint's DSpark drafter, stage s at `mtp.s.` (hub) /
 # `dspark.stages.s.` (v4jax), _BLOCK + _DSPARK_ONLY (stage 0 holds main_proj / main_norm, the last stage the
 # head pieces). Neither has an HF counterpart (HF builds no MTP or drafter). Routed-expert rows

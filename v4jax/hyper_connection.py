@@ -1,4 +1,4 @@
-"""Manifold-constrained hyper-connections (mHC), spec §3.2 and §3.6, [TR §2.2].
+"""Manifold-constrained hyper-connections (mHC), architecture §3.2 and §3.6, [TR §2.2].
 
 The residual state is hc_mult streams X [b, s, hc, d]. Each sub-layer site computes, from an unweighted RMS
 of all hc*d values and a linear map fn, three things: `pre` weights that collapse the streams into the
@@ -61,6 +61,6 @@ def hc_post(f: jax.Array, residual: jax.Array, post: jax.Array, comb: jax.Array)
 
 
 def hc_head(x, fn, scale, base, *, eps: float, norm_eps: float) -> jax.Array:
-    """Collapse the streams before the final norm (spec §3.6): pre_j = sigmoid(m_j * scale + base_j) + eps."""
+    """Collapse the streams before the final norm (architecture §3.6): pre_j = sigmoid(m_j * scale + base_j) + eps."""
     pre = jax.nn.sigmoid(hc_mixes(x, fn, norm_eps) * scale.astype(jnp.float32)[0] + base.astype(jnp.float32)) + eps
     return collapse(x, pre)

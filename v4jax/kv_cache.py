@@ -1,4 +1,4 @@
-"""Storage formats of the inference cache (spec §4.2); its size per token and sequence is v4jax.cost.cache_bytes.
+"""Storage formats of the inference cache (architecture §4.2); its size per token and sequence is v4jax.cost.cache_bytes.
 
 Each stored tensor of an AttentionCache (the window ring, the compressed entries, the indexer keys) is either
 a plain array in a float dtype ("fp32", "bf16") or one of the packed formats below. Every format keeps the
@@ -9,7 +9,7 @@ keys span by span as the indexer scores them (kernels/indexer).
     kv_format     window ring + compressed entries   "fp32" | "bf16" | "fp8" (Fp8Entries, FlashMLA's 584 B)
     index_format  indexer keys (CSA layers)          "fp32" | "bf16" | "fp8" (Fp8Keys, 132 B) | "fp4" (Fp4Keys, 68 B)
 
-The FP8 entry and FP4 key encodings are the quantizers the model already simulates under qat=True (spec
+The FP8 entry and FP4 key encodings are the quantizers the model already simulates under qat=True (architecture
 §3.8: FP8 e4m3 with a UE8M0 scale per 1x64 block on the non-rope dims; MXFP4 per 1x32 after the Hadamard),
 with the same quantiser as quant.fp8_fake_quant / mxfp4_fake_quant (formats.block_quantize). Encoding a fake-quantized value gives it
 back exactly, so under qat=True these formats lose nothing.
@@ -40,7 +40,7 @@ def _as_fp8(b: jax.Array) -> jax.Array:
 
 
 class Fp8Entries(NamedTuple):
-    """KV entries as FlashMLA's V4 cache stores them (spec §4.2; 584 B at head_dim 512): the non-rope dims as
+    """KV entries as FlashMLA's V4 cache stores them (architecture §4.2; 584 B at head_dim 512): the non-rope dims as
     FP8 e4m3 with one UE8M0 scale byte per 64 (7 bytes padded to 8), the rope dims in BF16."""
 
     nope: jax.Array  # [..., head_dim - rope_dim] uint8: float8_e4m3fn bit patterns
@@ -72,7 +72,7 @@ class Fp8Entries(NamedTuple):
 
 
 class Fp4Keys(NamedTuple):
-    """Indexer keys as MXFP4 (spec §4.2, 68 B at index_head_dim 128): e2m1 codes packed two per byte (low nibble
+    """Indexer keys as MXFP4 (architecture §4.2, 68 B at index_head_dim 128): e2m1 codes packed two per byte (low nibble
     = even dim, as in the released expert weights) and one UE8M0 scale byte per 32 dims."""
 
     packed: jax.Array  # [..., dim / 2] uint8
@@ -98,7 +98,7 @@ class Fp4Keys(NamedTuple):
 
 
 class Fp8Keys(NamedTuple):
-    """Indexer keys as vLLM's FP8 indexer cache (spec §4.2, 132 B at index_head_dim 128): FP8 e4m3 with one
+    """Indexer keys as vLLM's FP8 indexer cache (architecture §4.2, 132 B at index_head_dim 128): FP8 e4m3 with one
     fp32 scale per key (a power of two, so MXFP4 keys usually re-encode exactly; not guaranteed when the
     key's 32-blocks differ in scale by more than e4m3's range)."""
 

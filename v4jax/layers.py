@@ -1,4 +1,4 @@
-"""Small shared pieces of DeepSeek-V4: RMSNorm, rotary embedding and the clamped SwiGLU (spec §3.3, §3.5).
+"""Small shared pieces of DeepSeek-V4: RMSNorm, rotary embedding and the clamped SwiGLU (architecture §3.3, §3.5).
 
 RoPE acts on the *last* rope_head_dim dims of a head vector, rotating interleaved pairs (2j, 2j+1), GPT-J
 style. Window-only layers and the MTP block use base rope_theta (10000) with no YaRN; CSA/HCA layers use
@@ -30,7 +30,7 @@ def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
 
 def yarn_correction_range(cfg: ModelConfig) -> tuple[int, int]:
     """The (low, high) pair indices of the YaRN ramp: pairs below `low` keep their frequency, pairs above
-    `high` are divided by rope_factor (spec §3.3: 15 and 25 for the released configs)."""
+    `high` are divided by rope_factor (architecture §3.3: 15 and 25 for the released configs)."""
     dim, base, orig = cfg.rope_head_dim, cfg.compress_rope_theta, cfg.original_seq_len
 
     def corr_dim(n_rot):
@@ -56,7 +56,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray, inverse: b
     """Rotate the last 2*len(freqs) dims of x [..., s, (h,) d] by angle position * freq per interleaved pair.
 
     positions [b, s] (b may be 1) covers x's dims up to s; head axes after s broadcast.
-    `inverse` rotates by -angle (the de-rotation of attention outputs, spec §3.4.6).
+    `inverse` rotates by -angle (the de-rotation of attention outputs, architecture §3.4.6).
     """
     rd = 2 * freqs.shape[0]
     angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(freqs)  # [..., s, rd/2]
@@ -72,7 +72,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray, inverse: b
 
 
 def swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
-    """silu(min(gate, limit)) * clamp(up, -limit, limit) in fp32 (spec §3.5; no lower clamp on the gate)."""
+    """silu(min(gate, limit)) * clamp(up, -limit, limit) in fp32 (architecture §3.5; no lower clamp on the gate)."""
     gate, up = gate.astype(jnp.float32), up.astype(jnp.float32)
     if limit > 0:
         up = jnp.clip(up, -limit, limit)
@@ -90,7 +90,7 @@ def split_chunks(a: jax.Array, chunk: int, fill=0) -> jax.Array:
 
 
 # ---- parameters ---------------------------------------------------------------------------------------------
-# Init (DeepSeek did not publish V4's, spec §7.1): matrices N(0, 0.006^2) as DeepSeek-V3 states for all its
+# Init (DeepSeek did not publish V4's, architecture §7.1): matrices N(0, 0.006^2) as DeepSeek-V3 states for all its
 # weights; RMSNorm weights 1; mHC gating factors 0.01 and biases 0 (Megatron's mHC, so every site starts as
 # "average the streams, add the sub-layer output"); attention sinks, ape and router biases 0.
 INIT_STD = 0.006

@@ -196,7 +196,7 @@ class AdapterMismatch(ValueError):
 
 def peft_module(path: str, expert: int | None = None) -> str:
     """The module name an adapter on the weight at v4jax parameter `path` is saved under: HF transformers' name
-    for that weight (spec §5.3; `model.layers.3.self_attn.q_a_proj`), so PEFT can put it on the HF model. Routed
+    for that weight (architecture §5.3; `model.layers.3.self_attn.q_a_proj`), so PEFT can put it on the HF model. Routed
     experts (HF stacks them in one tensor, which PEFT's LoRA does not adapt) get one module per expert, named as
     the shared expert's projections: `model.layers.3.mlp.experts.<e>.gate_proj` (w1), `.up_proj` (w3),
     `.down_proj` (w2). The MTP block and the DSpark drafter stages, absent from HF, keep their hub names

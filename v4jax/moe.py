@@ -1,4 +1,4 @@
-"""DeepSeek-V4 mixture of experts (spec §3.5): the Gate, routed experts and the shared expert.
+"""DeepSeek-V4 mixture of experts (architecture §3.5): the Gate, routed experts and the shared expert.
 
 Gate: s = sqrt(softplus(y . W_g)) in fp32. Score-routed layers pick the top-k of s + bias (the
 auxiliary-loss-free bias steers selection only); the first n_hash_layers take their k experts from a fixed
@@ -40,7 +40,7 @@ class HashTable(nnx.Variable):
 
 
 def balanced_hash_table(key: jax.Array, vocab: int, n_experts: int, k: int) -> jax.Array:
-    """A tid2eid for training from scratch (the real hash is unpublished, spec §7.2): every token gets k
+    """A tid2eid for training from scratch (the real hash is unpublished, architecture §7.2): every token gets k
     distinct experts and every expert the same number of (token, slot) pairs, +-1, in a random token order."""
     order = jax.random.permutation(key, vocab)
     slots = (jnp.arange(vocab)[:, None] * k + jnp.arange(k)) % n_experts
@@ -80,7 +80,7 @@ class Gate(nnx.Module):
 
 
 def balance_loss(scores: jax.Array, ids: jax.Array) -> jax.Array:
-    """DeepSeek-V3's sequence-wise balance loss sum_e f_e P_e, averaged over rows (spec §6.1; unweighted).
+    """DeepSeek-V3's sequence-wise balance loss sum_e f_e P_e, averaged over rows (architecture §6.1; unweighted).
 
     scores [b, s, e] (unbiased router scores), ids [b, s, k]: f_e = e / (k s) * (tokens routed to e) carries no
     gradient; P_e = mean over tokens of s_e / sum_j s_j.

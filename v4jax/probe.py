@@ -2,10 +2,10 @@
 
 `probe(model, token_ids)` runs the main model layer by layer through the blocks' own code and records, per
 layer, what the forward computes but does not return:
-  * mHC (spec §3.2): each site's pre / post weights and the Sinkhorn-normalised stream-mixing matrix comb;
-  * the compressed entries (spec §3.4.4-5): which entries each query may see, and for CSA layers the lightning
+  * mHC (architecture §3.2): each site's pre / post weights and the Sinkhorn-normalised stream-mixing matrix comb;
+  * the compressed entries (architecture §3.4.4-5): which entries each query may see, and for CSA layers the lightning
     indexer's scores and its top-k picks among the visible entries;
-  * the MoE routing (spec §3.5): the expert loads the layers sow (token-slots per routed expert).
+  * the MoE routing (architecture §3.5): the expert loads the layers sow (token-slots per routed expert).
 The final streams equal `Transformer.hidden` (tests/test_probe.py). Nothing here changes the model's math: the
 records come from the same functions the layers call.
 """

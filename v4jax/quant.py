@@ -1,4 +1,4 @@
-"""The quantization simulation of DeepSeek-V4's official inference code (spec §3.8, [OFF] kernel.py).
+"""The quantization simulation of DeepSeek-V4's official inference code (architecture §3.8, [OFF] kernel.py).
 
 With `qat=True` the model reproduces what the released inference code computes: FP8 e4m3 activations (1x128
 blocks) into every FP8/FP4 matmul, FP8 fake-quant of the KV non-RoPE dims in 1x64 blocks, and a Hadamard

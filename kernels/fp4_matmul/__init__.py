@@ -1,4 +1,4 @@
-"""MXFP4-weight matmuls (spec §5.2): dense and grouped over experts, bf16 / fp32 activations, fp32 accumulation.
+"""MXFP4-weight matmuls (architecture §5.2): dense and grouped over experts, bf16 / fp32 activations, fp32 accumulation.
 Upstream ops: the official fp4_gemm; DeepGEMM m_grouped_fp8_fp4_gemm (grouped)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 the official `fp4_gemm` (kernel.py, FP4 expert weights times FP8 activations) and DeepGEMM's
 m_grouped_fp8_fp4_gemm for the grouped (MoE) form.
 
-Weights are v4jax.formats.Mxfp4Weight (spec §5.2): `packed` uint8 [.., n, k/2], two e2m1 codes per byte along
+Weights are v4jax.formats.Mxfp4Weight (architecture §5.2): `packed` uint8 [.., n, k/2], two e2m1 codes per byte along
 k (low nibble = even element), `scale` uint8 UE8M0 exponents [.., n, k/32]: W = e2m1 * 2^(scale - 127).
 The reference decodes with Mxfp4Weight.dequantize itself, rounds W to the activation dtype (exact: e2m1 times
 a power of two fits bf16) and multiplies with fp32 accumulation, as v4jax.quant.linear and moe._ragged do.

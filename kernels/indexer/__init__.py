@@ -1,4 +1,4 @@
-"""The lightning indexer of CSA layers (spec §3.4.5): scores fused with top-k selection over each query's
+"""The lightning indexer of CSA layers (architecture §3.4.5): scores fused with top-k selection over each query's
 visible range of entry slots. Upstream ops: the official Indexer (fp8_index + topk); DeepGEMM fp8_mqa_logits."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The lightning indexer (spec §3.4.5) as a Pallas score kernel plus a blockwise running top-k: GPU (Triton
+"""The lightning indexer (architecture §3.4.5) as a Pallas score kernel plus a blockwise running top-k: GPU (Triton
 lowering), TPU (Mosaic) and CPU tests (interpret mode). The math and the picks are reference.py's.
 
 Score kernel: one program scores block_q queries against block_k keys. The queries' heads are stacked as the

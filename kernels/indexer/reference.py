@@ -1,4 +1,4 @@
-"""The lightning indexer's scores and top-k selection of CSA layers (spec §3.4.5), pure jnp: the spec, the CPU
+"""The lightning indexer's scores and top-k selection of CSA layers (architecture §3.4.5), pure jnp: the spec, the CPU
 path and the oracle of the Pallas kernel. Upstream ops: the official `Indexer.forward` (its fp8_index scores,
 then topk), DeepGEMM's fp8_mqa_logits for the scores.
 
@@ -117,7 +117,7 @@ def indexer_topk(q: jax.Array, w: jax.Array, keys, lo: jax.Array, hi: jax.Array,
 
 def picked_scores(q: jax.Array, w: jax.Array, keys: jax.Array, idx: jax.Array, dtype) -> jax.Array:
     """The scores of the picked slots idx [b, s, k] (-1 -> -inf), differentiable in q, w and keys: what the
-    indexer KL loss needs (spec §6.2), computed from the k gathered keys instead of all n."""
+    indexer KL loss needs (architecture §6.2), computed from the k gathered keys instead of all n."""
     valid = idx >= 0
     picked = jax.vmap(lambda kb, ib: kb[ib])(keys, jnp.where(valid, idx, 0))  # [b, s, k, d]
     dots = einsum("bsid,bskd->bsik", q, picked)

@@ -1,4 +1,4 @@
-"""Sparse attention over index lists (window ++ compressed entries) with an attention sink (spec §3.4.6).
+"""Sparse attention over index lists (window ++ compressed entries) with an attention sink (architecture §3.4.6).
 
 `sparse_attention` picks the implementation: the Pallas kernels (pallas.py; Triton kernels on GPU, Mosaic
 kernels on TPU) where the backend has them, the pure-jnp reference (reference.py) elsewhere.

@@ -1,4 +1,4 @@
-"""Index-list sparse attention with a sink (spec §3.4.6) through Pallas kernels: the custom_vjp that joins the
+"""Index-list sparse attention with a sink (architecture §3.4.6) through Pallas kernels: the custom_vjp that joins the
 forward and backward kernels of a target (pallas_gpu.py: Triton; pallas_tpu.py: Mosaic), padding, and dkv.
 
 Backward math (z = scale q.k, p = exp(z - lse), delta = sum(o * do)): with cotangents do on o and dlse on lse,

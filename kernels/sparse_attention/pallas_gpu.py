@@ -1,4 +1,4 @@
-"""Index-list sparse attention with a sink (spec §3.4.6): the Pallas GPU kernels (Triton lowering), forward
+"""Index-list sparse attention with a sink (architecture §3.4.6): the Pallas GPU kernels (Triton lowering), forward
 and backward; also what implementation="pallas_interpret" runs on CPU. The custom_vjp, padding and the dkv
 segment sum around them are pallas.py's; the TPU kernels are pallas_tpu.py.
 

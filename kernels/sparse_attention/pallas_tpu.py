@@ -1,4 +1,4 @@
-"""Index-list sparse attention with a sink (spec §3.4.6): the Pallas TPU (Mosaic) kernels, forward and backward.
+"""Index-list sparse attention with a sink (architecture §3.4.6): the Pallas TPU (Mosaic) kernels, forward and backward.
 The math and the custom_vjp around them are pallas.py's; the GPU kernels are pallas_gpu.py.
 
 Mosaic has no vector-indexed load from a ref, so kv stays in HBM (memory space ANY) and each block of block_k

@@ -2,7 +2,7 @@
 
 For every query (b, s) and head h, the keys are the rows kv[b, idx[b, s, :]] of one shared K=V tensor
 (V4's single 512-dim KV head); idx = -1 marks an unused slot. V4 puts the sliding-window positions first and
-the selected (CSA) or all visible (HCA) compressed entries after them (spec §3.4.6):
+the selected (CSA) or all visible (HCA) compressed entries after them (architecture §3.4.6):
 
     z_k = scale * q . kv[idx_k]            (fp32)
     p_k = exp(z_k) / (sum_k exp(z_k) + exp(sink_h))

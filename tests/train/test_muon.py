@@ -1,4 +1,4 @@
-"""Muon (train/muon.py) against an independent numpy computation of spec §6.1 and against optax.contrib.muon."""
+"""Muon (train/muon.py) against an independent numpy computation of architecture §6.1 and against optax.contrib.muon."""
 
 from __future__ import annotations
 
