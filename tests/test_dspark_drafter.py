@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from v4jax import kv_cache, sharding
+from v4jax.dspark import ring_index
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
 
@@ -96,12 +97,12 @@ def test_block_attention_is_bidirectional_and_sees_only_filled_ring_slots():
     ring = jnp.asarray(rng.normal(size=(1, W, cfg.head_dim)), jnp.float32)
     pos = jnp.asarray([[9 + np.arange(B)]])[0]
     n_ring = jnp.asarray([9])
-    base = _np(attn(x, ring, n_ring, pos))
-    later = _np(attn(x.at[:, B - 1].multiply(-1.0), ring, n_ring, pos))
+    base = _np(attn(x, ring, ring_index(n_ring, W, B), pos))
+    later = _np(attn(x.at[:, B - 1].multiply(-1.0), ring, ring_index(n_ring, W, B), pos))
     assert np.max(np.abs(later[0, 0] - base[0, 0])) > 1e-3  # slot 0 sees the last slot
-    unfilled = _np(attn(x, ring.at[:, 9:].set(7.0), n_ring, pos))
+    unfilled = _np(attn(x, ring.at[:, 9:].set(7.0), ring_index(n_ring, W, B), pos))
     np.testing.assert_array_equal(unfilled, base)  # slots >= n_ring are invisible
-    filled = _np(attn(x, ring.at[:, 8].set(7.0), n_ring, pos))
+    filled = _np(attn(x, ring.at[:, 8].set(7.0), ring_index(n_ring, W, B), pos))
     assert np.max(np.abs(filled - base)) > 1e-3
 
 
@@ -121,7 +122,7 @@ def test_draft_head_markov_and_confidence_equations():
     x = model.streams(block)
     pos = P + jnp.arange(B)[None]
     for stage, ring in zip(model.dspark.stages, cache.dspark):
-        x = stage(x, ring, jnp.asarray([min(P, cfg.window_size)]), pos, block)
+        x = stage(x, ring, ring_index(jnp.asarray([min(P, cfg.window_size)]), cfg.window_size, B), pos, block)
     x = _np(x)[0]  # [B, hc, d]
     last = model.dspark.stages[-1]
     flat = x.reshape(B, -1)

@@ -13,6 +13,9 @@ Packed rows: a target counts only if it lies in the same document as the positio
 (segment_ids equal), so no loss crosses documents; with a loss mask (SFT rows, train.chat), only targets
 whose mask is 1 count (the assistant's tokens), for the main and the MTP loss alike. The aux-loss-free router
 bias is not part of the gradient: `router_bias_updates` moves it from the expert loads after each step.
+
+A DSpark drafter run (train.pretrain with drafter.enabled) has its own objective, `drafter_objective` (spec
+v4-ga-dspark §5): CE, weighted L1 distance to the frozen target and the confidence BCE, see `drafter_loss`.
 """
 
 from __future__ import annotations
@@ -96,3 +99,61 @@ def load_balance(loads: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(max, min) over the MoE layers and experts of load / mean load: 1 and 1 is perfectly balanced."""
     rel = jnp.stack([v / jnp.maximum(jnp.mean(v), 1e-9) for v in loads.values()])
     return jnp.max(rel), jnp.min(rel)
+
+
+# ---- the DSpark drafter (spec v4-ga-dspark §5) -----------------------------------------------------------------
+
+def drafter_loss(draft_logits: jax.Array, conf: jax.Array, target_logits: jax.Array, gt: jax.Array,
+                 valid: jax.Array, weights: dict):
+    """The drafter's loss over N blocks of B slots per row: draft_logits (Markov-corrected) and target_logits
+    [b, N, B, vocab] fp32, confidence logits conf [b, N, B], the true tokens gt [b, N, B], valid [b, N, B] (slot k's
+    token exists and lies in the anchor's document). weights: {"ce", "tv", "confidence", "tv_decay"}.
+
+        mask_k  = valid_0 & .. & valid_k                          (the contiguous prefix of a block that counts)
+        l1_k    = ||softmax(draft_k) - softmax(target_k)||_1      (in [0, 2]; 1 - l1_k / 2 = sum min(p, q) is the
+                                                                   probability that slot k's draft is accepted)
+        loss    = ce * mean_mask CE(draft_k, gt_k)
+                + tv * sum_{masked k} exp(-k / tv_decay) l1_k / (b N)         (k = 0 .. B - 1, per block)
+                + confidence * mean_mask BCE_with_logits(conf_k, stop_gradient(1 - l1_k / 2))
+
+    The spec writes the distance as ||.||_1 (twice the total variation): used as written. It does not say how the
+    terms are averaged: CE and BCE over the counted slots, the weighted distance summed over a block's slots and
+    averaged over the blocks (the sum_k of the formula). -> (loss, metrics: draft_ce, draft_tv (the weighted term),
+    draft_bce, draft_accept (the mean acceptance probability of the counted slots))."""
+    B = gt.shape[-1]
+    mask = jnp.cumprod(valid.astype(jnp.int32), axis=-1).astype(jnp.float32)
+    n_slots = jnp.maximum(jnp.sum(mask), 1.0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(draft_logits, gt)
+    l1 = jnp.sum(jnp.abs(jax.nn.softmax(draft_logits, -1) - jax.nn.softmax(target_logits, -1)), axis=-1)
+    w = jnp.exp(-jnp.arange(B, dtype=jnp.float32) / weights["tv_decay"])
+    accept = jax.lax.stop_gradient(1.0 - 0.5 * l1)
+    bce = optax.sigmoid_binary_cross_entropy(conf, accept)
+    metrics = {"draft_ce": jnp.sum(ce * mask) / n_slots, "draft_tv": jnp.sum(w * l1 * mask) / (mask.size // B),
+               "draft_bce": jnp.sum(bce * mask) / n_slots, "draft_accept": jnp.sum(accept * mask) / n_slots}
+    loss = (weights["ce"] * metrics["draft_ce"] + weights["tv"] * metrics["draft_tv"]
+            + weights["confidence"] * metrics["draft_bce"])
+    return loss, metrics
+
+
+def drafter_objective(model, tokens: jax.Array, segment_ids: jax.Array, anchors: jax.Array, weights: dict,
+                      loss_mask: jax.Array | None = None):
+    """The drafter's training loss on one packed batch: tokens, segment_ids [b, L + 1] (the loader's rows), anchors
+    [b, N] (block starts, 1 <= a <= L - B), loss_mask as in `objective`. The frozen target runs over the first L
+    tokens; everything taken from it (main_hidden, its logits, the embedding and head the drafter shares) is
+    behind stop_gradient, so no gradient reaches the target. Slot k of the block at a proposes token a + 1 + k;
+    the target's distribution for it is its logits at position a + k. -> (loss, metrics, {} (no expert loads:
+    the drafter's router biases stay as they are))."""
+    sg = jax.lax.stop_gradient
+    inputs, segs = tokens[:, :-1], segment_ids[:, :-1]
+    b, N, B = *anchors.shape, model.cfg.dspark_block_size
+    x, main_hidden = sg(model.drafter_inputs(inputs, segs))
+    pos = (anchors[..., None] + jnp.arange(B)).reshape(b, N * B)
+    at = lambda a, p: jnp.take_along_axis(a, p, axis=1)  # noqa: E731 - rows of a [b, L, ..] at positions p [b, n]
+    target_logits = sg(model.logits(at(x, pos[:, :, None, None]), model.hc_head, model.norm))
+    draft_logits, conf = model.dspark.teacher_forced(main_hidden, inputs, segs, anchors,
+                                                     lambda ids: sg(model.embed_tokens(ids)), sg(model.head[...]))
+    counts = jnp.ones(tokens.shape, bool) if loss_mask is None else loss_mask != 0
+    valid = (at(segment_ids, pos + 1) == at(segs, jnp.repeat(anchors, B, axis=1))) & at(counts, pos + 1)
+    loss, metrics = drafter_loss(draft_logits, conf, target_logits.reshape(draft_logits.shape),
+                                 at(tokens, pos + 1).reshape(b, N, B), valid.reshape(b, N, B), weights)
+    return loss, metrics, {}

@@ -17,6 +17,11 @@ length, attention mode), run jitted train steps: forward + backward over `grad_a
 update, router bias update; log metrics (stdout, metrics.jsonl, TensorBoard); save asynchronously every
 `checkpoint.every` steps and at the end.
 
+DSpark drafter (drafter.enabled, a GA model config): the target is frozen, loaded from the newest checkpoint of
+the run that drafter.target's config names (or from `init`); only the drafter trains, on blocks at random anchors
+of each row (losses.drafter_objective, spec v4-ga-dspark §5), with AdamW after a gradient clip. Checkpoints hold
+the drafter, its optimizer state and the loop's position; a resume reloads the target.
+
 LoRA (lora.enabled): the base is `init` (a released-layout folder) loaded as stored, FP8 / MXFP4 kept quantized
 (v4jax.lora); fresh adapters are attached to the lora.targets weights and are the only trained variables (AdamW
 with the optimizer.adam_* keys; no optimizer state for the base); the base, norms, embeddings, router and its
@@ -147,6 +152,23 @@ class LoraSection(Section):
         return targets
 
 
+class DrafterSection(Section):
+    enabled: bool = Field(False, description="train the DSpark drafter of a GA model config (model.*) on a frozen "
+                                             "target (spec v4-ga-dspark §5) instead of the model; only the drafter "
+                                             "is trained (AdamW, optimizer.adam_* keys) and checkpointed")
+    target: str | None = Field(None, description="the target: the run config YAML of a training run whose newest "
+                                                 "checkpoint is loaded (its model's backbone must be the GA "
+                                                 "config's); or leave it null and name a released GA checkpoint "
+                                                 "folder in init")
+    anchors_per_seq: int = Field(16, ge=1, description="draft blocks per row, at distinct random anchors")
+    ce_weight: float = Field(0.1, ge=0, description="cross entropy of the Markov-corrected drafts")
+    tv_weight: float = Field(0.9, ge=0, description="slot-weighted L1 distance to the target's distribution")
+    tv_decay: float = Field(4.0, gt=0, description="slot k's distance weight is exp(-k / tv_decay)")
+    confidence_weight: float = Field(1.0, ge=0, description="BCE of the confidence head against the acceptance "
+                                                            "probability")
+    grad_clip: float = Field(1.0, gt=0, description="global gradient-norm clip")
+
+
 class Mesh(Section):
     data: int = Field(-1, description="-1: the devices the other axes leave")
     fsdp: int = 1
@@ -190,6 +212,7 @@ class RunConfig(Section):
     init: str | None = Field(None, description="fine-tuning: a released-layout checkpoint folder to load (the "
                                                "base model of a LoRA run)")
     lora: LoraSection = LoraSection()
+    drafter: DrafterSection = DrafterSection()
     data: DataSection = DataSection()
     stages: list[Stage] = Field(
         [Stage(until_step=100, batch_size=8, seq_len=256)], min_length=1,
@@ -264,7 +287,28 @@ def validate(raw: dict) -> dict:
     if cfg["lora"]["enabled"] and any(st["attention"] == "indexer_warmup" for st in cfg["stages"]):
         raise ConfigError("config: an indexer_warmup stage trains only the indexer, which LoRA leaves frozen: use "
                           "dense or sparse stages with lora.enabled")
+    if cfg["drafter"]["enabled"]:
+        check_drafter(cfg)
     return cfg
+
+
+def check_drafter(cfg: dict) -> None:
+    """A drafter run needs a GA model config (one with a drafter), exactly one target and room for its anchors."""
+    d = cfg["drafter"]
+    if cfg["lora"]["enabled"]:
+        raise ConfigError("config: drafter.enabled and lora.enabled both train part of a frozen model: enable one")
+    if (d["target"] is None) == (cfg["init"] is None):
+        raise ConfigError("config: drafter.enabled needs one frozen target: set drafter.target to the target run's "
+                          "config (e.g. configs/train/tiny.yaml), or init to a released GA checkpoint folder")
+    mcfg = model_config(cfg)
+    if not mcfg.dspark:
+        raise ConfigError("config: drafter.enabled trains a DSpark drafter and this model config has none: use a "
+                          "GA config (model.preset: tiny-dspark, or a config.json with the dspark_* fields)")
+    B, n = mcfg.dspark_block_size, d["anchors_per_seq"]
+    for i, st in enumerate(cfg["stages"]):
+        if n > st["seq_len"] - B:
+            raise ConfigError(f"config: drafter.anchors_per_seq {n} is more than the {st['seq_len'] - B} anchors a row "
+                              f"of stages[{i}].seq_len {st['seq_len']} holds (block size {B}): lower it")
 
 
 def merge(base: dict, new: dict) -> dict:
@@ -350,7 +394,26 @@ def build_model(cfg: dict, mcfg: ModelConfig, mesh=None, rules=None) -> Transfor
     model = Transformer(mcfg, rngs=nnx.Rngs(cfg["seed"]))
     if cfg["init"]:
         load_hub_state(model, cfg["init"], weights=mcfg.param_dtype)
+    if cfg["drafter"]["enabled"] and cfg["drafter"]["target"]:
+        load_target(model, cfg["drafter"]["target"])
     return model if mesh is None else shard_model(model, mesh, rules)
+
+
+def load_target(model: Transformer, target_config: str) -> None:
+    """Put the backbone of the run that `target_config` trained (its newest checkpoint; a preview model's MTP block
+    is left out) into `model`, whose drafter stays as initialised. The two backbones must have the same variables
+    and shapes."""
+    from train.sample import restore_run  # train.sample builds on this module
+
+    target = restore_run([target_config])[0]
+    backbone = {k: v for k, v in nnx.to_flat_state(nnx.state(target)) if k[0] != "mtp"}
+    ours = {k: v for k, v in nnx.to_flat_state(nnx.state(model)) if k[0] != "dspark"}
+    differ = sorted(".".join(map(str, k)) for k in set(ours) | set(backbone)
+                    if k not in ours or k not in backbone or ours[k].shape != backbone[k].shape)
+    if differ:
+        raise ConfigError(f"the target run of {target_config} has another backbone than model.*: {differ[:5]} differ; "
+                          "set model.* to the target's config plus the dspark_* fields")
+    nnx.update(model, nnx.from_flat_state(backbone))
 
 
 def lora_config(cfg: dict) -> lora.LoraConfig:
@@ -359,14 +422,20 @@ def lora_config(cfg: dict) -> lora.LoraConfig:
 
 
 def trained(cfg: dict):
-    """The nnx filter of the variables a run trains: the adapters of a LoRA run, else every Param."""
+    """The nnx filter of the variables a run trains: the adapters of a LoRA run, the drafter's parameters of a
+    drafter run, else every Param."""
+    if cfg["drafter"]["enabled"]:
+        return nnx.All(nnx.Param, nnx.PathContains("dspark"))
     return lora.LoraParam if cfg["lora"]["enabled"] else nnx.Param
 
 
 def optimizer(cfg: dict, mcfg: ModelConfig, params, schedule) -> optax.GradientTransformation:
-    """Muon + AdamW for the whole model (train.muon); AdamW alone for LoRA adapters (optimizer.adam_* keys)."""
+    """Muon + AdamW for the whole model (train.muon); AdamW alone for LoRA adapters (optimizer.adam_* keys); for a
+    drafter, AdamW after a global-norm clip (the DeepSpec recipe; weight decay as optimizer.adam_weight_decay)."""
     o = cfg["optimizer"]
     adam = dict(b1=o["adam_b1"], b2=o["adam_b2"], eps=o["adam_eps"], weight_decay=o["adam_weight_decay"])
+    if cfg["drafter"]["enabled"]:
+        return optax.chain(optax.clip_by_global_norm(cfg["drafter"]["grad_clip"]), optax.adamw(schedule, **adam))
     if cfg["lora"]["enabled"]:
         return optax.adamw(schedule, **adam)
     return v4_optimizer(params, mcfg, schedule, momentum=o["momentum"], rms_scale=o["muon_rms_scale"],
@@ -376,8 +445,10 @@ def optimizer(cfg: dict, mcfg: ModelConfig, params, schedule) -> optax.GradientT
 
 def checkpointed(state: dict, cfg: dict) -> dict:
     """The part of the train state a checkpoint holds: params, others (router biases, tid2eid) and the optimizer
-    state; a LoRA run's only the adapters and their optimizer state (its frozen base is `init`'s)."""
-    keys = ("params", "opt_state") if cfg["lora"]["enabled"] else ("params", "others", "opt_state")
+    state; a LoRA or drafter run's only the adapters or the drafter and their optimizer state (the frozen base or
+    target is reloaded from `init` or drafter.target)."""
+    partial_run = cfg["lora"]["enabled"] or cfg["drafter"]["enabled"]
+    keys = ("params", "opt_state") if partial_run else ("params", "others", "opt_state")
     return {k: state[k] for k in keys}
 
 
@@ -408,7 +479,12 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float | None, state_sha
         model = nnx.merge(graphdef, params, others)
         if "dropout_key" in mb:  # LoRA dropout: this micro-batch's masks
             lora.set_dropout_keys(model, mb["dropout_key"])
-        loss, metrics, loads = losses.objective(model, mb["tokens"], mb["segment_ids"], weights, mb.get("loss_mask"))
+        if "anchors" in mb:  # a drafter run
+            loss, metrics, loads = losses.drafter_objective(model, mb["tokens"], mb["segment_ids"], mb["anchors"],
+                                                            weights, mb.get("loss_mask"))
+        else:
+            loss, metrics, loads = losses.objective(model, mb["tokens"], mb["segment_ids"], weights,
+                                                    mb.get("loss_mask"))
         return loss, (metrics | {"loss": loss}, loads)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -434,8 +510,10 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float | None, state_sha
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(good, n, o), new, old)  # noqa: E731
         if bias_speed is not None:
             others = keep(update_router_biases(others, loads, bias_speed), others)
-        load_max, load_min = losses.load_balance(loads)
-        metrics |= {"grad_norm": grad_norm, "load_max": load_max, "load_min": load_min, "good": good}
+        if loads:
+            load_max, load_min = losses.load_balance(loads)
+            metrics |= {"load_max": load_max, "load_min": load_min}
+        metrics |= {"grad_norm": grad_norm, "good": good}
         return keep(new_params, params), others, keep(new_opt, opt_state), metrics
 
     return step
@@ -474,6 +552,19 @@ def global_batch(stream: PackedStream | RowStream, offset: int, stage: dict, sha
         local = np.stack([p[key] for p in parts])
         out[key] = jax.make_array_from_process_local_data(sharding, local, shape)
     return out
+
+
+def anchor_batch(cfg: dict, offset: int, stage: dict, block: int, sharding: NamedSharding) -> jax.Array:
+    """A drafter run's block starts for the batch at stream `offset`: [accum, rows, anchors_per_seq] distinct
+    positions in 1 .. seq_len - block per row, sorted, drawn from (data.seed, offset) (a resume draws the same);
+    this process holds only its rows, as global_batch."""
+    accum, rows, L = stage["grad_accum"], stage["batch_size"], stage["seq_len"]
+    rng = np.random.default_rng([cfg["data"]["seed"], offset])
+    n = cfg["drafter"]["anchors_per_seq"]
+    anchors = np.sort(np.argsort(rng.random((accum, rows, L - block)), axis=-1)[..., :n], axis=-1) + 1
+    held = sorted({r for idx in sharding.addressable_devices_indices_map(anchors.shape).values()
+                   for r in range(*idx[1].indices(rows))})
+    return jax.make_array_from_process_local_data(sharding, anchors[:, held].astype(np.int32), anchors.shape)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -587,10 +678,11 @@ class Log:
         self.board.flush()  # a kill loses nothing already logged
         if s % self.every == 0 or s == self.total:
             bar = "#" * round(20 * s / self.total)
-            parts = [f"{k} {record[k]:.4g}" for k in ("loss", "lm_loss", "mtp_loss", "indexer_kl", "grad_norm",
+            parts = [f"{k} {record[k]:.4g}" for k in ("loss", "lm_loss", "mtp_loss", "indexer_kl", "draft_ce",
+                                                      "draft_tv", "draft_bce", "draft_accept", "grad_norm",
                                                       "load_max", "load_min", "lr") if k in record]
-            speed = (f" | {record['tokens_per_s']:,.0f} tok/s  MFU {100 * record['mfu']:.2f}%"
-                     if "tokens_per_s" in record else "")
+            speed = (f" | {record['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in record else "")
+            speed += f"  MFU {100 * record['mfu']:.2f}%" if "mfu" in record else ""
             print(f"[{bar:<20}] step {s}/{self.total} | " + "  ".join(parts) + speed, flush=True)
 
     def close(self) -> None:
@@ -616,6 +708,10 @@ def mfu_peak(run_dir: Path) -> tuple[float, str]:
 
 def loss_weights(step: int, stage: dict, cfg: dict) -> dict[str, float]:
     """The loss-term weights of `step` (0-based) in `stage`."""
+    if cfg["drafter"]["enabled"]:
+        d = cfg["drafter"]
+        return {"ce": d["ce_weight"], "tv": d["tv_weight"], "confidence": d["confidence_weight"],
+                "tv_decay": d["tv_decay"]}
     lc, attn = cfg["loss"], ATTENTION[stage["attention"]]
     decay_start = cfg["schedule"]["decay_start"]
     decay_start = decay_start if decay_start is not None else cfg["stages"][-1]["until_step"]
@@ -670,13 +766,18 @@ def main(argv: list[str]) -> None:
             f"mesh {sizes} | {jax.process_count()} process(es), {jax.device_count()} device(s)")
     log.say(f"data: {stream.describe()}")
 
-    lora_on = cfg["lora"]["enabled"]
+    lora_on, drafter_on = cfg["lora"]["enabled"], cfg["drafter"]["enabled"]
     model = build_model(cfg, mcfg, mesh, rules)
     if lora_on:
         n = sum(x.size for x in jax.tree.leaves(nnx.state(model, lora.LoraParam)))
         log.say(f"LoRA: base {cfg['init']} frozen (FP8 / MXFP4 kept quantized); {n:,} adapter parameters "
                 f"(rank {cfg['lora']['rank']}, alpha {cfg['lora']['alpha']}, {', '.join(cfg['lora']['targets'])}) "
                 "trained with AdamW; router biases frozen")
+    elif cfg["drafter"]["enabled"]:
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(model, trained(cfg))))
+        log.say(f"drafter: {n:,} parameters trained with AdamW on the frozen target "
+                f"{cfg['drafter']['target'] or cfg['init']}, {cfg['drafter']['anchors_per_seq']} blocks of "
+                f"{mcfg.dspark_block_size} per row")
     elif cfg["init"]:
         log.say(f"init: weights from {cfg['init']}")
     _, params, others = nnx.split(model, trained(cfg), ...)
@@ -724,12 +825,13 @@ def main(argv: list[str]) -> None:
 
                 graphdef = nnx.graphdef(nnx.eval_shape(staged))
                 warmup = stage["attention"] == "indexer_warmup"
-                # a GA checkpoint's DSpark drafter is not part of this objective: it stays as loaded (no decay)
-                trainable = {path_str(p): not path_str(p).startswith("dspark.")
+                # a GA checkpoint's DSpark drafter is not part of the model's objective: it stays as loaded (no
+                # decay), unless it is what the run trains
+                trainable = {path_str(p): (drafter_on or not path_str(p).startswith("dspark."))
                              and (".indexer." in path_str(p) or not warmup)
                              for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])}
                 shardings = jax.tree.map(lambda x: x.sharding, (state["params"], state["others"], state["opt_state"]))
-                bias_speed = None if lora_on else cfg["loss"]["bias_update_speed"]
+                bias_speed = None if lora_on or drafter_on else cfg["loss"]["bias_update_speed"]
                 step_fn = make_train_step(graphdef, tx, trainable, bias_speed, shardings)
                 compiled[i] = (step_fn, train_flops_per_token(mcfg, stage["seq_len"], attn["csa_dense"])
                                * tokens_per_step)
@@ -744,6 +846,8 @@ def main(argv: list[str]) -> None:
             if cfg["lora"]["dropout"]:  # a key per micro-batch, from (seed, step): a resume draws the same masks
                 batch["dropout_key"] = jax.random.split(jax.random.fold_in(jax.random.key(cfg["seed"]), step),
                                                         stage["grad_accum"])
+            if drafter_on:
+                batch["anchors"] = anchor_batch(cfg, offset, stage, mcfg.dspark_block_size, batch_sharding)
             weights = {k: jnp.float32(v) for k, v in loss_weights(step, stage, cfg).items()}
             with use_rules(mesh, rules):  # traced under the mesh and rules: per-device MoE dispatch, activation
                 # constraints at block boundaries, kernels per batch shard
@@ -761,7 +865,8 @@ def main(argv: list[str]) -> None:
                       "skipped": not good}
             if t_last is not None:  # the stage's first step includes compilation: no speed for it
                 record["tokens_per_s"] = tokens_per_step / (now - t_last)
-                record["mfu"] = flops / (now - t_last) / (peak * jax.device_count())
+                if not drafter_on:  # train_flops_per_token counts the model's objective, not the drafter's
+                    record["mfu"] = flops / (now - t_last) / (peak * jax.device_count())
             t_last = now
             log.step(record)
             if good:

@@ -27,30 +27,50 @@ from v4jax import kv_cache
 from v4jax.attention import Attention, ring_slots
 from v4jax.block import STREAMS, Block, HCSite
 from v4jax.config import ModelConfig
-from v4jax.hyper_connection import hc_head
+from v4jax.hyper_connection import hc_head, hc_post
 from v4jax.layers import param, rms_norm
 from v4jax.quant import dense, linear
 from v4jax.sharding import constrain
 
 
 class DSparkAttention(Attention):
-    """A drafter stage's attention: queries and the block's own keys from the block, the other keys from the
-    stage's ring of main_x entries (`kv(main_x, positions)`, written by Drafter.write_rings)."""
+    """A drafter stage's attention over N blocks of B = cfg.dspark_block_size consecutive query slots: queries and
+    the blocks' own keys from x, the other keys from context entries `kv(main_x, positions)` (at inference the
+    stage's ring, written by Drafter.write_rings; in training every position of the row)."""
 
-    def __call__(self, x: jax.Array, ring: jax.Array, n_ring: jax.Array, positions: jax.Array) -> jax.Array:
-        """x [b, B, dim] (attn-normed block), ring [b, W, d] (decoded), n_ring [b] its filled slots (min(L, W)),
-        positions [b, B] -> [b, B, dim]. Every query sees the filled ring slots and all B block keys."""
+    def __call__(self, x: jax.Array, ctx: jax.Array, ctx_idx: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [b, N * B, dim] (attn-normed blocks), ctx [b, T, d] (decoded entries), ctx_idx [b, N * B, K] the
+        entries each query sees (-1: none), positions [b, N * B] -> [b, N * B, dim]. Every query also sees all B
+        slots of its own block (bidirectional inside a block) and nothing of the other blocks."""
         cfg = self.cfg
-        b, B, _ = x.shape
-        W = ring.shape[1]
+        b, S, _ = x.shape
+        B, T = cfg.dspark_block_size, ctx.shape[1]
         q, kv, _ = self._project(x, positions)
-        slots = jnp.arange(W)
-        keys = jnp.concatenate([jnp.where(slots[None] < n_ring[:, None], slots, -1),
-                                jnp.broadcast_to(W + jnp.arange(B), (b, B))], axis=-1)  # [b, W + B]
-        idx = jnp.broadcast_to(keys[:, None], (b, B, W + B))
-        o = sparse_attention(q, jnp.concatenate([ring.astype(kv.dtype), kv], axis=1), self.attn_sink[...], idx,
+        own = T + jnp.arange(S)[:, None] // B * B + jnp.arange(B)  # [S, B]: the block's keys after the context
+        idx = jnp.concatenate([ctx_idx, jnp.broadcast_to(own, (b, S, B))], axis=-1)
+        o = sparse_attention(q, jnp.concatenate([ctx.astype(kv.dtype), kv], axis=1), self.attn_sink[...], idx,
                              cfg.head_dim**-0.5, implementation=cfg.kernels)
         return self._output(o, positions, x.dtype)
+
+
+def ring_index(n_ring: jax.Array, window: int, n_queries: int) -> jax.Array:
+    """The context index of a block over a ring of `window` slots of which the first n_ring [b] are filled:
+    [b, n_queries, window], -1 for the empty slots."""
+    slots = jnp.arange(window)
+    idx = jnp.where(slots[None] < n_ring[:, None], slots, -1)
+    return jnp.broadcast_to(idx[:, None], (n_ring.shape[0], n_queries, window))
+
+
+def context_index(anchors: jax.Array, segment_ids: jax.Array, window: int, block: int) -> jax.Array:
+    """Training's context index: the block at anchor a (anchors [b, N]) sees the row positions a - window .. a - 1
+    that exist and lie in a's document (segment_ids [b, L]) -> [b, N * block, window] (-1: none), the same for the
+    block's B queries. This is what the ring holds when a is the next position at inference."""
+    b, N = anchors.shape
+    t = anchors[..., None] - window + jnp.arange(window)  # [b, N, window]
+    seg_t = jnp.take_along_axis(segment_ids, jnp.maximum(t, 0).reshape(b, -1), axis=1).reshape(t.shape)
+    seg_a = jnp.take_along_axis(segment_ids, anchors, axis=1)
+    idx = jnp.where((t >= 0) & (seg_t == seg_a[..., None]), t, -1)
+    return jnp.repeat(idx, block, axis=1)
 
 
 class MarkovHead(nnx.Module):
@@ -91,10 +111,14 @@ class DSparkStage(Block):
             self.markov_head = MarkovHead(cfg, rngs=rngs)
             self.confidence_head = ConfidenceHead(cfg, rngs=rngs)
 
-    def __call__(self, x, ring, n_ring, positions, token_ids):
-        """x [b, B, hc, d] streams of the block -> the same after this stage."""
-        x = self._site(x, self.hc_attn, self.attn_norm, lambda y: self.attn(y, ring, n_ring, positions))
-        return self._site(x, self.hc_ffn, self.ffn_norm, lambda y: self.ffn(y, token_ids, False))
+    def __call__(self, x, ctx, ctx_idx, positions, token_ids):
+        """x [b, N * B, hc, d] streams of N blocks, the context as in DSparkAttention -> the same after this
+        stage."""
+        eps = self.cfg.norm_eps
+        u, post, comb = self.hc_attn.pre(x)
+        x = hc_post(self.attn(rms_norm(u, self.attn_norm[...], eps), ctx, ctx_idx, positions), x, post, comb)
+        u, post, comb = self.hc_ffn.pre(x)
+        return hc_post(self.ffn(rms_norm(u, self.ffn_norm[...], eps), token_ids, False), x, post, comb)
 
 
 class Drafter(nnx.Module):
@@ -129,20 +153,56 @@ class Drafter(nnx.Module):
         b, B = anchor.shape[0], cfg.dspark_block_size
         ids = jnp.concatenate([anchor[:, None].astype(jnp.int32),
                                jnp.full((b, B - 1), cfg.dspark_noise_token_id, jnp.int32)], axis=1)
-        pos = lengths[:, None] + jnp.arange(B)
+        dtype = jnp.dtype(cfg.compute_dtype)
+        ctxs = [kv_cache.read(ring, dtype) for ring in rings]
+        idx = ring_index(jnp.minimum(lengths, cfg.window_size), cfg.window_size, B)
+        h, logits = self._blocks(ids, lengths[:, None] + jnp.arange(B), ctxs, idx, embed_tokens, head)
+        tokens, logits, e = markov_sample(logits, anchor, self.stages[-1].markov_head, temperature, key, h.dtype)
+        return tokens, logits, self._confidence(h, e)
+
+    def teacher_forced(self, main_hidden: jax.Array, tokens: jax.Array, segment_ids: jax.Array, anchors: jax.Array,
+                       embed_tokens, head: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Training (spec v4-ga-dspark §5): the blocks of rows tokens [b, L] (segment_ids [b, L] their documents,
+        main_hidden [b, L, n_targets * dim] the target's) at anchors [b, N] (positions a with a + B <= L), all in
+        one pass. Block n is [tokens[a], noise x (B - 1)] at positions a .. a + B - 1; its queries see the row
+        positions of a's document in a - W .. a - 1 (context_index: the ring at inference) and their own block;
+        the Markov term is teacher-forced, its previous tokens being tokens[a .. a + B - 1] (the anchor, then the
+        true tokens), so that slot k's logits are draft()'s whenever the drafts before k were right.
+        -> (Markov-corrected logits [b, N, B, vocab] fp32, confidence logits [b, N, B] fp32)."""
+        cfg = self.cfg
+        b, L = tokens.shape
+        N, B = anchors.shape[1], cfg.dspark_block_size
+        main_x = self.main_x(main_hidden)
+        row = jnp.broadcast_to(jnp.arange(L), (b, L))
+        ctxs = [stage.attn.kv(main_x, row) for stage in self.stages]
+        pos = (anchors[..., None] + jnp.arange(B)).reshape(b, N * B)
+        prev = jnp.take_along_axis(tokens, pos, axis=1).astype(jnp.int32)  # [anchor, gt_0 .. gt_{B-2}] per block
+        ids = jnp.where(jnp.arange(N * B) % B == 0, prev, cfg.dspark_noise_token_id)
+        idx = context_index(anchors, segment_ids, cfg.window_size, B)
+        h, logits = self._blocks(ids, pos, ctxs, idx, embed_tokens, head)
+        markov = self.stages[-1].markov_head
+        e = markov.markov_w1[...][prev].astype(h.dtype)
+        logits = logits + linear(e.astype(jnp.float32), markov.markov_w2[...].astype(jnp.float32))
+        conf = self._confidence(h, e)
+        return logits.reshape(b, N, B, -1), conf.reshape(b, N, B)
+
+    def _blocks(self, ids, positions, ctxs, ctx_idx, embed_tokens, head):
+        """The stages over blocks ids [b, N * B] at positions [b, N * B] with context ctxs (one [b, T, d] per
+        stage) seen through ctx_idx -> (the pre-norm h [b, N * B, dim], head logits before the Markov term, fp32)."""
+        cfg = self.cfg
         e0 = embed_tokens(ids)
-        x = constrain(jnp.broadcast_to(e0[:, :, None, :], (b, B, cfg.hc_mult, cfg.dim)), STREAMS)
-        n_ring = jnp.minimum(lengths, cfg.window_size)
-        for stage, ring in zip(self.stages, rings):
-            x = constrain(stage(x, kv_cache.read(ring, x.dtype), n_ring, pos, ids), STREAMS)
+        x = constrain(jnp.broadcast_to(e0[:, :, None, :], e0.shape[:2] + (cfg.hc_mult, cfg.dim)), STREAMS)
+        for stage, ctx in zip(self.stages, ctxs):
+            x = constrain(stage(x, ctx, ctx_idx, positions, ids), STREAMS)
         last = self.stages[-1]
         site = last.hc_head
         h = hc_head(x, site.fn[...], site.scale[...], site.base[...], eps=cfg.hc_eps, norm_eps=cfg.norm_eps)
-        logits = linear(rms_norm(h, last.norm[...], cfg.norm_eps).astype(jnp.float32), head.astype(jnp.float32))
-        tokens, logits, e = markov_sample(logits, anchor, last.markov_head, temperature, key, x.dtype)
-        conf = linear(jnp.concatenate([h.astype(jnp.float32), e.astype(jnp.float32)], axis=-1),
-                      last.confidence_head.proj[...].astype(jnp.float32))[..., 0]
-        return tokens, logits, conf
+        return h, linear(rms_norm(h, last.norm[...], cfg.norm_eps).astype(jnp.float32), head.astype(jnp.float32))
+
+    def _confidence(self, h: jax.Array, e: jax.Array) -> jax.Array:
+        """One acceptance logit per slot from the pre-norm h and the Markov embedding e, in fp32."""
+        return linear(jnp.concatenate([h.astype(jnp.float32), e.astype(jnp.float32)], axis=-1),
+                      self.stages[-1].confidence_head.proj[...].astype(jnp.float32))[..., 0]
 
 
 def markov_sample(logits: jax.Array, anchor: jax.Array, markov: MarkovHead, temperature: float,

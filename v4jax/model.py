@@ -152,6 +152,18 @@ class Transformer(nnx.Module):
     def __call__(self, token_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         return self.logits(self.hidden(token_ids, segment_ids), self.hc_head, self.norm)
 
+    def drafter_inputs(self, token_ids: jax.Array, segment_ids: jax.Array | None = None):
+        """The full-sequence forward that trains a DSpark drafter: -> (final streams [b, s, hc, d], main_hidden
+        [b, s, n_targets * dim], the outputs of the blocks dspark_target_layer_ids averaged over the hc streams,
+        as the cached forward gives the drafter). The blocks run one by one (no scan, no remat: nothing of this
+        forward is differentiated) and what they sow is dropped."""
+        x, captured = self.streams(token_ids), {}
+        for i, block in enumerate(self.layers):
+            x = constrain(block(x, token_ids, segment_ids), STREAMS)
+            captured[i] = stream_mean(x)
+        pop_stats(self)
+        return x, jnp.concatenate([captured[i] for i in self.cfg.dspark_target_layer_ids], axis=-1)
+
     # ---- inference over a cache ----------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, kv_format: str | None = None,
                    index_format: str | None = None) -> "Cache":
@@ -181,7 +193,7 @@ class Transformer(nnx.Module):
             layers.append(layer_cache)
             writes.append(pending)
             if i in targets:
-                captured[i] = mean(x.astype(jnp.float32), axis=2).astype(x.dtype)  # mean over the hc streams
+                captured[i] = stream_mean(x)
         main_hidden = jnp.concatenate([captured[i] for i in targets], axis=-1) if targets else None
         return self.logits(x, self.hc_head, self.norm), x, n_new, tuple(layers), Pending(tuple(writes), main_hidden)
 
@@ -244,6 +256,11 @@ class Transformer(nnx.Module):
             raise ValueError("this config has n_mtp_layers = 0: there is no MTP block")
         emb = self.embed_tokens(token_ids)
         return rematted(run_mtp, self.cfg)(*nnx.split(self.mtp), x, emb, token_ids, segment_ids)
+
+
+def stream_mean(x: jax.Array) -> jax.Array:
+    """The mean over the hc streams of x [b, s, hc, d] (in fp32), in x's dtype: a target layer's drafter input."""
+    return mean(x.astype(jnp.float32), axis=2).astype(x.dtype)
 
 
 def rematted(fn, cfg: ModelConfig):
