@@ -24,7 +24,6 @@ from flax import nnx
 from infer.generate import SamplingParams, generate_dspark, generate_speculative
 from train import pretrain
 from train.data import open_corpus
-from train.sample import restore_run
 
 FP32 = "model.overrides={compute_dtype: float32}"
 
@@ -40,9 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = pretrain.load_config([args.config])
     target_config = cfg["drafter"]["target"]
-    ga, _, ga_meta = restore_run([args.config])
+    ga, _, ga_meta = pretrain.restore_run([args.config])
     target_overrides = pretrain.load_config([target_config])["model"]["overrides"] | {"compute_dtype": "float32"}
-    preview, _, target_meta = restore_run([target_config, f"model.overrides={target_overrides}"])
+    preview, _, target_meta = pretrain.restore_run([target_config, f"model.overrides={target_overrides}"])
     ours = {k: v for k, v in nnx.to_flat_state(nnx.state(ga)) if k[0] != "dspark"}
     theirs = {k: v for k, v in nnx.to_flat_state(nnx.state(preview)) if k[0] != "mtp"}
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k][...], theirs[k][...]) for k in ours)

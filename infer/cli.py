@@ -10,7 +10,7 @@ as for train.pretrain: its latest checkpoint, and the tokenizer its data was mad
 run is sampled). --adapters DIR puts LoRA adapters written by `python -m train.export ... --adapters-only`
 (PEFT-style) on the base. Python: `load_model(...)` then `infer.generate.generate(...)`.
 
-infer/ sits above train/ (it restores runs with train.sample.restore_run and reads train's tokenizers); train/
+infer/ sits above train/ (it restores runs with train.pretrain.restore_run and reads train's tokenizers); train/
 does not import infer/.
 """
 
@@ -46,7 +46,7 @@ def _load_base(checkpoint: str, run_overrides, config_overrides):
 
     path = Path(checkpoint)
     if path.suffix in (".yaml", ".yml"):
-        from train.sample import restore_run
+        from train.pretrain import restore_run
 
         model, tokenizer_path, _ = restore_run([checkpoint, *run_overrides])
         return model, tokenizer_path

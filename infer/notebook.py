@@ -48,7 +48,7 @@ def notebook_checkpoint(seed: int = 0) -> tuple[Path, Tokenizer, str]:
 
 
 def _export_trained() -> tuple[Path, Tokenizer]:
-    from train.sample import restore_run
+    from train.pretrain import restore_run
     from v4jax.convert import export_model
 
     cwd = os.getcwd()

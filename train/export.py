@@ -20,8 +20,7 @@ import argparse
 from pathlib import Path
 
 from train.cli import InputError, run
-from train.pretrain import load_config
-from train.sample import restore_run
+from train.pretrain import load_config, restore_run
 from v4jax.convert import export_model
 from v4jax.lora import adapters, merge, save_adapters
 

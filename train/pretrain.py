@@ -403,8 +403,6 @@ def load_target(model: Transformer, target_config: str) -> None:
     """Put the backbone of the run that `target_config` trained (its newest checkpoint; a preview model's MTP block
     is left out) into `model`, whose drafter stays as initialised. The two backbones must have the same variables
     and shapes."""
-    from train.sample import restore_run  # train.sample builds on this module
-
     target = restore_run([target_config])[0]
     backbone = {k: v for k, v in nnx.to_flat_state(nnx.state(target)) if k[0] != "mtp"}
     ours = {k: v for k, v in nnx.to_flat_state(nnx.state(model)) if k[0] != "dspark"}
@@ -617,6 +615,28 @@ def restore_newest(manager, state: dict) -> tuple[tuple[dict, dict] | None, str]
                          + "; ".join(f"{bad}: {why}" for bad, why in failed) + "); if the run config's model or "
                          "optimizer changed since they were written, resume with the run's own")
     return None, ""
+
+
+def restore_run(config_argv: list[str]):
+    """The model of a training run's newest intact checkpoint -> (model, the run's tokenizer path, its meta), for
+    what uses a run after training: train.export, a drafter's target, v4jax-generate and the notebooks. A LoRA
+    run's model is its base (init, kept quantized) with the checkpoint's adapters attached."""
+    cfg = load_config(config_argv)
+    mcfg = model_config(cfg)
+    stream = open_corpus(cfg["data"]["path"], cfg["data"]["seed"])
+    graphdef, params, others = nnx.split(build_model(cfg, mcfg), trained(cfg), ...)
+    # the run's optimizer, only to give the checkpoint's tree its structure
+    tx = optimizer(cfg, mcfg, params, lr_schedule(cfg["schedule"], cfg["stages"][-1]["until_step"]))
+    state = {"params": params, "others": others, "opt_state": jax.jit(tx.init)(params)}
+    manager = checkpoint_manager(cfg)
+    got, damaged = restore_newest(manager, checkpointed(state, cfg))
+    manager.close()
+    if got is None:
+        raise InputError(f"no checkpoint in {manager.directory}: train first (python -m train.pretrain ...)")
+    if damaged:
+        print(damaged)
+    state, meta = state | got[0], got[1]
+    return nnx.merge(graphdef, state["params"], state["others"]), stream.meta["tokenizer"], meta
 
 
 # ---- logging -----------------------------------------------------------------------------------------------

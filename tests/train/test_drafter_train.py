@@ -222,7 +222,7 @@ def test_drafter_run_checkpoints_the_drafter_alone_and_resumes(tmp_path):
         assert manager.all_steps() == [2, 4]
         state = manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     assert set(state) == {"params", "opt_state"} and set(state["params"]) == {"dspark"}
-    from train.sample import restore_run
+    from train.pretrain import restore_run
 
     target_model = restore_run([str(target)])[0]
     model = restore_run([str(drafter), longer])[0]

@@ -88,10 +88,10 @@ def test_lora_lowers_heldout_loss_and_leaves_the_quantized_base_bit_identical(lo
     """10 steps; the frozen part of the state after the last step (recorded in the training process) equals a
     fresh load of the base leaf by leaf, dtypes and bytes (FP8 codes, MXFP4 nibbles, scales, norms, embeddings,
     router biases, tid2eid), still quantized; the held-out assistant-token loss of the run's adapters (restored
-    by train.sample.restore_run) is below the base's."""
+    by train.pretrain.restore_run) is below the base's."""
     import pickle
 
-    from train.sample import restore_run
+    from train.pretrain import restore_run
 
     argv = [str(lora_run), f"run_dir={tmp_path / 'run'}", "checkpoint.every=10",
             f"stages=[{{until_step: 10, batch_size: 2, seq_len: {SEQ}, attention: dense}}]"]
@@ -166,7 +166,7 @@ def check_exports(argv: list[str], root, tmp_path):
     bits to FP8's 4; only half, as a routed token whose top-k flips dominates either error)."""
     from infer.cli import load_model
     from train import export
-    from train.sample import restore_run
+    from train.pretrain import restore_run
 
     for flags, out in ((["--adapters-only"], "adapters"), (["--weights", "release"], "release"),
                        (["--weights", "bfloat16"], "bf16")):

@@ -204,7 +204,7 @@ def test_finetune_from_released_weights_then_export(small_config, tmp_path):
 
     out = tmp_path / "export"
     run(["-m", "train.export", str(config), f"run_dir={tmp_path / 'run'}", "--out", str(out), "--weights", "bfloat16"])
-    from train.sample import restore_run
+    from train.pretrain import restore_run
     tuned = model_variables(restore_run([str(config), f"run_dir={tmp_path / 'run'}"])[0])
     exported = Transformer(cfg, rngs=nnx.Rngs(2))
     load_hub_state(exported, out)
@@ -227,7 +227,7 @@ def test_finetune_of_a_ga_checkpoint_leaves_its_drafter_as_loaded(small_config, 
     from flax import nnx
 
     from ga_fixture import write_ga_fixture
-    from train.sample import restore_run
+    from train.pretrain import restore_run
     from v4jax.checkpoint import load_hub_state
     from v4jax.model import model_variables
     from v4jax.config import ModelConfig
