@@ -1,4 +1,4 @@
-"""The DSpark drafter piece by piece against the equations of spec v4-ga-dspark §4, written here in numpy: the
+"""The DSpark drafter piece by piece against the equations of architecture §8.4, written here in numpy: the
 rings hold kv_norm(wkv(main_x)) of the last window positions (main_x from the target layers' outputs averaged over
 the hc streams), the block attention is bidirectional and sees only the filled ring slots, the head collapses with
 a sigmoid gate, the Markov correction runs slot after slot, the confidence reads the pre-norm h. Also: every

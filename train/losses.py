@@ -1,4 +1,4 @@
-"""The DeepSeek-V4 pretraining objective (spec §6.1, §6.2).
+"""The DeepSeek-V4 pretraining objective (architecture §6.1, §6.2).
 
     loss = CE(next token) + w_mtp * CE(MTP: position i predicts token i + 2) + 1e-4 * sum_layers balance_loss
            + w_idx * sum_CSA_layers indexer_kl
@@ -14,8 +14,8 @@ Packed rows: a target counts only if it lies in the same document as the positio
 whose mask is 1 count (the assistant's tokens), for the main and the MTP loss alike. The aux-loss-free router
 bias is not part of the gradient: `router_bias_updates` moves it from the expert loads after each step.
 
-A DSpark drafter run (train.pretrain with drafter.enabled) has its own objective, `drafter_objective` (spec
-v4-ga-dspark §5): CE, weighted L1 distance to the frozen target and the confidence BCE, see `drafter_loss`.
+A DSpark drafter run (train.pretrain with drafter.enabled) has its own objective, `drafter_objective` (architecture
+§8.5): CE, weighted L1 distance to the frozen target and the confidence BCE, see `drafter_loss`.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def load_balance(loads: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     return jnp.max(rel), jnp.min(rel)
 
 
-# ---- the DSpark drafter (spec v4-ga-dspark §5) -----------------------------------------------------------------
+# ---- the DSpark drafter (architecture §8.5) -----------------------------------------------------------------
 
 def drafter_loss(draft_logits: jax.Array, conf: jax.Array, target_logits: jax.Array, gt: jax.Array,
                  valid: jax.Array, weights: dict):

@@ -1,4 +1,4 @@
-"""Pretrain DeepSeek-V4 (spec §6): Muon + AdamW, MTP, balanced routing, staged attention, packed documents.
+"""Pretrain DeepSeek-V4 (architecture §6): Muon + AdamW, MTP, balanced routing, staged attention, packed documents.
 
     python -m train.pretrain configs/train/tiny.yaml [key.sub=value ...]      (or python train/pretrain.py ...)
     e.g.  python -m train.pretrain configs/train/tiny.yaml run_dir=runs/x schedule.peak_lr=1e-3
@@ -19,7 +19,7 @@ update, router bias update; log metrics (stdout, metrics.jsonl, TensorBoard); sa
 
 DSpark drafter (drafter.enabled, a GA model config): the target is frozen, loaded from the newest checkpoint of
 the run that drafter.target's config names (or from `init`); only the drafter trains, on blocks at random anchors
-of each row (losses.drafter_objective, spec v4-ga-dspark §5), with AdamW after a gradient clip. Checkpoints hold
+of each row (losses.drafter_objective, architecture §8.5), with AdamW after a gradient clip. Checkpoints hold
 the drafter, its optimizer state and the loop's position; a resume reloads the target.
 
 LoRA (lora.enabled): the base is `init` (a released-layout folder) loaded as stored, FP8 / MXFP4 kept quantized
@@ -154,7 +154,7 @@ class LoraSection(Section):
 
 class DrafterSection(Section):
     enabled: bool = Field(False, description="train the DSpark drafter of a GA model config (model.*) on a frozen "
-                                             "target (spec v4-ga-dspark §5) instead of the model; only the drafter "
+                                             "target (architecture §8.5) instead of the model; only the drafter "
                                              "is trained (AdamW, optimizer.adam_* keys) and checkpointed")
     target: str | None = Field(None, description="the target: the run config YAML of a training run whose newest "
                                                  "checkpoint is loaded (its model's backbone must be the GA "

@@ -1,4 +1,4 @@
-"""The DSpark drafter of the GA checkpoints (Flash-0731, Pro-0813), spec v4-ga-dspark §3-4.
+"""The DSpark drafter of the GA checkpoints (Flash-0731, Pro-0813), architecture §8.3-8.4.
 
     target layers' outputs, mean over the hc streams, concatenated -> main_hidden [b, s, n_targets * dim]
     main_x = main_norm(main_proj(main_hidden))           (stage 0's weights; once per committed position)
@@ -162,7 +162,7 @@ class Drafter(nnx.Module):
 
     def teacher_forced(self, main_hidden: jax.Array, tokens: jax.Array, segment_ids: jax.Array, anchors: jax.Array,
                        embed_tokens, head: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Training (spec v4-ga-dspark §5): the blocks of rows tokens [b, L] (segment_ids [b, L] their documents,
+        """Training (architecture §8.5): the blocks of rows tokens [b, L] (segment_ids [b, L] their documents,
         main_hidden [b, L, n_targets * dim] the target's) at anchors [b, N] (positions a with a + B <= L), all in
         one pass. Block n is [tokens[a], noise x (B - 1)] at positions a .. a + B - 1; its queries see the row
         positions of a's document in a - W .. a - 1 (context_index: the ring at inference) and their own block;

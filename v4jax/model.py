@@ -1,4 +1,4 @@
-"""The DeepSeek-V4 model: embedding, mHC blocks, final head and the MTP block (spec §3).
+"""The DeepSeek-V4 model: embedding, mHC blocks, final head and the MTP block (architecture §3).
 
     tokens -> embed -> copy into hc_mult streams X [b, s, hc, d]
            -> for each layer: X = hc_post(attn(attn_norm(hc_pre(X)))); X = hc_post(moe(ffn_norm(hc_pre(X))))
@@ -41,7 +41,7 @@ REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
 
 
 class MTPBlock(Block):
-    """Multi-token prediction, depth 1 (spec §3.7). Shares the embedding and head with the main model."""
+    """Multi-token prediction, depth 1 (architecture §3.7). Shares the embedding and head with the main model."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, cfg.n_layers, rngs=rngs)

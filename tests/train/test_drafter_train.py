@@ -1,4 +1,4 @@
-"""DSpark drafter training (train/pretrain.py with drafter.enabled, losses.drafter_objective, spec v4-ga-dspark §5):
+"""DSpark drafter training (train/pretrain.py with drafter.enabled, losses.drafter_objective, architecture §8.5):
 the loss against numpy; the teacher-forced blocks of a whole row reproduce Drafter.draft's logits and confidences
 block by block; no gradient reaches the target and its variables stay bit-identical while the loss falls on
 repeated text; a run through the loop on a frozen target run checkpoints the drafter alone and resumes; bad
