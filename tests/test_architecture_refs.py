@@ -71,3 +71,17 @@ def test_architecture_references_name_existing_sections():
                if number not in known]
     assert not missing, ("references to sections that docs/architecture.md does not have:\n  "
                          + "\n  ".join(missing))
+
+
+# The out-of-repo spec documents, as code and docs cited them before issue 18 item 7: "spec §3.4.5", "Spec §3.2",
+# "spec v4-ga-dspark §4" (also with a line break after "spec"). The performance targets stay "performance.md §N".
+OLD_REF = re.compile(r"\bspec(?:\s+v4-ga-dspark)?\s+§", re.IGNORECASE)
+
+
+def test_no_reference_into_the_spec_documents_remains():
+    left = [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
+            for path in tracked_files()
+            for text in [path.read_text(encoding="utf-8", errors="replace")]
+            for m in OLD_REF.finditer(text)]
+    assert not left, ("references into the spec documents outside the repository; point them at "
+                      "docs/architecture.md (architecture §N, the GA reference's §N is §8.N):\n  " + "\n  ".join(left))
