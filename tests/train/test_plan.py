@@ -14,6 +14,8 @@ import pytest
 from flax import nnx
 
 from train import plan, pretrain
+from train import tokenizer as tokenizer_lib
+from train.data import tokenize_files
 from v4jax import checkpoint, hub, lora, sharding
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer
@@ -103,13 +105,21 @@ def test_lora_plan_holds_the_quantized_base_as_loaded(tmp_path, lora_plan, full_
 
 def test_trainer_places_the_batch_as_planned(tmp_path, monkeypatch, lora_plan):
     """train.pretrain's batch sharding is the one the planner lowered with (rows over data, fsdp and expert)."""
-    seen = []
-    monkeypatch.setattr(pretrain, "train_batch_sharding", lambda *a: seen.append(sharding.train_batch_sharding(*a)))
+    class Placed(Exception):
+        pass
+
+    def spy(*args):
+        raise Placed(sharding.train_batch_sharding(*args))
+
+    monkeypatch.setattr(pretrain, "train_batch_sharding", spy)
+    tokenize_files(tokenizer_lib.stdlib_files()[:3], tmp_path / "data")
     config = tmp_path / "run.yaml"
-    config.write_text(f"mesh: {{fsdp: 4, expert: 2}}\ndata: {{path: {tmp_path / 'no-corpus'}}}\n")
-    with pytest.raises(pretrain.InputError, match="no-corpus"):  # stops at the corpus, after placing the mesh
+    config.write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{path: {tmp_path / 'data'}}}\n"
+                      f"mesh: {{fsdp: 4, expert: 2}}\nmodel: {{preset: tiny, overrides: {SMALL}}}\n"
+                      "stages: [{until_step: 1, batch_size: 8, seq_len: 16}]\n")
+    with pytest.raises(Placed) as placed:  # stops where the trainer lays out its batches
         pretrain.main([str(config)])
-    assert [s.spec for s in seen] == [jax.sharding.PartitionSpec(None, lora_plan["batch_axes"], None)]
+    assert placed.value.args[0].spec == jax.sharding.PartitionSpec(None, lora_plan["batch_axes"], None)
     assert lora_plan["batch_axes"] == ("data", "fsdp", "expert")
 
 
