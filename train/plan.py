@@ -125,9 +125,9 @@ def plan(args, shape: dict[str, int]) -> dict:
         overrides[field] = json.loads(value)
     if args.param_dtype:
         overrides["param_dtype"] = args.param_dtype
-    cfg = ModelConfig.preset(args.config, **overrides)
     mesh = sharding.make_mesh(shape, devices=tpu_devices(args.topology, math.prod(shape.values()))
                               if args.topology else None)
+    cfg = sharding.for_mesh(ModelConfig.preset(args.config, **overrides), mesh)  # the MoE path a run on it takes
     rules = sharding.PRESETS["decode" if args.step == "decode" else "train"]
     run = lora_run(args) if args.lora else None  # the trainer's validated run config: its lora section
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)) if run is None else
@@ -146,7 +146,7 @@ def plan(args, shape: dict[str, int]) -> dict:
     batch = args.batch or shards
     report = {"config": args.config, "mesh": dict(mesh.shape), "step": args.step, "batch": batch,
               "batch_axes": batch_spec, "devices": mesh.size, "device_kind": mesh.devices.flat[0].device_kind,
-              "scan_layers": cfg.scan_layers, "remat": cfg.remat,
+              "moe_impl": cfg.moe_impl, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
               "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype}
     if run is not None:
         report["lora"] = {k: run["lora"][k] for k in ("rank", "alpha", "targets")} | {

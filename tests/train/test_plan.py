@@ -52,6 +52,7 @@ def device0_bytes(tree) -> int:
 def test_plan_train_step_on_8_devices(full_plan):
     got = full_plan["bytes_per_device"]
     assert full_plan["batch"] == 8 and full_plan["devices"] == 8  # one sequence per batch shard (fsdp x expert)
+    assert full_plan["moe_impl"] == "expert_parallel"  # the MoE path train.pretrain runs on 8 devices (for_mesh)
 
     # independently: every parameter's shard under TRAIN_RULES on this mesh, summed by hand
     mesh = sharding.make_mesh(SHAPE)
