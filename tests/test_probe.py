@@ -52,7 +52,7 @@ def test_probe_follows_the_forward_pass_and_routing():
     np.testing.assert_allclose(np.asarray(x), np.asarray(ref), rtol=0, atol=1e-6)
     for i, rec in enumerate(layers):
         load = np.asarray(rec.expert_load)
-        np.testing.assert_array_equal(load, np.asarray(stats[f"layers.{i}.ffn.expert_load"]))
+        np.testing.assert_array_equal(load, np.asarray(stats[i].expert_load))
         assert load.sum() == ids.size * CFG.n_activated_experts
     table = np.asarray(model.layers[0].ffn.gate.tid2eid[...])
     expected = np.bincount(table[np.asarray(ids)].ravel(), minlength=CFG.n_routed_experts)

@@ -12,13 +12,15 @@ indexer. In the indexer warm-up stage the objective is the KL alone (the main mo
 Packed rows: a target counts only if it lies in the same document as the position predicting it
 (segment_ids equal), so no loss crosses documents; with a loss mask (SFT rows, train.chat), only targets
 whose mask is 1 count (the assistant's tokens), for the main and the MTP loss alike. The aux-loss-free router
-bias is not part of the gradient: `router_bias_updates` moves it from the expert loads after each step.
+bias is not part of the gradient: `router_bias_update` moves it from the expert loads after each step.
 
 A DSpark drafter run (train.pretrain with drafter.enabled) has its own objective, `drafter_objective` (architecture
 §8.5): CE, weighted L1 distance to the frozen target and the confidence BCE, see `drafter_loss`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +60,13 @@ def objective(model, tokens: jax.Array, segment_ids: jax.Array, weights: dict, l
 
     tokens, segment_ids [b, L + 1] (the loader's rows); weights: {"mtp", "balance", "indexer", "lm"} scalars
     ("lm" is 0 in the indexer warm-up); loss_mask [b, L + 1] (optional): token j counts as a target only where
-    it is nonzero. Returns (loss, metrics, expert loads {layer path: [experts]}).
+    it is nonzero. Returns (loss, metrics, the MoE layers' ExpertLoads).
     """
     inputs, segs = tokens[:, :-1], segment_ids[:, :-1]
     counts = jnp.ones(tokens.shape, bool) if loss_mask is None else loss_mask != 0
     same_doc = (segment_ids[:, 1:] == segs) & counts[:, 1:]  # target i + 1 belongs to position i's document
-    x, stats = model.hidden(inputs, segs, with_stats=True)
+    x, layer_stats = model.hidden(inputs, segs, with_stats=True)
+    mtp_stats = None
     lm = head_cross_entropy(model, x, model.hc_head, model.norm, tokens[:, 1:], same_doc)
     metrics = {"lm_loss": lm}
     loss = weights["lm"] * lm
@@ -71,33 +74,39 @@ def objective(model, tokens: jax.Array, segment_ids: jax.Array, weights: dict, l
         # The MTP block is fed token i + 1 at position i and predicts token i + 2; the row's last position has
         # no i + 2, and a target in another document does not count.
         y, mtp_stats = model.mtp_hidden(x, tokens[:, 1:], segs)
-        stats.update(mtp_stats)
         target = jnp.pad(tokens[:, 2:], ((0, 0), (0, 1)))
         mask = jnp.pad((segment_ids[:, 2:] == segs[:, :-1]) & counts[:, 2:], ((0, 0), (0, 1)))
         metrics["mtp_loss"] = head_cross_entropy(model, y, model.mtp.hc_head, model.mtp.norm, target, mask)
         loss = loss + weights["lm"] * weights["mtp"] * metrics["mtp_loss"]
-    balance = [v for k, v in stats.items() if k.endswith("balance_loss")]
+    stats = (*layer_stats, *([mtp_stats] if mtp_stats is not None else []))
+    balance = [s.balance_loss for s in stats if s.balance_loss is not None]
     if balance:
         metrics["balance_loss"] = sum(balance)
         loss = loss + weights["lm"] * weights["balance"] * metrics["balance_loss"]
-    kl = [v for k, v in stats.items() if k.endswith("indexer_kl")]
+    kl = [s.indexer_kl for s in stats if s.indexer_kl is not None]
     if kl:
         metrics["indexer_kl"] = sum(kl) / len(kl)
         loss = loss + weights["indexer"] * sum(kl)
-    loads = {k[: -len(".expert_load")]: v for k, v in stats.items() if k.endswith("expert_load")}
+    loads = ExpertLoads(tuple(s.expert_load for s in layer_stats), None if mtp_stats is None else mtp_stats.expert_load)
     return loss, metrics, loads
 
 
-def router_bias_updates(loads: dict[str, jax.Array], biases: dict[str, jax.Array], speed: float):
-    """The aux-loss-free rule (DeepSeek-V3): each expert's bias moves by `speed` towards balance, down if it
-    received more than the mean load in this step, up if less. loads {moe path: [e]}, biases {moe path: [e]}
-    (score-routed layers only; hash-routed layers have no bias) -> the new biases."""
-    return {k: b + speed * jnp.sign(jnp.mean(loads[k]) - loads[k]) for k, b in biases.items()}
+class ExpertLoads(NamedTuple):
+    """Token-slot counts per expert [experts] of each MoE that ran: one per backbone layer, and the MTP block's."""
+
+    layers: tuple[jax.Array, ...]
+    mtp: jax.Array | None = None
 
 
-def load_balance(loads: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def router_bias_update(load: jax.Array, bias: jax.Array, speed: float) -> jax.Array:
+    """The aux-loss-free rule (DeepSeek-V3) for one score-routed MoE: each expert's bias moves by `speed` towards
+    balance, down if it received more than the mean load [e] in this step, up if less -> the new bias [e]."""
+    return bias + speed * jnp.sign(jnp.mean(load) - load)
+
+
+def load_balance(loads: ExpertLoads) -> tuple[jax.Array, jax.Array]:
     """(max, min) over the MoE layers and experts of load / mean load: 1 and 1 is perfectly balanced."""
-    rel = jnp.stack([v / jnp.maximum(jnp.mean(v), 1e-9) for v in loads.values()])
+    rel = jnp.stack([v / jnp.maximum(jnp.mean(v), 1e-9) for v in (*loads.layers, loads.mtp) if v is not None])
     return jnp.max(rel), jnp.min(rel)
 
 
@@ -141,7 +150,7 @@ def drafter_objective(model, tokens: jax.Array, segment_ids: jax.Array, anchors:
     [b, N] (block starts, 1 <= a <= L - B), loss_mask as in `objective`. The frozen target runs over the first L
     tokens; everything taken from it (main_hidden, its logits, the embedding and head the drafter shares) is
     behind stop_gradient, so no gradient reaches the target. Slot k of the block at a proposes token a + 1 + k;
-    the target's distribution for it is its logits at position a + k. -> (loss, metrics, {} (no expert loads:
+    the target's distribution for it is its logits at position a + k. -> (loss, metrics, None (no expert loads:
     the drafter's router biases stay as they are))."""
     sg = jax.lax.stop_gradient
     inputs, segs = tokens[:, :-1], segment_ids[:, :-1]
@@ -156,4 +165,4 @@ def drafter_objective(model, tokens: jax.Array, segment_ids: jax.Array, anchors:
     valid = (at(segment_ids, pos + 1) == at(segs, jnp.repeat(anchors, B, axis=1))) & at(counts, pos + 1)
     loss, metrics = drafter_loss(draft_logits, conf, target_logits.reshape(draft_logits.shape),
                                  at(tokens, pos + 1).reshape(b, N, B), valid.reshape(b, N, B), weights)
-    return loss, metrics, {}
+    return loss, metrics, None

@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: import the train package from 
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -74,7 +75,7 @@ from v4jax.checkpoint import load_hub_state
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer, abstract_model
 from v4jax.moe import RouterBias
-from v4jax.sharding import (DECODE_RULES, TRAIN_RULES, follow_params, for_mesh, make_mesh, shard_model,
+from v4jax.sharding import (PRESETS, follow_params, for_mesh, make_mesh, mesh_shape, shard_model,
                              train_batch_sharding, use_rules)
 
 # ---- configuration ----------------------------------------------------------------------------------------
@@ -498,7 +499,7 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float | None, state_sha
         n_micro = batch["tokens"].shape[0]
         grads = jax.tree.map(lambda g: g / n_micro, grads)
         metrics = jax.tree.map(jnp.mean, metrics)
-        loads = jax.tree.map(lambda v: jnp.sum(v, axis=0), loads)
+        loads = jax.tree.map(lambda v: jnp.sum(v, axis=0), loads)  # None for a drafter run
 
         grad_norm = optax.global_norm(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
@@ -508,7 +509,7 @@ def make_train_step(graphdef, tx, trainable, bias_speed: float | None, state_sha
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(good, n, o), new, old)  # noqa: E731
         if bias_speed is not None:
             others = keep(update_router_biases(others, loads, bias_speed), others)
-        if loads:
+        if loads is not None:
             load_max, load_min = losses.load_balance(loads)
             metrics |= {"load_max": load_max, "load_min": load_min}
         metrics |= {"grad_norm": grad_norm, "good": good}
@@ -523,14 +524,18 @@ def step_is_good(loss, grad_norm, new_params, loss_limit):
     return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= loss_limit) & params_finite
 
 
-def update_router_biases(others, loads, speed: float):
-    """Apply the aux-loss-free bias rule to every RouterBias (path `<moe>.gate.bias`, loads keyed `<moe>`) of the
-    MoEs that ran (a GA checkpoint's drafter does not run in training: its biases stay)."""
+def update_router_biases(others, loads: losses.ExpertLoads, speed: float):
+    """Apply the aux-loss-free bias rule to the RouterBias of every score-routed MoE that ran: backbone layer i's
+    (`layers.i.ffn.gate.bias`) from loads.layers[i], the MTP block's from loads.mtp (a GA checkpoint's drafter
+    does not run in training: its biases stay)."""
+    sites = [(("layers", i), load) for i, load in enumerate(loads.layers)] + [(("mtp",), loads.mtp)]
+
     def update(path, var):
-        moe = path_str(path).removesuffix(".gate.bias")
-        if not isinstance(var, RouterBias) or moe not in loads:
+        keys = tuple(getattr(k, "key", k) for k in path)
+        load = next((load for site, load in sites if keys == (*site, "ffn", "gate", "bias")), None)
+        if not isinstance(var, RouterBias) or load is None:
             return var
-        return var.replace(losses.router_bias_updates({moe: loads[moe]}, {moe: var[...]}, speed)[moe])
+        return var.replace(losses.router_bias_update(load, var[...], speed))
 
     return jax.tree_util.tree_map_with_path(update, others, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -755,22 +760,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str]) -> None:
-    args = parse_args(argv)
-    cfg = load_config([args.config, *args.overrides])
+@dataclasses.dataclass
+class Run:
+    """What set_up builds for a run: its config, mesh and rules (and the batch layout they give), the data, the
+    model config, the log, the train state {params, others, opt_state} and the optimizer with its schedule."""
+
+    cfg: dict
+    mesh: jax.sharding.Mesh
+    rules: dict
+    batch_sharding: NamedSharding
+    stream: PackedStream | RowStream
+    mcfg: ModelConfig
+    log: "Log"
+    state: dict
+    tx: optax.GradientTransformation
+    schedule: Any
+
+
+def set_up(cfg: dict) -> Run:
+    """The run before its first step: processes joined, the mesh, the data (a missing, empty or unsafe corpus is
+    named here, before anything compiles), the model built or loaded and placed, the optimizer state."""
     d = cfg["distributed"]
     if any(v is not None for v in d.values()):
         jax.distributed.initialize(d["coordinator_address"], d["num_processes"], d["process_id"])
-
-    # Mesh and sharding rules.
-    sizes = dict(cfg["mesh"])
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    sizes = {k: (jax.device_count() // fixed if v == -1 else v) for k, v in sizes.items()}
-    mesh = make_mesh(sizes)
-    rules = {"train": TRAIN_RULES, "decode": DECODE_RULES}.get(cfg["rules"], cfg["rules"])
-    batch_sharding = train_batch_sharding(mesh, rules)
-
-    # Data (a missing, empty or unsafe corpus is named here, before anything compiles) and model.
+    mesh = make_mesh(mesh_shape(dict(cfg["mesh"]), jax.device_count()))
+    rules = PRESETS.get(cfg["rules"], cfg["rules"])
     stream = open_corpus(cfg["data"]["path"], cfg["data"]["seed"])
     if stream.seq_len is not None and any(st["seq_len"] != stream.seq_len for st in cfg["stages"]):
         raise ConfigError(f"{cfg['data']['path']} holds rows of seq_len {stream.seq_len} (packed by train.chat): set "
@@ -783,12 +797,11 @@ def main(argv: list[str]) -> None:
     total = stages[-1]["until_step"]
     log = Log(cfg, total)
     log.say(f"model: {mcfg.n_layers} layers, dim {mcfg.dim}, {mcfg.n_routed_experts} experts ({mcfg.moe_impl}) | "
-            f"mesh {sizes} | {jax.process_count()} process(es), {jax.device_count()} device(s)")
+            f"mesh {dict(mesh.shape)} | {jax.process_count()} process(es), {jax.device_count()} device(s)")
     log.say(f"data: {stream.describe()}")
 
-    lora_on, drafter_on = cfg["lora"]["enabled"], cfg["drafter"]["enabled"]
     model = build_model(cfg, mcfg, mesh, rules)
-    if lora_on:
+    if cfg["lora"]["enabled"]:
         n = sum(x.size for x in jax.tree.leaves(nnx.state(model, lora.LoraParam)))
         log.say(f"LoRA: base {cfg['init']} frozen (FP8 / MXFP4 kept quantized); {n:,} adapter parameters "
                 f"(rank {cfg['lora']['rank']}, alpha {cfg['lora']['alpha']}, {', '.join(cfg['lora']['targets'])}) "
@@ -806,131 +819,151 @@ def main(argv: list[str]) -> None:
     # the moments take their parameters' shardings (jnp.zeros alone would replicate them on every device)
     opt_state = jax.jit(tx.init, out_shardings=follow_params(jax.eval_shape(tx.init, params), params))(params)
     state = {"params": params, "others": others, "opt_state": opt_state}
+    return Run(cfg, mesh, rules, train_batch_sharding(mesh, rules), stream, mcfg, log, state, tx, schedule)
 
-    # Resume from the newest intact checkpoint, if any. The loop's state: the step, the data offset and the
-    # losses of the last good steps (the spike check's average), all in each checkpoint.
-    manager = checkpoint_manager(cfg)
-    step, offset, window = 0, 0, []
-    got, damaged = restore_newest(manager, checkpointed(state, cfg))
-    if got is not None:
-        state, meta = state | got[0], got[1]
-        if meta["data_seed"] != cfg["data"]["seed"]:
-            raise ConfigError(f"{cfg['run_dir']} was trained with data.seed {meta['data_seed']}; resume with it")
-        step, offset, window = meta["step"], meta["data_offset"], meta.get("loss_window", [])
-        log.say(f"resumed from {manager.directory / str(step)} (step {step}, data offset {offset:,})"
-                + (f"; {damaged}" if damaged else ""))
-    log.start_at(step)
+
+def resume(run: Run, manager) -> tuple[int, int, list]:
+    """Restore the newest intact checkpoint into run.state -> the loop's position: (step, data offset, the losses
+    of the last good steps, the spike check's average); (0, 0, []) for a fresh run."""
+    cfg, log = run.cfg, run.log
+    got, damaged = restore_newest(manager, checkpointed(run.state, cfg))
+    if got is None:
+        return 0, 0, []
+    run.state, meta = run.state | got[0], got[1]
+    if meta["data_seed"] != cfg["data"]["seed"]:
+        raise ConfigError(f"{cfg['run_dir']} was trained with data.seed {meta['data_seed']}; resume with it")
+    log.say(f"resumed from {manager.directory / str(meta['step'])} (step {meta['step']}, data offset "
+            f"{meta['data_offset']:,})" + (f"; {damaged}" if damaged else ""))
+    return meta["step"], meta["data_offset"], meta.get("loss_window", [])
+
+
+def train(run: Run, manager, step: int, offset: int, window: list) -> None:
+    """The stage loop from `step` (data at `offset`): each stage's step compiled once, the guard (bad steps skipped,
+    rolled back to the last checkpoint after guard.max_bad_steps in a row), metrics, checkpoints."""
+    cfg, log, mesh, rules, stream, mcfg = run.cfg, run.log, run.mesh, run.rules, run.stream, run.mcfg
+    state, tx, schedule, batch_sharding = run.state, run.tx, run.schedule, run.batch_sharding
+    stages = cfg["stages"]
+    total = stages[-1]["until_step"]
+    lora_on, drafter_on = cfg["lora"]["enabled"], cfg["drafter"]["enabled"]
     g, every = cfg["guard"], cfg["checkpoint"]["every"]
-    try:
-        peak, peak_src = mfu_peak(Path(cfg["run_dir"]))
-        log.say(f"MFU peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_src})")
-        compiled: dict[int, tuple] = {}  # stage index -> (train step, FLOPs per step)
-        current, t_last = None, None
-        bad, due, rollbacks = 0, False, {}  # rollbacks: how many went to each checkpoint
-        while step < total:
-            i = next(k for k, st in enumerate(stages) if step < st["until_step"])
-            stage = stages[i]
-            attn = ATTENTION[stage["attention"]]
-            tokens_per_step = stage["grad_accum"] * stage["batch_size"] * stage["seq_len"]
-            if i != current:
-                current, t_last = i, None
-                log.say(f"stage {i + 1}/{len(stages)}: until step {stage['until_step']}, {stage['batch_size']} "
-                        f"x {stage['seq_len']} tokens x {stage['grad_accum']} micro-batches, attention "
-                        f"{stage['attention']}")
-            first = i not in compiled
-            if first:
-                def staged():
-                    m = Transformer(mcfg.replace(**attn), rngs=nnx.Rngs(0))
-                    return lora.attach(m, lora_config(cfg), nnx.Rngs(0)) if lora_on else m
+    log.start_at(step)
+    peak, peak_src = mfu_peak(Path(cfg["run_dir"]))
+    log.say(f"MFU peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_src})")
+    compiled: dict[int, tuple] = {}  # stage index -> (train step, FLOPs per step)
+    current, t_last = None, None
+    bad, due, rollbacks = 0, False, {}  # rollbacks: how many went to each checkpoint
+    while step < total:
+        i = next(k for k, st in enumerate(stages) if step < st["until_step"])
+        stage = stages[i]
+        attn = ATTENTION[stage["attention"]]
+        tokens_per_step = stage["grad_accum"] * stage["batch_size"] * stage["seq_len"]
+        if i != current:
+            current, t_last = i, None
+            log.say(f"stage {i + 1}/{len(stages)}: until step {stage['until_step']}, {stage['batch_size']} "
+                    f"x {stage['seq_len']} tokens x {stage['grad_accum']} micro-batches, attention "
+                    f"{stage['attention']}")
+        first = i not in compiled
+        if first:
+            def staged():
+                m = Transformer(mcfg.replace(**attn), rngs=nnx.Rngs(0))
+                return lora.attach(m, lora_config(cfg), nnx.Rngs(0)) if lora_on else m
 
-                graphdef = nnx.graphdef(nnx.eval_shape(staged))
-                warmup = stage["attention"] == "indexer_warmup"
-                # a GA checkpoint's DSpark drafter is not part of the model's objective: it stays as loaded (no
-                # decay), unless it is what the run trains
-                trainable = {path_str(p): (drafter_on or not path_str(p).startswith("dspark."))
-                             and (".indexer." in path_str(p) or not warmup)
-                             for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])}
-                shardings = jax.tree.map(lambda x: x.sharding, (state["params"], state["others"], state["opt_state"]))
-                bias_speed = None if lora_on or drafter_on else cfg["loss"]["bias_update_speed"]
-                step_fn = make_train_step(graphdef, tx, trainable, bias_speed, shardings)
-                compiled[i] = (step_fn, train_flops_per_token(mcfg, stage["seq_len"], attn["csa_dense"])
-                               * tokens_per_step)
-                log.say("compiling the train step (the stage's first step runs with it)...")
-                t_compile = time.perf_counter()
-            train_step, flops = compiled[i]
-            if step == (stages[i - 1]["until_step"] if i else 0):
-                window = []  # a stage changes the objective: the spike check starts over
-            full = g["spike_factor"] and len(window) == g["spike_window"]  # no spike check on a stage's first steps
-            limit = g["spike_factor"] * sum(window) / len(window) if full else math.inf
-            batch = global_batch(stream, offset, stage, batch_sharding)
-            if cfg["lora"]["dropout"]:  # a key per micro-batch, from (seed, step): a resume draws the same masks
-                batch["dropout_key"] = jax.random.split(jax.random.fold_in(jax.random.key(cfg["seed"]), step),
-                                                        stage["grad_accum"])
-            if drafter_on:
-                batch["anchors"] = anchor_batch(cfg, offset, stage, mcfg.dspark_block_size, batch_sharding)
-            weights = {k: jnp.float32(v) for k, v in loss_weights(step, stage, cfg).items()}
-            with use_rules(mesh, rules):  # traced under the mesh and rules: per-device MoE dispatch, activation
-                # constraints at block boundaries, kernels per batch shard
-                *new, metrics = train_step(state["params"], state["others"], state["opt_state"], batch, weights,
-                                           jnp.float32(limit))
-            state = dict(zip(("params", "others", "opt_state"), new))
-            metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
-            if first:
-                log.say(f"compiled and ran the first step in {time.perf_counter() - t_compile:.1f} s")
-            step += 1
-            offset += tokens_per_step
-            now = time.perf_counter()
-            good = metrics.pop("good")
-            record = {"step": step, "lr": float(schedule(step - 1)), "tokens": offset, **metrics,
-                      "skipped": not good}
-            if t_last is not None:  # the stage's first step includes compilation: no speed for it
-                record["tokens_per_s"] = tokens_per_step / (now - t_last)
-                if not drafter_on:  # train_flops_per_token counts the model's objective, not the drafter's
-                    record["mfu"] = flops / (now - t_last) / (peak * jax.device_count())
-            t_last = now
-            log.step(record)
-            if good:
-                bad = 0
-                window = (window + [metrics["loss"]])[-g["spike_window"]:]
-            else:
-                bad += 1
-                loss, norm = metrics["loss"], metrics["grad_norm"]
-                why = (f"non-finite loss or gradient norm (loss {loss}, grad norm {norm})"
-                       if not (math.isfinite(loss) and math.isfinite(norm)) else
-                       f"loss spike ({loss:.4g} > {limit:.4g} = {g['spike_factor']} x the mean of the last "
-                       f"{len(window)} good steps)" if loss > limit else "the update made a parameter non-finite")
-                log.say(f"step {step}: {why}; update skipped ({bad} in a row)")
-                if bad >= g["max_bad_steps"]:
-                    manager.wait_until_finished()
-                    target = manager.latest_step()
-                    if target is None or rollbacks.get(target, 0) >= g["max_rollbacks"]:
-                        kept = ("no checkpoint was written yet" if target is None else
-                                f"the newest checkpoint, {manager.directory / str(target)}, holds the last good "
-                                "state (checkpoints are written only after good steps)")
-                        raise InputError(f"stopped: {bad} bad steps in a row at step {step}, after "
-                                         f"{rollbacks.get(target, 0)} rollback(s) to checkpoint {target}; {kept}; "
-                                         "lower schedule.peak_lr or check the data, then run again to resume")
-                    rollbacks[target] = rollbacks.get(target, 0) + 1
-                    got, meta = restore(manager, checkpointed(state, cfg), target)
-                    state |= got
-                    log.say(f"rolled back to checkpoint {target} ({rollbacks[target]} of at most "
-                            f"{g['max_rollbacks']}); the data goes on at offset {offset:,}: the batches of steps "
-                            f"{target + 1}-{step} are skipped")
-                    step, window, bad, due, current = meta["step"], meta.get("loss_window", []), 0, False, None
-                    log.start_at(step)
-                    continue
-            due = due or step % every == 0 or step == total
-            if due and good:  # never after a bad step: every checkpoint holds a state that passed the guard
-                save(manager, step, checkpointed(state, cfg), {"step": step, "data_offset": offset,
-                                                               "data_seed": cfg["data"]["seed"], "loss_window": window})
-                due = False
-        manager.wait_until_finished()
-        last = manager.latest_step()
-        note = f" (its update was skipped: the newest checkpoint is step {last})" if last != step else ""
-        log.say(f"done: step {step}{note}, checkpoints in {manager.directory}")
+            graphdef = nnx.graphdef(nnx.eval_shape(staged))
+            warmup = stage["attention"] == "indexer_warmup"
+            # a GA checkpoint's DSpark drafter is not part of the model's objective: it stays as loaded (no
+            # decay), unless it is what the run trains
+            trainable = {path_str(p): (drafter_on or not path_str(p).startswith("dspark."))
+                         and (".indexer." in path_str(p) or not warmup)
+                         for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])}
+            shardings = jax.tree.map(lambda x: x.sharding, (state["params"], state["others"], state["opt_state"]))
+            bias_speed = None if lora_on or drafter_on else cfg["loss"]["bias_update_speed"]
+            step_fn = make_train_step(graphdef, tx, trainable, bias_speed, shardings)
+            compiled[i] = (step_fn, train_flops_per_token(mcfg, stage["seq_len"], attn["csa_dense"])
+                           * tokens_per_step)
+            log.say("compiling the train step (the stage's first step runs with it)...")
+            t_compile = time.perf_counter()
+        train_step, flops = compiled[i]
+        if step == (stages[i - 1]["until_step"] if i else 0):
+            window = []  # a stage changes the objective: the spike check starts over
+        full = g["spike_factor"] and len(window) == g["spike_window"]  # no spike check on a stage's first steps
+        limit = g["spike_factor"] * sum(window) / len(window) if full else math.inf
+        batch = global_batch(stream, offset, stage, batch_sharding)
+        if cfg["lora"]["dropout"]:  # a key per micro-batch, from (seed, step): a resume draws the same masks
+            batch["dropout_key"] = jax.random.split(jax.random.fold_in(jax.random.key(cfg["seed"]), step),
+                                                    stage["grad_accum"])
+        if drafter_on:
+            batch["anchors"] = anchor_batch(cfg, offset, stage, mcfg.dspark_block_size, batch_sharding)
+        weights = {k: jnp.float32(v) for k, v in loss_weights(step, stage, cfg).items()}
+        with use_rules(mesh, rules):  # traced under the mesh and rules: per-device MoE dispatch, activation
+            # constraints at block boundaries, kernels per batch shard
+            *new, metrics = train_step(state["params"], state["others"], state["opt_state"], batch, weights,
+                                       jnp.float32(limit))
+        state = dict(zip(("params", "others", "opt_state"), new))
+        metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        if first:
+            log.say(f"compiled and ran the first step in {time.perf_counter() - t_compile:.1f} s")
+        step += 1
+        offset += tokens_per_step
+        now = time.perf_counter()
+        good = metrics.pop("good")
+        record = {"step": step, "lr": float(schedule(step - 1)), "tokens": offset, **metrics,
+                  "skipped": not good}
+        if t_last is not None:  # the stage's first step includes compilation: no speed for it
+            record["tokens_per_s"] = tokens_per_step / (now - t_last)
+            if not drafter_on:  # train_flops_per_token counts the model's objective, not the drafter's
+                record["mfu"] = flops / (now - t_last) / (peak * jax.device_count())
+        t_last = now
+        log.step(record)
+        if good:
+            bad = 0
+            window = (window + [metrics["loss"]])[-g["spike_window"]:]
+        else:
+            bad += 1
+            loss, norm = metrics["loss"], metrics["grad_norm"]
+            why = (f"non-finite loss or gradient norm (loss {loss}, grad norm {norm})"
+                   if not (math.isfinite(loss) and math.isfinite(norm)) else
+                   f"loss spike ({loss:.4g} > {limit:.4g} = {g['spike_factor']} x the mean of the last "
+                   f"{len(window)} good steps)" if loss > limit else "the update made a parameter non-finite")
+            log.say(f"step {step}: {why}; update skipped ({bad} in a row)")
+            if bad >= g["max_bad_steps"]:
+                manager.wait_until_finished()
+                target = manager.latest_step()
+                if target is None or rollbacks.get(target, 0) >= g["max_rollbacks"]:
+                    kept = ("no checkpoint was written yet" if target is None else
+                            f"the newest checkpoint, {manager.directory / str(target)}, holds the last good "
+                            "state (checkpoints are written only after good steps)")
+                    raise InputError(f"stopped: {bad} bad steps in a row at step {step}, after "
+                                     f"{rollbacks.get(target, 0)} rollback(s) to checkpoint {target}; {kept}; "
+                                     "lower schedule.peak_lr or check the data, then run again to resume")
+                rollbacks[target] = rollbacks.get(target, 0) + 1
+                got, meta = restore(manager, checkpointed(state, cfg), target)
+                state |= got
+                log.say(f"rolled back to checkpoint {target} ({rollbacks[target]} of at most "
+                        f"{g['max_rollbacks']}); the data goes on at offset {offset:,}: the batches of steps "
+                        f"{target + 1}-{step} are skipped")
+                step, window, bad, due, current = meta["step"], meta.get("loss_window", []), 0, False, None
+                log.start_at(step)
+                continue
+        due = due or step % every == 0 or step == total
+        if due and good:  # never after a bad step: every checkpoint holds a state that passed the guard
+            save(manager, step, checkpointed(state, cfg), {"step": step, "data_offset": offset,
+                                                           "data_seed": cfg["data"]["seed"], "loss_window": window})
+            due = False
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    note = f" (its update was skipped: the newest checkpoint is step {last})" if last != step else ""
+    log.say(f"done: step {step}{note}, checkpoints in {manager.directory}")
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    run = set_up(load_config([args.config, *args.overrides]))
+    manager = checkpoint_manager(run.cfg)
+    try:
+        train(run, manager, *resume(run, manager))
     finally:
         manager.close()
-        log.close()
+        run.log.close()
 
 
 if __name__ == "__main__":

@@ -92,29 +92,28 @@ class Transformer(nnx.Module):
         """token_ids [b, s] -> final residual streams [b, s, hc, d] (before the head collapse).
 
         segment_ids [b, s] marks packed documents (runs of equal ids): RoPE positions and compression windows
-        restart at each document and no attention crosses documents. with_stats also returns what the layers
-        sowed, {path: value}: `...ffn.expert_load` [experts] (token-slot counts), `...ffn.balance_loss` (score-
-        routed layers) and, with cfg.indexer_loss, `...attn.indexer_kl` (CSA layers).
+        restart at each document and no attention crosses documents. with_stats also returns each layer's
+        LayerStats (a tuple, one per layer).
         """
         cfg = self.cfg
         x = self.streams(token_ids)
         first, stop = scan_range(cfg) if cfg.scan_layers else (cfg.n_layers, cfg.n_layers)
         run = rematted(run_blocks, cfg)
-        stats = {}
+        stats = []
 
         def layer(i, x):
-            x, stats_i = run(*nnx.split(nnx.List([self.layers[i]])), x, token_ids, segment_ids)
-            stats.update({f"layers.{i}.{k[2:]}": v for k, v in stats_i.items()})  # "0.rest" -> layer i
+            x, (stats_i,) = run(*nnx.split(nnx.List([self.layers[i]])), x, token_ids, segment_ids)
+            stats.append(stats_i)
             return x
 
         for i in range(first):
             x = layer(i, x)
         if stop > first:
             x, stats_scan = self._scan_pairs(run, first, stop, x, token_ids, segment_ids)
-            stats.update(stats_scan)
+            stats += stats_scan
         for i in range(stop, cfg.n_layers):
             x = layer(i, x)
-        return (x, stats) if with_stats else x
+        return (x, tuple(stats)) if with_stats else x
 
     def _scan_pairs(self, run, first: int, stop: int, x, token_ids, segment_ids):
         """Layers first .. stop-1, (CSA, HCA) pairs of identical structure, as one lax.scan over their stacked
@@ -132,9 +131,8 @@ class Transformer(nnx.Module):
 
         stacked = jax.tree_util.tree_map_with_path(stack, *(nnx.state(p) for p in pairs))
         x, stats = jax.lax.scan(lambda x, st: run(graphdef, st, x, token_ids, segment_ids), x, stacked)
-        # "k.rest" of pair j is layer first + 2j + k
-        return x, {f"layers.{first + 2 * j + int(k[0])}.{k[2:]}": v[j]
-                   for k, v in stats.items() for j in range(len(pairs))}
+        # stats: the pair's two LayerStats, each stacked over the pairs -> one per layer, in order
+        return x, [jax.tree.map(lambda v, j=j: v[j], s) for j in range(len(pairs)) for s in stats]
 
     def streams(self, token_ids: jax.Array) -> jax.Array:
         """The embedded tokens copied into the hc_mult residual streams [b, s, hc, d]."""
@@ -161,7 +159,7 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.layers):
             x = constrain(block(x, token_ids, segment_ids), STREAMS)
             captured[i] = stream_mean(x)
-        pop_stats(self)
+        nnx.pop(self, nnx.Intermediate)
         return x, jnp.concatenate([captured[i] for i in self.cfg.dspark_target_layer_ids], axis=-1)
 
     # ---- inference over a cache ----------------------------------------------------------------------------
@@ -251,7 +249,7 @@ class Transformer(nnx.Module):
         return self.logits(self.mtp_hidden(x, token_ids, segment_ids)[0], self.mtp.hc_head, self.mtp.norm)
 
     def mtp_hidden(self, x: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None):
-        """The MTP block's output streams [b, s, hc, d] (before its head collapse) and what it sowed."""
+        """The MTP block's output streams [b, s, hc, d] (before its head collapse) and its LayerStats."""
         if self.mtp is None:
             raise ValueError("this config has n_mtp_layers = 0: there is no MTP block")
         emb = self.embed_tokens(token_ids)
@@ -274,15 +272,15 @@ def run_blocks(graphdef, state, x, token_ids, segment_ids):
     blocks = nnx.merge(graphdef, state)
     for block in blocks:
         x = constrain(block(x, token_ids, segment_ids), STREAMS)
-    return x, pop_stats(blocks)
+    return x, tuple(block_stats(b) for b in blocks)
 
 
 def run_mtp(graphdef, state, x, emb, token_ids, segment_ids):
-    """The MTP block given as (graphdef, state) -> (its output streams, what it sowed {"mtp.<path>": value});
-    functional, as run_blocks, so that jax.checkpoint can wrap it."""
+    """The MTP block given as (graphdef, state) -> (its output streams, its LayerStats); functional, as
+    run_blocks, so that jax.checkpoint can wrap it."""
     mtp = nnx.merge(graphdef, state)
     y = mtp(x, emb, token_ids, segment_ids)
-    return y, {f"mtp.{k}": v for k, v in pop_stats(mtp).items()}
+    return y, block_stats(mtp)
 
 
 def scan_range(cfg: ModelConfig) -> tuple[int, int]:
@@ -316,11 +314,20 @@ class Pending(NamedTuple):
     main_hidden: jax.Array | None
 
 
-def pop_stats(model: nnx.Module) -> dict[str, jax.Array]:
-    """Remove what the layers sowed during a forward (nnx.Intermediate) and return it as {dotted path: value},
-    so the module keeps no per-call state (repeated jitted calls see the same graph)."""
-    flat = nnx.to_flat_state(nnx.pop(model, nnx.Intermediate))
-    return {".".join(map(str, path)): var.get_value()[-1] for path, var in flat}
+class LayerStats(NamedTuple):
+    """What one block reports from a training forward (None where the layer has no such thing)."""
+
+    expert_load: jax.Array | None = None  # [experts] token-slot counts of its MoE (the router-bias rule's input)
+    balance_loss: jax.Array | None = None  # score-routed MoE layers (moe.balance_loss)
+    indexer_kl: jax.Array | None = None  # CSA layers under cfg.indexer_loss (attention.indexer_kl)
+    ep_dropped: jax.Array | None = None  # expert-parallel MoE: (token, slot) pairs over capacity
+
+
+def block_stats(block: nnx.Module) -> LayerStats:
+    """Remove what a block sowed during a forward (nnx.Intermediate: its MoE's and its attention's statistics) and
+    return it as its LayerStats, so the module keeps no per-call state (repeated jitted calls see the same graph)."""
+    sown = nnx.to_flat_state(nnx.pop(block, nnx.Intermediate))
+    return LayerStats(**{path[-1]: var.get_value()[-1] for path, var in sown})
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

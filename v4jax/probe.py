@@ -24,7 +24,7 @@ from v4jax.attention import Attention, entry_layout, token_layout
 from v4jax.block import Block, HCSite
 from v4jax.hyper_connection import hc_mixes, hc_post, split_sinkhorn
 from v4jax.layers import rms_norm
-from v4jax.model import Transformer, pop_stats
+from v4jax.model import Transformer, block_stats
 
 
 class SiteMaps(NamedTuple):
@@ -100,11 +100,9 @@ def _probe(model: Transformer, token_ids: jax.Array, segment_ids: jax.Array | No
     records = []
     for block in model.layers:
         x, rec = _block(model, block, x, token_ids, segment_ids)
-        records.append(rec)
-    stats = pop_stats(model)
-    layers = [LayerProbe(expert_load=stats[f"layers.{i}.ffn.expert_load"],
-                         **{"visible": None, "attended": None, "picked": None, "scores": None, **rec})
-              for i, rec in enumerate(records)]
+        records.append(rec | {"expert_load": block_stats(block).expert_load})
+    layers = [LayerProbe(**{"visible": None, "attended": None, "picked": None, "scores": None, **rec})
+              for rec in records]
     return layers, x
 
 

@@ -55,8 +55,8 @@ def test_objective_matches_a_direct_computation_on_packed_rows(loss_chunk, maske
     n_score = cfg.n_layers - cfg.n_hash_layers + 1  # + the MTP block's MoE
     assert 0.5 * n_score < metrics["balance_loss"] < 2 * n_score  # ~1 per layer near uniform routing
     assert np.isclose(loss, lm + 0.3 * mtp + 1e-4 * metrics["balance_loss"], rtol=1e-6)
-    assert len(loads) == cfg.n_layers + 1 and all(float(v.sum()) == 80 * cfg.n_activated_experts
-                                                   for v in loads.values())
+    assert len(loads.layers) == cfg.n_layers and loads.mtp is not None
+    assert all(float(v.sum()) == 80 * cfg.n_activated_experts for v in (*loads.layers, loads.mtp))
 
 
 def test_chunked_loss_has_the_gradients_of_the_whole_one():
@@ -105,7 +105,7 @@ def test_bias_update_moves_loads_towards_balance():
     assert spread(first) > 2.5  # built unbalanced
     for _ in range(300):  # the spec's speed 0.001 per step
         load, _ = loads_of(moe, y)
-        moe.gate.bias[...] = losses.router_bias_updates({"l": load}, {"l": moe.gate.bias[...]}, 1e-3)["l"]
+        moe.gate.bias[...] = losses.router_bias_update(load, moe.gate.bias[...], 1e-3)
     last, _ = loads_of(moe, y)
     assert spread(last) < 0.6 * spread(first), (spread(first), spread(last))
     assert float(moe.gate.bias[:3].max()) < 0 < float(moe.gate.bias[3:].max())  # overloaded experts pushed down
