@@ -85,15 +85,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_golden(folder: Path) -> None:
     """Every parameter path -> its PartitionSpec, for Flash and Pro under both presets (tests compare these)."""
-    from flax import nnx
-
     from v4jax import sharding
     from v4jax.config import ModelConfig
-    from v4jax.model import Transformer
+    from v4jax.model import abstract_model
 
     folder.mkdir(parents=True, exist_ok=True)
     for preset in ("flash", "pro"):
-        model = nnx.eval_shape(lambda: Transformer(ModelConfig.preset(preset), rngs=nnx.Rngs(0)))
+        model = abstract_model(ModelConfig.preset(preset))
         for rules in ("train", "decode"):
             specs = sharding.flat_specs(model, sharding.PRESETS[rules])
             lines = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in specs.items()]  # one variable per line
@@ -117,7 +115,7 @@ def plan(args, shape: dict[str, int]) -> dict:
     from train.muon import path_str, v4_optimizer
     from v4jax import checkpoint, lora, sharding
     from v4jax.config import ModelConfig
-    from v4jax.model import Transformer
+    from v4jax.model import abstract_model
 
     overrides = dict(scan_layers=args.scan, remat=args.remat)
     for item in args.set:
@@ -130,8 +128,7 @@ def plan(args, shape: dict[str, int]) -> dict:
     cfg = sharding.for_mesh(ModelConfig.preset(args.config, **overrides), mesh)  # the MoE path a run on it takes
     rules = sharding.PRESETS["decode" if args.step == "decode" else "train"]
     run = lora_run(args) if args.lora else None  # the trainer's validated run config: its lora section
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)) if run is None else
-                           lora.attach(Transformer(cfg, rngs=nnx.Rngs(0)), pretrain.lora_config(run), nnx.Rngs(0)))
+    model = abstract_model(cfg) if run is None else lora.abstract_adapted(cfg, pretrain.lora_config(run))
     specs = sharding.model_specs(model, rules)
     state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, s)),
                          nnx.state(model), specs, is_leaf=lambda x: isinstance(x, nnx.Variable))

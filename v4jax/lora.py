@@ -178,9 +178,14 @@ def merge(model: nnx.Module) -> nnx.Module:
     return model
 
 
+def abstract_adapted(model_cfg, cfg: LoraConfig) -> Transformer:
+    """model.abstract_model with `cfg`'s adapters attached: shapes, dtypes and logical axes, nothing allocated."""
+    return nnx.eval_shape(lambda: attach(Transformer(model_cfg, rngs=nnx.Rngs(0)), cfg, nnx.Rngs(0)))
+
+
 def adapter_param_count(model_cfg, cfg: LoraConfig) -> int:
     """The number of adapter parameters `cfg` gives a model of config `model_cfg` (abstract: nothing allocated)."""
-    model = nnx.eval_shape(lambda: attach(Transformer(model_cfg, rngs=nnx.Rngs(0)), cfg, nnx.Rngs(0)))
+    model = abstract_adapted(model_cfg, cfg)
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, LoraParam)))
 
 

@@ -44,11 +44,13 @@ def test_objective_matches_a_direct_computation_on_packed_rows(loss_chunk, maske
     mask = rng.integers(0, 2, tokens.shape) if masked else np.ones(tokens.shape, int)
     loss, metrics, loads = nnx.jit(losses.objective)(model, tokens, seg, weights, jnp.asarray(mask) if masked else None)
 
-    x = model.hidden(tokens[:, :-1], seg[:, :-1])
-    logp = jax.nn.log_softmax(model.logits(x, model.hc_head, model.norm))
+    # the direct computation, jitted (eager, each op is compiled on its own) and read back as numpy
+    x = nnx.jit(lambda m, t, s: m.hidden(t, s))(model, tokens[:, :-1], seg[:, :-1])
+    logp = np.asarray(jax.nn.log_softmax(nnx.jit(lambda m, x: m.logits(x, m.hc_head, m.norm))(model, x)))
     pos = [i for i in range(40) if i != 19]  # position 19 ends document 0: its next token is document 1's
     lm = -np.mean([logp[b, i, tokens[b, i + 1]] for b in range(2) for i in pos if mask[b, i + 1]])
-    mlogp = jax.nn.log_softmax(model.mtp_logits(x, tokens[:, 1:], seg[:, :-1]))
+    mlogp = np.asarray(jax.nn.log_softmax(nnx.jit(lambda m, x, t, s: m.mtp_logits(x, t, s))(model, x, tokens[:, 1:],
+                                                                                            seg[:, :-1])))
     mpos = [i for i in range(39) if i not in (18, 19)]
     mtp = -np.mean([mlogp[b, i, tokens[b, i + 2]] for b in range(2) for i in mpos if mask[b, i + 2]])
     assert np.isclose(metrics["lm_loss"], lm, rtol=1e-5) and np.isclose(metrics["mtp_loss"], mtp, rtol=1e-5)
