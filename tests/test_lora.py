@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from conftest import FIXTURE, assert_grads_close
+from conftest import FIXTURE, assert_grads_close, fixture_model, fixture_refs, forward_hidden, head_logits, rel_err
 from v4jax import hub, lora
 from v4jax.checkpoint import abstract_model, load_hub_state
 from v4jax.config import ModelConfig
@@ -381,3 +382,20 @@ def test_dropout_keys_draw_new_masks_and_rate_zero_sets_none():
     lora.attach(undropped, lora.LoraConfig(rank=4, targets=("wo_a", "experts")), nnx.Rngs(1))
     lora.set_dropout_keys(undropped, key)
     assert not jax.tree.leaves(nnx.state(undropped, lora.LoraKey))
+
+
+def test_peft_adapters_made_on_hf_transformers_give_its_merged_logits():
+    """tests/fixtures/peft (made by tests/oracle/make_peft_fixture.py): PEFT's own adapter folder for HF
+    transformers' V4 over the fixture checkpoint (rank 4, alpha 8, random factors on every attention layer's
+    q_a / q_b / kv / o_a (grouped) / o_b projections and the shared experts) and HF's logits with them merged.
+    load_adapters reads the folder as PEFT wrote it; the MTP block, which HF lacks, gets zero adapters; the adapted
+    forward gives HF's logits to the precision the bare fixture matches HF at, the adapters moving them by far more."""
+    folder = Path(__file__).parent / "fixtures" / "peft"
+    ref = np.load(folder / "ref.npz")
+    assert json.loads((folder / "meta.json").read_text())["seed"] == int(fixture_refs()["seed"])
+    model = lora.load_adapters(fixture_model(), folder)
+    assert lora.adapters(model.mtp) and all(not np.any(np.asarray(ad.b[...])) for *_, ad in lora.adapters(model.mtp))
+    ids, pos = jnp.asarray(ref["input_ids"]), ref["positions"]
+    got = np.asarray(head_logits(model, forward_hidden(model, ids)))[:, pos]
+    assert rel_err(got, ref["peft_logits"]).max() < 1e-4
+    assert rel_err(ref["base_logits"], ref["peft_logits"]).min() > 0.05

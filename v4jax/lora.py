@@ -206,12 +206,16 @@ def peft_module(path: str, expert: int | None = None) -> str:
     the shared expert's projections: `model.layers.3.mlp.experts.<e>.gate_proj` (w1), `.up_proj` (w3),
     `.down_proj` (w2). The MTP block and the DSpark drafter stages, absent from HF, keep their hub names
     (`mtp.0.attn.wq_a`, `mtp.0.ffn.experts.<e>.w1`)."""
-    if expert is not None:
-        path = path.replace(".experts.", ".shared_experts.")
-    name = path_to_hub(path)
-    hf = hub_to_hf({name: None}, n_layers=sys.maxsize)  # {} for the MTP block and the drafter
-    module = (next(iter(hf)) if hf else name).removesuffix(".weight")
+    name = _hf_name(path) or path_to_hub(path.replace(".experts.", ".shared_experts."))
+    module = name.removesuffix(".weight")
     return module if expert is None else module.replace(".shared_experts.", f".experts.{expert}.")
+
+
+def _hf_name(path: str) -> str | None:
+    """HF transformers' name of the weight at `path` (routed experts: as the shared expert's), None for the MTP
+    block and the DSpark drafter, which HF does not have."""
+    hf = hub_to_hf({path_to_hub(path.replace(".experts.", ".shared_experts.")): None}, n_layers=sys.maxsize)
+    return next(iter(hf), None)
 
 
 def _peft_tensors(path: str, shape: tuple) -> dict[str, tuple[str, int | None]]:
@@ -262,7 +266,9 @@ def load_adapters(model: nnx.Module, src) -> nnx.Module:
     """Attach the adapters of a folder written by `save_adapters` (or PEFT, with these module names) to `model`,
     a loaded base without adapters, in place; returns it. The targets follow from the tensor names; every
     name and shape is checked against the model first (AdapterMismatch lists the problems, nothing is
-    attached unless all fit). Values keep their stored bits (fp32 as saved; BF16 / FP16 widened to fp32)."""
+    attached unless all fit). Values keep their stored bits (fp32 as saved; BF16 / FP16 widened to fp32). A file
+    from PEFT on HF transformers has no adapters for the MTP block (HF has none): those weights get zero adapters
+    (b = 0), so the MTP block stays the base's."""
     src = Path(src)
     if not (src / ADAPTER_CONFIG).is_file() or not (src / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{src}: no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}: pass a folder written by "
@@ -284,8 +290,12 @@ def load_adapters(model: nnx.Module, src) -> nnx.Module:
     cfg = LoraConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=tuple(sorted(kinds)),
                      dropout=float(config.get("lora_dropout") or 0.0))
     wanted = {path: names[path] for path, _, _ in targets(model, cfg)}
-    every = {k for per_weight in wanted.values() for k in per_weight}
-    missing, unexpected = sorted(every - have), sorted(have - every)
+    # PEFT on HF transformers cannot adapt the stages HF lacks (MTP block, drafter): a weight there whose adapter
+    # is absent altogether keeps the fresh one (b = 0: it adds nothing).
+    absent = {path for path, per_weight in wanted.items()
+              if not per_weight.keys() & have and _hf_name(path) is None}
+    every = {k for path, per_weight in wanted.items() if path not in absent for k in per_weight}
+    missing, unexpected = sorted(every - have), sorted(have - {k for per_weight in wanted.values() for k in per_weight})
     problems = [f"missing {missing[:4]} ({len(missing)} in all)"] if missing else []
     problems += [f"not in this model {unexpected[:4]} ({len(unexpected)} in all)"] if unexpected else []
     for path, per_weight in wanted.items():
@@ -299,6 +309,8 @@ def load_adapters(model: nnx.Module, src) -> nnx.Module:
                               "onto the base they were trained on (its config.json), with its rank r")
     attach(model, cfg, nnx.Rngs(0))
     for path, owner, name in targets(model, cfg):
+        if path in absent:
+            continue
         lora = getattr(owner, f"{name}_lora")
         for f in ("a", "b"):
             parts = [np.asarray(stored[k], np.float32) for k, (g, _) in wanted[path].items() if g == f]
