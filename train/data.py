@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from train import tokenizer as tokenizer_lib
 from train.cli import InputError, run
-from v4jax.hub import file_inside
+from v4jax.hub import file_inside, staged_folder
 
 FORMAT = "v4jax-token-shards-1"
 CHAT_FORMAT = "v4jax-chat-shards-1"  # train.chat's packed rows
@@ -49,38 +47,35 @@ def write_shards(docs, out: str | Path, vocab_size: int, shard_tokens: int = 1 <
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists: remove it or choose another --output")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-    shards, counts = [], np.zeros(vocab_size, np.int64)
-    buf, starts, n = [], [0], 0
+    with staged_folder(out) as tmp:
+        dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+        shards, counts = [], np.zeros(vocab_size, np.int64)
+        buf, starts, n = [], [0], 0
 
-    def flush():
-        name = f"{len(shards):05d}"
-        np.save(tmp / f"{name}.tokens.npy", np.concatenate(buf).astype(dtype))
-        np.save(tmp / f"{name}.docs.npy", np.asarray(starts, np.int64))
-        shards.append({"name": name, "n_tokens": int(starts[-1]), "n_docs": len(starts) - 1})
+        def flush():
+            name = f"{len(shards):05d}"
+            np.save(tmp / f"{name}.tokens.npy", np.concatenate(buf).astype(dtype))
+            np.save(tmp / f"{name}.docs.npy", np.asarray(starts, np.int64))
+            shards.append({"name": name, "n_tokens": int(starts[-1]), "n_docs": len(starts) - 1})
 
-    for ids in docs:
-        ids = np.asarray(ids, np.int64)
-        counts += np.bincount(ids, minlength=vocab_size)
-        buf.append(ids)
-        n += len(ids)
-        starts.append(n)
-        if n >= shard_tokens:
+        for ids in docs:
+            ids = np.asarray(ids, np.int64)
+            counts += np.bincount(ids, minlength=vocab_size)
+            buf.append(ids)
+            n += len(ids)
+            starts.append(n)
+            if n >= shard_tokens:
+                flush()
+                buf, starts, n = [], [0], 0
+        if len(starts) > 1:
             flush()
-            buf, starts, n = [], [0], 0
-    if len(starts) > 1:
-        flush()
-    if not shards:
-        raise ValueError("no documents to write")
-    p = counts[counts > 0] / counts.sum()
-    meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "shards": shards,
-            "n_tokens": int(counts.sum()), "n_docs": sum(s["n_docs"] for s in shards),
-            "unigram_entropy_nats": float(-(p * np.log(p)).sum()), **(info or {})}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out)
+        if not shards:
+            raise ValueError("no documents to write")
+        p = counts[counts > 0] / counts.sum()
+        meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "shards": shards,
+                "n_tokens": int(counts.sum()), "n_docs": sum(s["n_docs"] for s in shards),
+                "unigram_entropy_nats": float(-(p * np.log(p)).sum()), **(info or {})}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 

@@ -31,6 +31,7 @@ import shutil
 import socket
 import struct
 import tempfile
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -320,6 +321,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def staged_folder(out):
+    """A folder that appears complete or not at all: yields an empty `<out>.partial` beside `out` (a leftover of
+    an interrupted write is cleared first), renamed to `out` when the block ends; after an error it is left as
+    it is. The caller checks first that `out` does not exist."""
+    tmp = Path(f"{os.fspath(out)}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    os.replace(tmp, out)
 
 
 def write_safetensors(path, tensors, metadata=None):

@@ -57,8 +57,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -68,7 +66,7 @@ import numpy as np
 from flax import nnx
 
 from v4jax.attention import Attention
-from v4jax.hub import SafetensorsFile, hub_to_hf, path_to_hub, write_safetensors
+from v4jax.hub import SafetensorsFile, hub_to_hf, path_to_hub, staged_folder, write_safetensors
 from v4jax.model import Transformer
 from v4jax.moe import MoE
 from v4jax.quant import Adapted, dense
@@ -251,15 +249,11 @@ def save_adapters(model: nnx.Module, out_dir, base: str | None = None) -> None:
               "fan_in_fan_out": False, "inference_mode": True,
               "target_modules": sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
                                         for k in tensors})}
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists: remove it or choose another folder")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_safetensors(tmp / ADAPTER_WEIGHTS, tensors)
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    os.rename(tmp, out)
+    if Path(out_dir).exists():
+        raise FileExistsError(f"{out_dir} already exists: remove it or choose another folder")
+    with staged_folder(out_dir) as tmp:
+        write_safetensors(tmp / ADAPTER_WEIGHTS, tensors)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_adapters(model: nnx.Module, src) -> nnx.Module:
