@@ -22,7 +22,7 @@ from kernels.indexer.reference import n_slots, range_mask
 from kernels.sparse_attention import sparse_attention
 from v4jax import kv_cache
 from v4jax.config import ModelConfig
-from v4jax.layers import apply_rope, param, rms_norm, rope_frequencies, split_chunks
+from v4jax.layers import apply_rope, join_chunks, param, rms_norm, rope_frequencies, split_chunks
 from v4jax.numerics import einsum, ordered_sum, softmax
 from v4jax.quant import Adapted, dense, fp8_fake_quant, hadamard, linear, mxfp4_fake_quant, weight
 
@@ -331,6 +331,14 @@ class Attention(nnx.Module):
         self.wo_b = param(rngs, (cfg.dim, cfg.o_groups * cfg.o_lora_rank), ("embed", "o_groups"), pd)
         self.compressor = Compressor(cfg, self.ratio, hd, rotate=False, rngs=rngs) if self.ratio else None
         self.indexer = Indexer(cfg, rngs=rngs) if self.ratio == 4 else None
+        # IndexCache (ModelConfig.index_topk_freq / _pattern): attend the top-k of an earlier CSA layer, given to
+        # forward / step, and never run the indexer (its weights stay, unread)
+        self.reuses_topk = cfg.reuses_topk(layer)
+
+    @property
+    def indexes(self) -> bool:
+        """Whether this layer runs its lightning indexer (a CSA layer that does not reuse another's top-k)."""
+        return self.indexer is not None and not self.reuses_topk
 
     def _project(self, x: jax.Array, positions: jax.Array):
         """-> q [b, s, h, d] (per-head RMS, roped), the window kv [b, s, d] (roped, fake-quantized under qat)
@@ -374,6 +382,13 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [b, T, dim] (attn-normed block input) -> [b, T, dim]. segment_ids [b, T] marks packed documents:
         positions and compression windows restart at each document and nothing attends across documents."""
+        return self.forward(x, segment_ids)[0]
+
+    def forward(self, x: jax.Array, segment_ids: jax.Array | None = None, topk: jax.Array | None = None):
+        """__call__, passing on the CSA top-k under IndexCache: -> (output, the top-k for the next CSA layers).
+        topk is the most recent computing CSA layer's (None before any): a reusing layer attends it, a layer
+        that computes its own returns that instead, every other layer returns topk unchanged. The top-k is
+        kept in the query chunks of _attend, [n_chunks, b, chunk, k] entry slots (-1 unused)."""
         ratio = self.ratio
         b, T, _ = x.shape
         lay = token_layout(segment_ids, b, T)
@@ -383,21 +398,22 @@ class Attention(nnx.Module):
         index = None
         if ratio:
             kv = jnp.concatenate([kv, self.compressor(x, lay, ent)], axis=1)
-        if self.indexer is not None:
+        if self.indexes:
             index = self.indexer(*self._index_inputs(x, qr), lay, ent)
         queries = Queries(q, lay.pos, lay.doc, jnp.broadcast_to(jnp.arange(T), (b, T)))
-        o = self._attend(queries, kv, index, PassKeys(lay.doc, ent), T, True)
-        return self._output(o, lay.pos, x.dtype)
+        o, topk = self._attend(queries, kv, index, PassKeys(lay.doc, ent), T, True, topk=topk)
+        return self._output(o, lay.pos, x.dtype), topk
 
     def _attend(self, queries: Queries, kv: jax.Array, index: IndexInputs | None, keys: PassKeys | StepKeys,
-                comp_offset: int, sow_stats: bool, stored=None) -> jax.Array:
+                comp_offset: int, sow_stats: bool, stored=None, topk: jax.Array | None = None):
         """Sparse attention of the queries over kv rows, `attn_chunk` queries at a time. Per chunk, keys.of gives
         the window rows [b, chunk, window] and the bounds lo, hi [b, chunk] of the visible entry slots
         lo <= j < hi. The entries are kv's rows from comp_offset on (the full pass), or, with `stored` (a cached
         step), the cache's entry buffer: then a chunk reads only what it attends, the top-k rows it picked (CSA)
         or the filled prefix (HCA; a static length of prefix_sizes, chosen at run time), decoded from the cache's
         format, and appends them to its own copy of kv. With cfg.indexer_loss and sow_stats, sows the indexer KL
-        (training). -> [b, s, h, d]."""
+        (training). A layer that reuses a top-k (IndexCache) attends `topk` [n_chunks, b, chunk, k] instead of
+        its indexer's. -> ([b, s, h, d], the top-k for the next CSA layers: see forward)."""
         cfg, ratio = self.cfg, self.ratio
         q = queries.q
         b, S, h, hd = q.shape
@@ -409,6 +425,13 @@ class Attention(nnx.Module):
         sink, scale = self.attn_sink[...], hd**-0.5
         kl_on = index is not None and cfg.indexer_loss and n_comp > 0 and sow_stats
         assert stored is None or not kl_on, "the indexer loss is a training (full pass) statistic"
+        sparse = ratio == 4 and n_comp > 0 and not cfg.csa_dense
+        if self.reuses_topk and sparse and topk is None:
+            raise ValueError(f"layer {self.layer} reuses the top-k of an earlier CSA layer (ModelConfig."
+                             "index_topk_freq / index_topk_pattern): run it through Block.forward / step with that "
+                             "top-k, as Transformer does, or use a config where it computes its own")
+        given = topk if self.reuses_topk else None  # the top-k this layer attends as it is
+        emit = cfg.index_cache and index is not None and sparse  # return the top-k this layer computes
 
         def attend(c, rows, idx):
             return sparse_attention(c.q, rows, sink, idx, scale, return_lse=True, implementation=cfg.kernels)
@@ -419,22 +442,23 @@ class Attention(nnx.Module):
             return attend(c, rows, jnp.concatenate([idx, comp], axis=-1)), comp
 
         def one_chunk(chunk_in):
-            c, index_c = chunk_in
+            c, index_c, top = chunk_in
             ix = None if index is None else IndexInputs(*index_c, index.keys)
             idx, ranges = keys.of(c, cfg.window_size, ratio)
             comp = None
             if not n_comp:
                 o, lse = attend(c, kv, idx)
-            elif index is None or cfg.csa_dense:
+            elif not sparse:
                 if stored is None:
                     (o, lse), comp = every_visible(c, idx, *ranges, n_comp)
                 else:  # the shortest prefix holding every entry this chunk can see
                     sizes = prefix_sizes(n_comp)
                     branches = [lambda n=n: every_visible(c, idx, *ranges, n)[0] for n in sizes]
                     o, lse = jax.lax.switch(jnp.sum(jnp.asarray(sizes) < jnp.max(ranges[1])), branches)
-            else:  # CSA: the indexer's top-k of the visible entries
+            else:  # CSA: the indexer's top-k of the visible entries (or the one given)
                 k = min(cfg.index_topk, n_comp)
-                top, _ = indexer_topk(ix.q, ix.weights, ix.keys, *ranges, k, q.dtype, implementation=cfg.kernels)
+                if top is None:
+                    top, _ = indexer_topk(ix.q, ix.weights, ix.keys, *ranges, k, q.dtype, implementation=cfg.kernels)
                 if stored is None:
                     rows, comp = kv, jnp.where(top >= 0, comp_offset + top, -1)
                 else:  # the picked rows, decoded, after kv: query i's pick j is row comp_offset + i * k + j
@@ -446,16 +470,16 @@ class Attention(nnx.Module):
                 slots = jnp.where(comp >= 0, comp - comp_offset, -1)
                 logits = (jnp.where(comp >= 0, index_scores(ix.q, ix.weights, ix.keys, q.dtype), -jnp.inf)
                           if cfg.csa_dense else picked_scores(ix.q, ix.weights, ix.keys, slots, q.dtype))
-                return o, indexer_kl(c.q, kv, lse, comp, logits, scale)
-            return o, (jnp.zeros(()), jnp.zeros((), jnp.int32))
+                return o, indexer_kl(c.q, kv, lse, comp, logits, scale), top if emit else None
+            return o, (jnp.zeros(()), jnp.zeros((), jnp.int32)), top if emit else None
 
         # Under remat, the backward pass recomputes each chunk: the map then keeps the chunk's inputs, not every
         # chunk's gathered key rows and probabilities ([chunk, keys, head_dim] and [chunk, heads, keys] each).
         body = one_chunk if cfg.remat == "none" else jax.checkpoint(one_chunk)
-        o, (kl_sum, kl_count) = jax.lax.map(body, (xs, index_xs))  # o: [n_chunks, b, chunk, h, hd]
+        o, (kl_sum, kl_count), top = jax.lax.map(body, (xs, index_xs, given))  # o: [n_chunks, b, chunk, h, hd]
         if kl_on:
             self.sow(nnx.Intermediate, "indexer_kl", jnp.sum(kl_sum) / jnp.maximum(jnp.sum(kl_count), 1))
-        return jnp.moveaxis(o, 0, 1).reshape(b, -1, h, hd)[:, :S]
+        return join_chunks(o, S), top if emit else topk
 
     # ---- inference: the same layer over a cache ------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, kv_format: str, index_format: str) -> "AttentionCache":
@@ -466,17 +490,19 @@ class Attention(nnx.Module):
         cache = AttentionCache(window=kv(cfg.window_size))
         if m:
             cache = cache._replace(entries=kv(max_len // m), state=self.compressor.init_state(batch))
-        if self.indexer is not None:
+        if self.indexes:
             cache = cache._replace(
                 index_keys=kv_cache.empty_index_keys(index_format, (batch, max_len // m), cfg.index_head_dim),
                 index_state=self.indexer.compressor.init_state(batch))
         return cache
 
-    def step(self, x: jax.Array, cache: "AttentionCache", start: jax.Array, n_new: jax.Array):
+    def step(self, x: jax.Array, cache: "AttentionCache", start: jax.Array, n_new: jax.Array,
+             topk: jax.Array | None = None):
         """The next tokens of each sequence, x [b, C, dim] at positions start [b] + j (the first n_new [b] real;
-        any C, 1 for decoding) -> ([b, C, dim], the cache advanced by n_new, the chunk's Pending writes). Keys
-        are the window ring (W rows), these tokens (C) and the compressed entries the queries can see, read from
-        the cache's buffer up to its filled length only.
+        any C, 1 for decoding) -> ([b, C, dim], the cache advanced by n_new, the chunk's Pending writes, the
+        top-k for the next CSA layers: as in forward, of this step's queries). Keys are the window ring (W rows),
+        these tokens (C) and the compressed entries the queries can see, read from the cache's buffer up to its
+        filled length only.
         `commit(cache, pending, start, n)` advances the cache before this step by any n <= n_new instead."""
         m, W = self.ratio, self.cfg.window_size
         C = x.shape[1]
@@ -484,19 +510,19 @@ class Attention(nnx.Module):
         q, kv, qr = self._project(x, pos)
         xi, qri = self._index_inputs(x, qr)
         pending = Pending(kv=kv, comp=self.compressor.project(x, pos) if m else None,
-                          index=self.indexer.compressor.project(xi, pos) if self.indexer is not None else None)
+                          index=self.indexer.compressor.project(xi, pos) if self.indexes else None)
         # New entries and keys are encoded into the cache's storage format first and read from it: this step's
         # own tokens see stored entries exactly as later steps will. Keys are the rows of [window ring (W) ; this
         # chunk (C)], then the entries each query chunk reads from the cache (Attention._attend).
         new_cache = self.commit(cache, pending, start, n_new)
         index = None
-        if self.indexer is not None:
+        if self.indexes:
             index = IndexInputs(*self.indexer.queries(xi, qri, pos), new_cache.index_keys)
         kv_rows = jnp.concatenate([kv_cache.read(cache.window, kv.dtype), kv], axis=1)
         queries = Queries(q, pos, None, jnp.broadcast_to(start[:, None], pos.shape))
         keys = StepKeys(n_slots(new_cache.entries) if m else 0)
-        o = self._attend(queries, kv_rows, index, keys, W + C, False, stored=new_cache.entries)
-        return self._output(o, pos, x.dtype), new_cache, pending
+        o, topk = self._attend(queries, kv_rows, index, keys, W + C, False, stored=new_cache.entries, topk=topk)
+        return self._output(o, pos, x.dtype), new_cache, pending, topk
 
     def commit(self, cache: "AttentionCache", pending: "Pending", start: jax.Array, n: jax.Array) -> "AttentionCache":
         """The cache advanced by the first n [b] tokens of a chunk whose projections are `pending` (Attention.step
@@ -506,7 +532,7 @@ class Attention(nnx.Module):
         if self.ratio:
             ent, slot, state = self.compressor.advance(*pending.comp, start, n, cache.state)
             new = new._replace(entries=kv_cache.write(cache.entries, ent, slot), state=state)
-        if self.indexer is not None:
+        if self.indexes:
             keys, slot, state = self.indexer.compressor.advance(*pending.index, start, n, cache.index_state)
             new = new._replace(index_keys=kv_cache.write(cache.index_keys, keys, slot), index_state=state)
         pos = start[:, None] + jnp.arange(pending.kv.shape[1])

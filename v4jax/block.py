@@ -52,19 +52,25 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """x [b, s, hc, d] streams, token_ids [b, s] (hash routing), segment_ids [b, s] packed documents
         (None: one per row) -> [b, s, hc, d]."""
-        eps = self.cfg.norm_eps
-        u, post, comb = self.hc_attn.pre(x)
-        x = hc_post(self.attn(rms_norm(u, self.attn_norm[...], eps), segment_ids), x, post, comb)
-        u, post, comb = self.hc_ffn.pre(x)
-        return hc_post(self.ffn(rms_norm(u, self.ffn_norm[...], eps), token_ids), x, post, comb)
+        return self.forward(x, token_ids, segment_ids)[0]
 
-    def step(self, x, token_ids, cache: AttentionCache, start, n_new):
-        """The block over a cache: the next tokens of each sequence (see Attention.step) -> (x, new cache, the
-        chunk's pending cache writes)."""
+    def forward(self, x: jax.Array, token_ids: jax.Array, segment_ids: jax.Array | None = None,
+                topk: jax.Array | None = None):
+        """__call__ passing on the CSA top-k under IndexCache (Attention.forward) -> (x, top-k)."""
         eps = self.cfg.norm_eps
         u, post, comb = self.hc_attn.pre(x)
-        y, cache, pending = self.attn.step(rms_norm(u, self.attn_norm[...], eps), cache, start, n_new)
+        y, topk = self.attn.forward(rms_norm(u, self.attn_norm[...], eps), segment_ids, topk)
+        x = hc_post(y, x, post, comb)
+        u, post, comb = self.hc_ffn.pre(x)
+        return hc_post(self.ffn(rms_norm(u, self.ffn_norm[...], eps), token_ids), x, post, comb), topk
+
+    def step(self, x, token_ids, cache: AttentionCache, start, n_new, topk=None):
+        """The block over a cache: the next tokens of each sequence (see Attention.step) -> (x, new cache, the
+        chunk's pending cache writes, the CSA top-k for the next layers under IndexCache)."""
+        eps = self.cfg.norm_eps
+        u, post, comb = self.hc_attn.pre(x)
+        y, cache, pending, topk = self.attn.step(rms_norm(u, self.attn_norm[...], eps), cache, start, n_new, topk)
         x = hc_post(y, x, post, comb)
         u, post, comb = self.hc_ffn.pre(x)
         x = hc_post(self.ffn(rms_norm(u, self.ffn_norm[...], eps), token_ids, False), x, post, comb)
-        return x, cache, pending
+        return x, cache, pending, topk

@@ -112,6 +112,17 @@ class ModelConfig:
     kernels: str = "auto"
     remat: str = "none"  # rematerialisation per block in training: "none", "block" (save only its input), "dots"
     scan_layers: bool = False  # run the repeating (CSA, HCA) block pairs as one lax.scan (faster compiles)
+    # IndexCache (sglang's and vLLM's option, same names): some CSA layers skip their lightning
+    # indexer and reuse a top-k computed before them. Number the main stack's CSA layers j = 0, 1, ... in layer
+    # order; layer j computes its own top-k if index_topk_pattern[j] == "F" (without a pattern: if
+    # j % index_topk_freq == 0), else ("S") it attends the top-k of the most recent computing CSA layer, for the
+    # same queries of the same call (a cached step reuses the picks made in that step). The first CSA layer
+    # computes. A reusing layer runs none of its indexer (no scores, no top-k, no indexer keys in its cache, no
+    # indexer KL); its indexer weights stay in the tree (checkpoints load unchanged). The MTP block and the
+    # drafter never reuse (they are window-only). Give the frequency or the pattern, not both (the pattern says
+    # everything the frequency does). Default: every CSA layer computes.
+    index_topk_freq: int = 1
+    index_topk_pattern: str | None = None
 
     def __post_init__(self):
         for f in ("compress_ratios", "dspark_target_layer_ids"):
@@ -128,6 +139,29 @@ class ModelConfig:
     @property
     def nope_head_dim(self) -> int:
         return self.head_dim - self.rope_head_dim
+
+    @property
+    def csa_layers(self) -> tuple[int, ...]:
+        """The main stack's CSA layers (compress ratio 4), in order."""
+        return tuple(i for i, r in enumerate(self.compress_ratios[:self.n_layers]) if r == 4)
+
+    @property
+    def index_topk_roles(self) -> str:
+        """One character per CSA layer of the main stack (csa_layers): "F" computes its indexer top-k, "S" reuses
+        the most recent "F" layer's (IndexCache: index_topk_pattern, else index_topk_freq)."""
+        if self.index_topk_pattern is not None:
+            return self.index_topk_pattern
+        return "".join("S" if j % self.index_topk_freq else "F" for j in range(len(self.csa_layers)))
+
+    @property
+    def index_cache(self) -> bool:
+        """Whether some CSA layer reuses an earlier layer's top-k (IndexCache is on)."""
+        return "S" in self.index_topk_roles
+
+    def reuses_topk(self, layer: int) -> bool:
+        """Whether `layer` (any index: MTP / drafter stages never do) attends a top-k computed by an earlier layer."""
+        csa = self.csa_layers
+        return layer in csa and self.index_topk_roles[csa.index(layer)] == "S"
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -213,6 +247,24 @@ class ModelConfig:
             bad("kernels", f"is {self.kernels!r}", "Use 'auto', 'pallas', 'pallas_interpret' or 'reference'")
         if self.remat not in ("none", "block", "dots"):
             bad("remat", f"is {self.remat!r}", "Use 'none', 'block' (recompute blocks) or 'dots' (keep matmuls)")
+        if self.index_topk_freq < 1:
+            bad("index_topk_freq", f"is {self.index_topk_freq}",
+                "Use 1 (every CSA layer computes its top-k) or n > 1 (CSA layers 0, n, 2n, ... compute, "
+                "the rest reuse)")
+        pattern, n_csa = self.index_topk_pattern, len(self.csa_layers)
+        if pattern is not None:
+            if self.index_topk_freq != 1:
+                bad("index_topk_pattern", f"is set together with index_topk_freq = {self.index_topk_freq}",
+                    "Give one of them: the pattern alone (one F / S per CSA layer), or the frequency alone")
+            if set(pattern) - {"F", "S"}:
+                bad("index_topk_pattern", f"{pattern!r} has characters other than F and S",
+                    "Write one F (computes its top-k) or S (reuses the previous F layer's) per CSA layer")
+            if len(pattern) != n_csa:
+                bad("index_topk_pattern", f"has {len(pattern)} characters but the model has {n_csa} CSA layers",
+                    "Give one F or S per CSA layer (compress ratio 4) of the main stack, in layer order")
+            if pattern and pattern[0] != "F":
+                bad("index_topk_pattern", f"{pattern!r} starts with {pattern[0]!r}",
+                    "The first CSA layer has no earlier top-k to reuse: start the pattern with F")
         if self.attn_chunk < 1 or self.loss_chunk < 1:
             bad("attn_chunk / loss_chunk", f"are {self.attn_chunk} / {self.loss_chunk}", "Use positive chunk sizes")
         if self.qat:
@@ -286,7 +338,7 @@ class ModelConfig:
     def to_official_dict(self) -> dict:
         """The official inference/config.json fields (what configs/model/*.json hold)."""
         ours = {"qat", "compute_dtype", "param_dtype", "moe_impl", "moe_ep_capacity", "attn_chunk", "loss_chunk",
-                "csa_dense", "indexer_loss", "kernels", "remat", "scan_layers"}
+                "csa_dense", "indexer_loss", "kernels", "remat", "scan_layers", "index_topk_freq", "index_topk_pattern"}
         if not self.dspark:
             ours |= set(_DSPARK_FIELDS)
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ours}

@@ -6,7 +6,9 @@ through (read off the abstract parameter tree: routed experts count k of E, the 
 nothing, the MTP block and its second pass through the head only with mtp=True), the mHC stream mixing,
 2 * heads * (qk dim + v dim) per key a query attends (window, top-k or every visible compressed entry) and
 2 * index_heads * index_head_dim per compressed key the lightning indexer scans. `position="last"` costs the
-token at position `context` (a decode step), "mean" averages over positions 1..context (prefill, training).
+token at position `context` (a decode step), "mean" averages over positions 1..context (prefill, training). A CSA
+layer that reuses another's top-k (IndexCache) counts no indexer: neither its weights nor its scan (nor, measured
+from its cache, its keys).
 
 KV bytes are measured, not typed: the per-slot bytes of every leaf of Transformer.init_cache's pytree
 (jax.eval_shape: shapes only) for a storage format of v4jax.kv_cache, split into payload and block-scale
@@ -127,9 +129,11 @@ def forward_flops(cfg: ModelConfig, context: int, position: str = "last", mtp: b
     mtp = mtp and cfg.n_mtp_layers > 0
     parts = dict.fromkeys(("projections", "compressors", "indexer_proj", "indexer_scan", "attention", "moe",
                            "mhc", "head"), 0.0)
+    skipped = tuple(f"layers.{i}.attn.indexer." for i in range(cfg.n_layers) if cfg.reuses_topk(i))
     for path, var in model_variables(_shapes(cfg)).items():
         part = _part(path)
-        if not isinstance(var, nnx.Param) or part is None or (path.startswith("mtp.") and not mtp):
+        if (not isinstance(var, nnx.Param) or part is None or (path.startswith("mtp.") and not mtp)
+                or path.startswith(skipped)):
             continue
         n = math.prod(var.shape)
         if ".experts.w" in path and len(var.shape) == 3:  # routed: k of E experts
@@ -139,9 +143,9 @@ def forward_flops(cfg: ModelConfig, context: int, position: str = "last", mtp: b
     hc, d = cfg.hc_mult, cfg.dim
     # per mHC site: collapse (hc * d MACs), the comb mix (hc^2 * d) and the post spread (hc * d); one head collapse
     parts["mhc"] += 2 * blocks * 2 * (2 * hc + hc * hc) * d + 2 * hc * d * (2 if mtp else 1)
-    for ratio in cfg.compress_ratios[:blocks]:
+    for i, ratio in enumerate(cfg.compress_ratios[:blocks]):
         for k, v in layer_attention_flops(cfg, ratio, context, position, dense_csa and ratio == 4).items():
-            parts[k] += v
+            parts[k] += 0.0 if k == "indexer_scan" and cfg.reuses_topk(i) else v
     return parts
 
 

@@ -89,6 +89,11 @@ def split_chunks(a: jax.Array, chunk: int, fill=0) -> jax.Array:
     return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
 
 
+def join_chunks(a: jax.Array, s: int) -> jax.Array:
+    """split_chunks undone: [n, b, chunk, ...] -> [b, s, ...], the padding dropped."""
+    return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, *a.shape[3:])[:, :s]
+
+
 # ---- parameters ---------------------------------------------------------------------------------------------
 # Init (DeepSeek did not publish V4's, architecture §7.1): matrices N(0, 0.006^2) as DeepSeek-V3 states for all its
 # weights; RMSNorm weights 1; mHC gating factors 0.01 and biases 0 (Megatron's mHC, so every site starts as

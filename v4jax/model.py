@@ -9,6 +9,8 @@
 Layers differ (window / CSA / HCA attention, hash or score routing), so they are a Python list: the parameter
 tree (and checkpoint format) is per layer. With cfg.scan_layers the repeating (CSA, HCA) pairs after the first
 ones run as one lax.scan over their parameters stacked inside the step (compile time stops growing with depth).
+Under IndexCache (cfg.index_topk_freq / index_topk_pattern) the layers pass the CSA top-k along (Block.forward),
+through the scan's carry too, one scan step then covering a period of the CSA layers' roles (scan_range).
 cfg.remat rematerialises each block (or each scanned pair). The residual streams are sharding-constrained at
 block boundaries only (v4jax.sharding.constrain; a no-op without active rules).
 Einsum letters used across v4jax: b batch, s query positions, t key positions, d model, h heads, k head dim,
@@ -99,30 +101,32 @@ class Transformer(nnx.Module):
         x = self.streams(token_ids)
         first, stop = scan_range(cfg) if cfg.scan_layers else (cfg.n_layers, cfg.n_layers)
         run = rematted(run_blocks, cfg)
-        stats = []
+        stats, topk = [], None  # topk: the CSA top-k passed on under IndexCache
 
-        def layer(i, x):
-            x, (stats_i,) = run(*nnx.split(nnx.List([self.layers[i]])), x, token_ids, segment_ids)
+        def layer(i, x, topk):
+            (x, topk), (stats_i,) = run(*nnx.split(nnx.List([self.layers[i]])), x, topk, token_ids, segment_ids)
             stats.append(stats_i)
-            return x
+            return x, topk
 
         for i in range(first):
-            x = layer(i, x)
+            x, topk = layer(i, x, topk)
         if stop > first:
-            x, stats_scan = self._scan_pairs(run, first, stop, x, token_ids, segment_ids)
+            x, topk, stats_scan = self._scan_pairs(run, first, stop, x, topk, token_ids, segment_ids)
             stats += stats_scan
         for i in range(stop, cfg.n_layers):
-            x = layer(i, x)
+            x, topk = layer(i, x, topk)
         return (x, tuple(stats)) if with_stats else x
 
-    def _scan_pairs(self, run, first: int, stop: int, x, token_ids, segment_ids):
+    def _scan_pairs(self, run, first: int, stop: int, x, topk, token_ids, segment_ids):
         """Layers first .. stop-1, (CSA, HCA) pairs of identical structure, as one lax.scan over their stacked
-        parameters (the stack is a copy made inside the step; its gradient flows back to each layer).
+        parameters (the stack is a copy made inside the step; its gradient flows back to each layer). A step
+        runs scan_pairs_per_step pairs (1 unless IndexCache needs more); the CSA top-k rides in the carry.
 
         The experts' weights, used only cast to the compute dtype, are stacked cast: the copy and the backward
         scan's stacked gradient are then 16-bit, not fp32 (Pro on 1024 chips: 2.8 instead of 5.5 GB per device
         each), with the same values (each layer's gradient slice is written once and arrives 16-bit)."""
-        pairs = [nnx.List(self.layers[i:i + 2]) for i in range(first, stop, 2)]
+        n = 2 * scan_pairs_per_step(self.cfg)
+        pairs = [nnx.List(self.layers[i:i + n]) for i in range(first, stop, n)]
         graphdef = nnx.graphdef(pairs[0])
 
         def stack(path, *leaves):
@@ -130,9 +134,10 @@ class Transformer(nnx.Module):
             return a.astype(self.cfg.compute_dtype) if path[-3].key in ("experts", "shared_experts") else a
 
         stacked = jax.tree_util.tree_map_with_path(stack, *(nnx.state(p) for p in pairs))
-        x, stats = jax.lax.scan(lambda x, st: run(graphdef, st, x, token_ids, segment_ids), x, stacked)
-        # stats: the pair's two LayerStats, each stacked over the pairs -> one per layer, in order
-        return x, [jax.tree.map(lambda v, j=j: v[j], s) for j in range(len(pairs)) for s in stats]
+        (x, topk), stats = jax.lax.scan(lambda c, st: run(graphdef, st, *c, token_ids, segment_ids), (x, topk),
+                                        stacked)
+        # stats: the step's LayerStats (one per layer), each stacked over the steps -> one per layer, in order
+        return x, topk, [jax.tree.map(lambda v, j=j: v[j], s) for j in range(len(pairs)) for s in stats]
 
     def streams(self, token_ids: jax.Array) -> jax.Array:
         """The embedded tokens copied into the hc_mult residual streams [b, s, hc, d]."""
@@ -155,9 +160,10 @@ class Transformer(nnx.Module):
         [b, s, n_targets * dim], the outputs of the blocks dspark_target_layer_ids averaged over the hc streams,
         as the cached forward gives the drafter). The blocks run one by one (no scan, no remat: nothing of this
         forward is differentiated) and what they sow is dropped."""
-        x, captured = self.streams(token_ids), {}
+        x, captured, topk = self.streams(token_ids), {}, None
         for i, block in enumerate(self.layers):
-            x = constrain(block(x, token_ids, segment_ids), STREAMS)
+            x, topk = block.forward(x, token_ids, segment_ids, topk)
+            x = constrain(x, STREAMS)
             captured[i] = stream_mean(x)
         nnx.pop(self, nnx.Intermediate)
         return x, jnp.concatenate([captured[i] for i in self.cfg.dspark_target_layer_ids], axis=-1)
@@ -183,10 +189,10 @@ class Transformer(nnx.Module):
         b, C = token_ids.shape
         n_new = jnp.full((b,), C, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
         x = self.streams(token_ids)
-        layers, writes, captured = [], [], {}
+        layers, writes, captured, topk = [], [], {}, None  # topk: this chunk's CSA top-k under IndexCache
         targets = self.cfg.dspark_target_layer_ids
         for i, (block, layer_cache) in enumerate(zip(self.layers, cache.layers)):
-            x, layer_cache, pending = block.step(x, token_ids, layer_cache, cache.lengths, n_new)
+            x, layer_cache, pending, topk = block.step(x, token_ids, layer_cache, cache.lengths, n_new, topk)
             x = constrain(x, STREAMS)
             layers.append(layer_cache)
             writes.append(pending)
@@ -239,7 +245,7 @@ class Transformer(nnx.Module):
         b, C = token_ids.shape
         n_new = jnp.full((b,), C, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
         y = self.mtp.mix_inputs(x, self.embed_tokens(token_ids))
-        y, mtp_cache, _ = self.mtp.step(y, token_ids, cache.mtp, cache.mtp_lengths, n_new)
+        y, mtp_cache, _, _ = self.mtp.step(y, token_ids, cache.mtp, cache.mtp_lengths, n_new)
         new = cache._replace(mtp=mtp_cache, mtp_lengths=cache.mtp_lengths + n_new)
         return self.logits(y, self.mtp.hc_head, self.mtp.norm), new
 
@@ -266,13 +272,15 @@ def rematted(fn, cfg: ModelConfig):
     return fn if cfg.remat == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
 
 
-def run_blocks(graphdef, state, x, token_ids, segment_ids):
-    """Apply blocks given as (graphdef, state) of an nnx.List, in order, to the streams x -> (x, what they sowed
-    {path within the list: value}). Functional, so that jax.checkpoint and lax.scan can wrap it."""
+def run_blocks(graphdef, state, x, topk, token_ids, segment_ids):
+    """Apply blocks given as (graphdef, state) of an nnx.List, in order, to the streams x and the CSA top-k
+    passed on (Block.forward) -> ((x, top-k), their LayerStats). Functional, so that jax.checkpoint and lax.scan
+    can wrap it."""
     blocks = nnx.merge(graphdef, state)
     for block in blocks:
-        x = constrain(block(x, token_ids, segment_ids), STREAMS)
-    return x, tuple(block_stats(b) for b in blocks)
+        x, topk = block.forward(x, token_ids, segment_ids, topk)
+        x = constrain(x, STREAMS)
+    return (x, topk), tuple(block_stats(b) for b in blocks)
 
 
 def run_mtp(graphdef, state, x, emb, token_ids, segment_ids):
@@ -285,9 +293,28 @@ def run_mtp(graphdef, state, x, emb, token_ids, segment_ids):
 
 def scan_range(cfg: ModelConfig) -> tuple[int, int]:
     """(first, stop): layers first .. stop-1 are the scannable (CSA, HCA) pairs, all score-routed (the first
-    consecutive run of them; first == stop when there is none). Flash: 4 .. 41 (19 pairs); Pro: 4 .. 59 (28)."""
+    consecutive run of them; first == stop when there is none). Flash: 4 .. 41 (19 pairs); Pro: 4 .. 59 (28).
+    Under IndexCache the run ends at a whole number of scan steps (scan_pairs_per_step; the rest runs unrolled)
+    and starts after the first CSA layer, so that the scan's carry always holds a top-k."""
+    first, stop = _pair_run(cfg)
+    step = 2 * scan_pairs_per_step(cfg)
+    return first, first + (stop - first) // step * step
+
+
+def scan_pairs_per_step(cfg: ModelConfig) -> int:
+    """The pairs one scan step runs: 1, or under IndexCache the shortest period of the roles (computes its
+    top-k or reuses one) of the run's CSA layers, so that every step is the same program (Flash with
+    index_topk_freq 2: 2; with only the first CSA layer computing: 1)."""
+    first, stop = _pair_run(cfg)
+    reuses = [cfg.reuses_topk(i) for i in range(first, stop, 2)]
+    return next(g for g in range(1, len(reuses) + 1) if reuses[g:] == reuses[:-g]) if reuses else 1
+
+
+def _pair_run(cfg: ModelConfig) -> tuple[int, int]:
     n, r = cfg.n_layers, cfg.compress_ratios
     first = next((i for i in range(cfg.n_hash_layers, n - 1) if (r[i], r[i + 1]) == (4, 128)), n)
+    if cfg.index_cache and first == cfg.csa_layers[0]:
+        first += 2
     stop = first
     while stop + 1 < n and (r[stop], r[stop + 1]) == (4, 128):
         stop += 2

@@ -4,7 +4,8 @@
 layer, what the forward computes but does not return:
   * mHC (architecture §3.2): each site's pre / post weights and the Sinkhorn-normalised stream-mixing matrix comb;
   * the compressed entries (architecture §3.4.4-5): which entries each query may see, and for CSA layers the lightning
-    indexer's scores and its top-k picks among the visible entries;
+    indexer's scores and its top-k picks among the visible entries (a layer reusing another's top-k under
+    IndexCache records the picks it attends, and no scores);
   * the MoE routing (architecture §3.5): the expert loads the layers sow (token-slots per routed expert).
 The final streams equal `Transformer.hidden` (tests/test_probe.py). Nothing here changes the model's math: the
 records come from the same functions the layers call.
@@ -23,7 +24,7 @@ from kernels.indexer.reference import range_mask
 from v4jax.attention import Attention, entry_layout, token_layout
 from v4jax.block import Block, HCSite
 from v4jax.hyper_connection import hc_mixes, hc_post, split_sinkhorn
-from v4jax.layers import rms_norm
+from v4jax.layers import join_chunks, rms_norm
 from v4jax.model import Transformer, block_stats
 
 
@@ -46,7 +47,7 @@ class LayerProbe(NamedTuple):
     visible: jax.Array | None  # [b, s, n] bool: entry j is complete and in the query's document
     attended: jax.Array | None  # [b, s, n] bool: the entries attention uses (CSA: picked, or visible if csa_dense)
     picked: jax.Array | None  # [b, s, n] bool: the indexer's top-k among the visible entries (CSA)
-    scores: jax.Array | None  # [b, s, n] fp32 index scores, -inf where not visible (CSA)
+    scores: jax.Array | None  # [b, s, n] fp32 index scores, -inf where not visible (CSA; None when it reuses a top-k)
 
 
 def site_maps(model: Transformer, site: HCSite, x: jax.Array) -> SiteMaps:
@@ -57,9 +58,11 @@ def site_maps(model: Transformer, site: HCSite, x: jax.Array) -> SiteMaps:
                                     cfg.hc_eps))
 
 
-def entry_selection(attn: Attention, y: jax.Array, segment_ids: jax.Array | None = None) -> dict:
+def entry_selection(attn: Attention, y: jax.Array, segment_ids: jax.Array | None = None,
+                    topk: jax.Array | None = None) -> dict:
     """Visibility and (CSA) indexer picks of a compressed layer for its input y [b, s, d] (attn-normed), with
-    the layer's own projections, indexer and visibility rule. -> the entry fields of LayerProbe."""
+    the layer's own projections, indexer and visibility rule; a layer that reuses a top-k (IndexCache) records
+    `topk` (Attention.forward's) as its picks. -> the entry fields of LayerProbe."""
     cfg, ratio = attn.cfg, attn.ratio
     b, T, _ = y.shape
     lay = token_layout(segment_ids, b, T)
@@ -68,38 +71,47 @@ def entry_selection(attn: Attention, y: jax.Array, segment_ids: jax.Array | None
     lo, hi = visible_ranges(lay.pos, lay.doc, ent.doc, ent.win, ratio)  # query sees slots lo <= j < hi
     visible = range_mask(lo, hi, n)
     out = dict(visible=visible, attended=visible)
-    if attn.indexer is None or n == 0:
+    if attn.indexer is None or n == 0 or attn.reuses_topk and topk is None:  # (no top-k reused when dense)
         return out
+
+    def marks(top):  # [b, s, k] slots, -1 unused -> [b, s, n] bool; slot n collects the -1s, then goes
+        return jnp.zeros((b, T, n + 1), bool).at[
+            jnp.arange(b)[:, None, None], jnp.arange(T)[None, :, None], jnp.where(top >= 0, top, n)].set(True)[..., :n]
+
+    if attn.reuses_topk:
+        picked = marks(join_chunks(topk, T))
+        return dict(visible=visible, attended=visible if cfg.csa_dense else picked, picked=picked)
     q, _, qr = attn._project(y, lay.pos)
     iq, iw, keys = attn.indexer(y, qr, lay, ent)
     # the call Attention._attend makes per chunk of queries (same kernel, so the same tie-breaking)
     top, _ = indexer_topk(iq, iw, keys, lo, hi, min(cfg.index_topk, n), q.dtype, implementation=cfg.kernels)
-    picked = jnp.zeros((b, T, n + 1), bool).at[  # slot n collects the -1s (fewer than k visible), then goes
-        jnp.arange(b)[:, None, None], jnp.arange(T)[None, :, None], jnp.where(top >= 0, top, n)].set(True)[..., :n]
+    picked = marks(top)
     scores = jnp.where(visible, index_scores(iq, iw, keys, q.dtype), -jnp.inf)
     return dict(visible=visible, attended=visible if cfg.csa_dense else picked, picked=picked, scores=scores)
 
 
-def _block(model: Transformer, block: Block, x, token_ids, segment_ids):
-    """One block as Block.__call__ runs it, recording its intermediates. -> (output streams, record fields)."""
+def _block(model: Transformer, block: Block, x, token_ids, segment_ids, topk):
+    """One block as Block.forward runs it (topk: the CSA top-k passed on), recording its intermediates.
+    -> (output streams, top-k, record fields)."""
     rec = dict(x_in=x, mhc_attn=site_maps(model, block.hc_attn, x))
     eps = model.cfg.norm_eps
     u, post, comb = block.hc_attn.pre(x)
     y = rec["attn_in"] = rms_norm(u, block.attn_norm[...], eps)  # the attention sub-layer's input
     if block.attn.ratio:
-        rec.update(entry_selection(block.attn, y, segment_ids))
-    x = hc_post(block.attn(y, segment_ids), x, post, comb)
+        rec.update(entry_selection(block.attn, y, segment_ids, topk))
+    o, topk = block.attn.forward(y, segment_ids, topk)
+    x = hc_post(o, x, post, comb)
     rec["mhc_ffn"] = site_maps(model, block.hc_ffn, x)
     u, post, comb = block.hc_ffn.pre(x)
-    return hc_post(block.ffn(rms_norm(u, block.ffn_norm[...], eps), token_ids), x, post, comb), rec
+    return hc_post(block.ffn(rms_norm(u, block.ffn_norm[...], eps), token_ids), x, post, comb), topk, rec
 
 
 @nnx.jit
 def _probe(model: Transformer, token_ids: jax.Array, segment_ids: jax.Array | None):
-    x = model.streams(token_ids)
+    x, topk = model.streams(token_ids), None
     records = []
     for block in model.layers:
-        x, rec = _block(model, block, x, token_ids, segment_ids)
+        x, topk, rec = _block(model, block, x, token_ids, segment_ids, topk)
         records.append(rec | {"expert_load": block_stats(block).expert_load})
     layers = [LayerProbe(**{"visible": None, "attended": None, "picked": None, "scores": None, **rec})
               for rec in records]
