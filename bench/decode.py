@@ -6,8 +6,9 @@ several lengths, and each step time over the one at the shortest context (V4's p
     .venv/bin/python -m bench decode   (the defaults, into docs/perf/results.json and docs/performance.md)
 
 For each config and context: prefill `context` random tokens through Transformer.step in chunks of 512, then
-time `steps` single-token decode steps (jitted, cache donated; the first step is a warm-up and not counted;
-median step time). Prefill tokens/s leaves out the first chunk, which compiles. The cache is sized for
+time `steps` single-token decode steps (infer.generate's `_step`, the one generate() runs: jitted as a pure
+function of the split model state, cache donated; the first step is a warm-up and not counted; median step
+time, the argmax included). Prefill tokens/s leaves out the first chunk, which compiles. The cache is sized for
 context + steps tokens: a step indexes every filled CSA key and attends (decoding them from the cache's format)
 the top-k of them plus every filled HCA entry; that is the part that grows with the context. Weights are random
 (1/sqrt(fan_in)); speed does not depend on them.
@@ -34,6 +35,7 @@ from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from infer.generate import _step  # noqa: E402
 from v4jax.config import ModelConfig  # noqa: E402
 from v4jax.cost import cache_bytes  # noqa: E402
 from v4jax.kv_cache import INDEX_FORMATS, KV_FORMATS  # noqa: E402
@@ -51,14 +53,6 @@ PREFILL_CHUNK = 512
 MARK_BEGIN, MARK_END = "<!-- bench/decode.py: begin -->", "<!-- bench/decode.py: end -->"
 
 
-def _step_fn(model, cache, tokens):
-    logits, _, cache = model.step(cache, tokens)
-    return jnp.argmax(logits[:, -1], axis=-1), cache
-
-
-step = nnx.jit(_step_fn, donate_argnums=1)  # the cache is updated in place
-
-
 def build(cfg: ModelConfig) -> Transformer:
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
@@ -74,18 +68,23 @@ def measure(model: Transformer, context: int, steps: int, kv_format, index_forma
     max_len = -(-(context + steps + 1) // 128) * 128  # a multiple of the HCA ratio
     cache = model.init_cache(1, max_len, kv_format, index_format)
     ids = np.random.default_rng(1).integers(0, vocab, (1, context))
+    graphdef, state = nnx.split(model)
     chunk_s = []
     for s in range(0, context, PREFILL_CHUNK):  # context is a multiple of the chunk, or smaller than it
         t0 = time.perf_counter()
-        token, cache = step(model, cache, jnp.asarray(ids[:, s:s + PREFILL_CHUNK]))
+        chunk = jnp.asarray(ids[:, s:s + PREFILL_CHUNK])
+        logits, _, cache = _step(graphdef, state, cache, chunk, jnp.asarray([chunk.shape[1]], jnp.int32))
+        token = jnp.argmax(logits[:, -1:], axis=-1)
         token.block_until_ready()
         chunk_s.append(time.perf_counter() - t0)
     # the first chunk compiles the step: prefill speed is measured on the others
     prefill = PREFILL_CHUNK * (len(chunk_s) - 1) / sum(chunk_s[1:]) if len(chunk_s) > 1 else float("nan")
     times = []
+    one = jnp.ones((1,), jnp.int32)
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        token, cache = step(model, cache, token[:, None])
+        logits, _, cache = _step(graphdef, state, cache, token, one)
+        token = jnp.argmax(logits[:, -1:], axis=-1)
         token.block_until_ready()
         times.append(time.perf_counter() - t0)
     assert int(cache.lengths[0]) == context + steps + 1
