@@ -23,10 +23,10 @@ of each row (losses.drafter_objective, architecture §8.5), with AdamW after a g
 the drafter, its optimizer state and the loop's position; a resume reloads the target.
 
 LoRA (lora.enabled): the base is `init` (a released-layout folder) loaded as stored, FP8 / MXFP4 kept quantized
-(v4jax.lora); fresh adapters are attached to the lora.targets weights and are the only trained variables (AdamW
-with the optimizer.adam_* keys; no optimizer state for the base); the base, norms, embeddings, router and its
-biases stay as loaded. Checkpoints hold the adapters, their optimizer state and the loop's position alone; a
-resume reloads the base from `init`.
+(v4jax.lora); fresh adapters are attached to the lora.targets weights and are the only trained variables
+(lora.optimizer: AdamW with the optimizer.adam_* keys, or Muon with its keys; no optimizer state for the base);
+the base, norms, embeddings, router and its biases stay as loaded. Checkpoints hold the adapters, their optimizer
+state and the loop's position alone; a resume reloads the base from `init`.
 
 The guard: a bad step (non-finite loss or gradient norm, a loss above guard.spike_factor x the mean of the
 last good steps, an update that would make a parameter non-finite) keeps the old state, inside the compiled
@@ -69,7 +69,7 @@ from train import cli, losses
 from train.cli import InputError
 from train.data import PackedStream, RowStream, open_corpus
 from train.flops import peak_flops_per_device, train_flops_per_token
-from train.muon import path_str, v4_optimizer
+from train.muon import MatrixSplit, muon, muon_split, path_str, v4_optimizer
 from v4jax import lora
 from v4jax.checkpoint import load_hub_state
 from v4jax.config import ModelConfig
@@ -135,8 +135,10 @@ class LossSection(Section):
 
 class LoraSection(Section):
     enabled: bool = Field(False, description="train LoRA adapters on the frozen base that `init` names (its FP8 / "
-                                             "MXFP4 weights kept quantized) with AdamW (the optimizer.adam_* keys), "
-                                             "instead of the whole model")
+                                             "MXFP4 weights kept quantized) instead of the whole model")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="the adapters' optimizer: adamw (the optimizer.adam_* keys) | muon (train.muon on "
+                             "every factor a and b, the optimizer.momentum / muon_* keys)")
     rank: int = Field(16, ge=1, description="adapter rank")
     alpha: float = Field(32.0, gt=0, description="adapter scale = alpha / rank")
     targets: list[str] = Field(list(lora.LoraConfig().targets), description=(
@@ -429,17 +431,30 @@ def trained(cfg: dict):
 
 
 def optimizer(cfg: dict, mcfg: ModelConfig, params, schedule) -> optax.GradientTransformation:
-    """Muon + AdamW for the whole model (train.muon); AdamW alone for LoRA adapters (optimizer.adam_* keys); for a
-    drafter, AdamW after a global-norm clip (the DeepSpec recipe; weight decay as optimizer.adam_weight_decay)."""
+    """Muon + AdamW for the whole model (train.muon); for LoRA adapters lora.optimizer: AdamW alone
+    (optimizer.adam_* keys) or Muon alone (lora_muon_split); for a drafter, AdamW after a global-norm clip (the
+    DeepSpec recipe; weight decay as optimizer.adam_weight_decay)."""
     o = cfg["optimizer"]
     adam = dict(b1=o["adam_b1"], b2=o["adam_b2"], eps=o["adam_eps"], weight_decay=o["adam_weight_decay"])
     if cfg["drafter"]["enabled"]:
         return optax.chain(optax.clip_by_global_norm(cfg["drafter"]["grad_clip"]), optax.adamw(schedule, **adam))
+    if cfg["lora"]["enabled"] and cfg["lora"]["optimizer"] == "muon":
+        return muon(schedule, lambda name, shape: lora_muon_split(name, shape, mcfg), o["momentum"],
+                    o["muon_rms_scale"], o["muon_weight_decay"])
     if cfg["lora"]["enabled"]:
         return optax.adamw(schedule, **adam)
     return v4_optimizer(params, mcfg, schedule, momentum=o["momentum"], rms_scale=o["muon_rms_scale"],
                         muon_wd=o["muon_weight_decay"], adam_b1=adam["b1"], adam_b2=adam["b2"], adam_eps=adam["eps"],
                         adam_wd=adam["weight_decay"])
+
+
+def lora_muon_split(name: str, shape: tuple[int, ...], mcfg: ModelConfig) -> MatrixSplit:
+    """The matrices Muon orthogonalises in an adapter factor `<weight>_lora.a` [.., rank, in] or `.b` [.., out,
+    rank]: leading axes (routed experts) index separate matrices, as for the weights; a is one matrix each; b's
+    rows are its weight's output rows, so b is cut as muon_split cuts the weight (wo_a: a block per output group,
+    the rest whole)."""
+    owner, factor = name.rsplit(".", 1)
+    return muon_split(owner.removesuffix("_lora"), shape, mcfg) if factor == "b" else MatrixSplit((shape[-2],))
 
 
 def checkpointed(state: dict, cfg: dict) -> dict:
@@ -805,7 +820,7 @@ def set_up(cfg: dict) -> Run:
         n = sum(x.size for x in jax.tree.leaves(nnx.state(model, lora.LoraParam)))
         log.say(f"LoRA: base {cfg['init']} frozen (FP8 / MXFP4 kept quantized); {n:,} adapter parameters "
                 f"(rank {cfg['lora']['rank']}, alpha {cfg['lora']['alpha']}, {', '.join(cfg['lora']['targets'])}) "
-                "trained with AdamW; router biases frozen")
+                f"trained with {dict(adamw='AdamW', muon='Muon')[cfg['lora']['optimizer']]}; router biases frozen")
     elif cfg["drafter"]["enabled"]:
         n = sum(x.size for x in jax.tree.leaves(nnx.state(model, trained(cfg))))
         log.say(f"drafter: {n:,} parameters trained with AdamW on the frozen target "
