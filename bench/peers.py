@@ -270,10 +270,9 @@ def markdown(result: dict) -> str:
         for r in result["rows"]) + ". generate() seconds for the prompt and the new tokens (v4jax / HF): " + "; ".join(
         f"{r['config']} {r['generate_s_v4jax']:.2f} / {r['generate_s_hf']:.2f}" for r in result["rows"]) + "."]
     if all("load_average" in r for r in result["rows"]):
-        lines[-1] += (" The machine's 2 cores were shared with other jobs during the run; 1-minute load average at "
-                      "the start and end of each config: " + "; ".join(
+        lines[-1] += (" 1-minute load average at the start and end of each config: " + "; ".join(
                           f"{r['config']} {r['load_average'][0]} / {r['load_average'][1]}" for r in result["rows"])
                       + " (the alternation gives both sides the same conditions on average). HF's times swing "
-                      "most with that load (PyTorch's 2 threads on 2 busy cores): every timed sample is in "
-                      "docs/perf/results.json (samples_s), and runs at other loads gave other ratios.")
+                      "most with load from other jobs (PyTorch's 2 threads on 2 busy cores): every timed sample is in "
+                      "docs/perf/results.json (samples_s); runs on a loaded machine gave much higher ratios.")
     return "\n".join(lines)
