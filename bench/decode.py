@@ -62,6 +62,21 @@ def build(cfg: ModelConfig) -> Transformer:
     return model
 
 
+def greedy_steps(graphdef, state, cache, token: jax.Array, n: int) -> tuple[list[float], list[int], object]:
+    """n greedy single-token steps from `token` [1, 1] through infer.generate's jitted step (split state, cache
+    donated) -> (the seconds of each step, its token included, the n tokens, the cache)."""
+    one = jnp.ones((1,), jnp.int32)
+    times, tokens = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        logits, _, cache = _step(graphdef, state, cache, token, one)
+        token = jnp.argmax(logits[:, -1:], axis=-1)
+        token.block_until_ready()
+        times.append(time.perf_counter() - t0)
+        tokens.append(int(token[0, 0]))
+    return times, tokens, cache
+
+
 def measure(model: Transformer, context: int, steps: int, kv_format, index_format) -> dict:
     """Prefill `context` tokens, then time `steps` + 1 decode steps -> prefill tokens/s, median step seconds."""
     vocab = model.cfg.vocab_size
@@ -79,14 +94,7 @@ def measure(model: Transformer, context: int, steps: int, kv_format, index_forma
         chunk_s.append(time.perf_counter() - t0)
     # the first chunk compiles the step: prefill speed is measured on the others
     prefill = PREFILL_CHUNK * (len(chunk_s) - 1) / sum(chunk_s[1:]) if len(chunk_s) > 1 else float("nan")
-    times = []
-    one = jnp.ones((1,), jnp.int32)
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        logits, _, cache = _step(graphdef, state, cache, token, one)
-        token = jnp.argmax(logits[:, -1:], axis=-1)
-        token.block_until_ready()
-        times.append(time.perf_counter() - t0)
+    times, _, cache = greedy_steps(graphdef, state, cache, token, steps + 1)
     assert int(cache.lengths[0]) == context + steps + 1
     return {"prefill_tps": prefill, "step_s": statistics.median(times[1:]), "max_len": max_len}
 

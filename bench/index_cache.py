@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.decode import build
+from bench.decode import build, greedy_steps
 from infer.generate import _step
 from v4jax.config import ModelConfig
 from v4jax.model import with_config
@@ -58,15 +58,7 @@ def run_once(graphdef, state, ids: np.ndarray, steps: int) -> dict:
         out.block_until_ready()
         prefill_s += time.perf_counter() - t0
         logits.append(np.asarray(out[0], np.float32))
-    token = jnp.argmax(out[:, -1:], axis=-1).astype(jnp.int32)
-    one, step_s, tokens = jnp.ones((1,), jnp.int32), [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out, _, cache = _step(graphdef, state, cache, token, one)
-        token = jnp.argmax(out, axis=-1).astype(jnp.int32)
-        token.block_until_ready()
-        step_s.append(time.perf_counter() - t0)
-        tokens.append(int(token[0, 0]))
+    step_s, tokens, _ = greedy_steps(graphdef, state, cache, jnp.argmax(out[:, -1:], axis=-1), steps)
     return {"prefill_s": prefill_s, "decode_ms": 1e3 * statistics.median(step_s), "logits": np.concatenate(logits),
             "tokens": tokens}
 

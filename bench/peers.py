@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bench.decode import CONFIGS as DECODE_CONFIGS
+from bench.decode import CONFIGS as DECODE_CONFIGS, greedy_steps
 from infer.generate import SamplingParams, _step, generate
 from v4jax import config as config_mod
 from v4jax.checkpoint import load_hub_state
@@ -112,17 +112,10 @@ class V4jaxSide:
         """The prompt, then decode_steps greedy steps through infer.generate's jitted step (split state, cache
         donated), each timed with its argmax."""
         cache = self.model.init_cache(1, self.max_len)
-        one = jnp.ones((1,), jnp.int32)
         logits, _, cache = _step(self.graphdef, self.state, cache, self.prompt,
                                  jnp.asarray([self.prompt.shape[1]], jnp.int32))
-        token = jnp.argmax(logits[:, -1:], axis=-1)
-        times = []
-        for _ in range(self.spec["decode_steps"]):
-            t0 = time.perf_counter()
-            logits, _, cache = _step(self.graphdef, self.state, cache, token, one)
-            token = jnp.argmax(logits[:, -1:], axis=-1)
-            token.block_until_ready()
-            times.append(time.perf_counter() - t0)
+        times, _, _ = greedy_steps(self.graphdef, self.state, cache, jnp.argmax(logits[:, -1:], axis=-1),
+                                   self.spec["decode_steps"])
         return {"step_s": times[1:]}
 
     def generate(self) -> dict:
