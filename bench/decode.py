@@ -35,7 +35,7 @@ from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from infer.generate import _step  # noqa: E402
+from infer.generate import _step, split  # noqa: E402
 from v4jax.config import ModelConfig  # noqa: E402
 from v4jax.cost import cache_bytes  # noqa: E402
 from v4jax.kv_cache import INDEX_FORMATS, KV_FORMATS  # noqa: E402
@@ -62,14 +62,14 @@ def build(cfg: ModelConfig) -> Transformer:
     return model
 
 
-def greedy_steps(graphdef, state, cache, token: jax.Array, n: int) -> tuple[list[float], list[int], object]:
+def greedy_steps(static, leaves, cache, token: jax.Array, n: int) -> tuple[list[float], list[int], object]:
     """n greedy single-token steps from `token` [1, 1] through infer.generate's jitted step (split state, cache
     donated) -> (the seconds of each step, its token included, the n tokens, the cache)."""
     one = jnp.ones((1,), jnp.int32)
     times, tokens = [], []
     for _ in range(n):
         t0 = time.perf_counter()
-        logits, _, cache = _step(graphdef, state, cache, token, one)
+        logits, _, cache = _step(static, leaves, cache, token, one)
         token = jnp.argmax(logits[:, -1:], axis=-1)
         token.block_until_ready()
         times.append(time.perf_counter() - t0)
@@ -83,18 +83,18 @@ def measure(model: Transformer, context: int, steps: int, kv_format, index_forma
     max_len = -(-(context + steps + 1) // 128) * 128  # a multiple of the HCA ratio
     cache = model.init_cache(1, max_len, kv_format, index_format)
     ids = np.random.default_rng(1).integers(0, vocab, (1, context))
-    graphdef, state = nnx.split(model)
+    static, leaves = split(model)
     chunk_s = []
     for s in range(0, context, PREFILL_CHUNK):  # context is a multiple of the chunk, or smaller than it
         t0 = time.perf_counter()
         chunk = jnp.asarray(ids[:, s:s + PREFILL_CHUNK])
-        logits, _, cache = _step(graphdef, state, cache, chunk, jnp.asarray([chunk.shape[1]], jnp.int32))
+        logits, _, cache = _step(static, leaves, cache, chunk, jnp.asarray([chunk.shape[1]], jnp.int32))
         token = jnp.argmax(logits[:, -1:], axis=-1)
         token.block_until_ready()
         chunk_s.append(time.perf_counter() - t0)
     # the first chunk compiles the step: prefill speed is measured on the others
     prefill = PREFILL_CHUNK * (len(chunk_s) - 1) / sum(chunk_s[1:]) if len(chunk_s) > 1 else float("nan")
-    times, _, cache = greedy_steps(graphdef, state, cache, token, steps + 1)
+    times, _, cache = greedy_steps(static, leaves, cache, token, steps + 1)
     assert int(cache.lengths[0]) == context + steps + 1
     return {"prefill_tps": prefill, "step_s": statistics.median(times[1:]), "max_len": max_len}
 

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from bench.decode import build, greedy_steps
-from infer.generate import _step
+from infer.generate import _step, split
 from v4jax.config import ModelConfig
 from v4jax.model import with_config
 
@@ -45,20 +45,20 @@ CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "00000.tokens.npy")
 
 
-def run_once(graphdef, state, ids: np.ndarray, steps: int) -> dict:
+def run_once(static, leaves, ids: np.ndarray, steps: int) -> dict:
     """Prefill ids [1, L] (L a multiple of CHUNK, or shorter than it) then `steps` greedy decode steps."""
     L = ids.shape[1]
-    model = nnx.merge(graphdef, state)
+    model = static.merge(leaves)
     cache = model.init_cache(1, -(-(L + steps + 1) // 128) * 128)
     chunk = min(CHUNK, L)
     logits, prefill_s = [], 0.0
     for s in range(0, L, chunk):
         t0 = time.perf_counter()
-        out, _, cache = _step(graphdef, state, cache, jnp.asarray(ids[:, s:s + chunk]), jnp.asarray([chunk], jnp.int32))
+        out, _, cache = _step(static, leaves, cache, jnp.asarray(ids[:, s:s + chunk]), jnp.asarray([chunk], jnp.int32))
         out.block_until_ready()
         prefill_s += time.perf_counter() - t0
         logits.append(np.asarray(out[0], np.float32))
-    step_s, tokens, _ = greedy_steps(graphdef, state, cache, jnp.argmax(out[:, -1:], axis=-1), steps)
+    step_s, tokens, _ = greedy_steps(static, leaves, cache, jnp.argmax(out[:, -1:], axis=-1), steps)
     return {"prefill_s": prefill_s, "decode_ms": 1e3 * statistics.median(step_s), "logits": np.concatenate(logits),
             "tokens": tokens}
 
@@ -71,12 +71,12 @@ def deviation(a: np.ndarray, ref: np.ndarray) -> dict:
 
 def speed(length: int, steps: int, reps: int) -> dict:
     base = build(ModelConfig.preset("tiny"))
-    models = {name: nnx.split(with_config(base, **changes)) for name, changes in VARIANTS.items()}
+    models = {name: split(with_config(base, **changes)) for name, changes in VARIANTS.items()}
     ids = np.random.default_rng(1).integers(0, base.cfg.vocab_size, (1, length)).astype(np.int32)
     runs = {name: [] for name in VARIANTS}
     for rep in range(reps + 1):  # rep 0 compiles
-        for name, (graphdef, state) in models.items():
-            r = run_once(graphdef, state, ids, steps)
+        for name, (static, leaves) in models.items():
+            r = run_once(static, leaves, ids, steps)
             if rep:
                 runs[name].append(r)
             print(f"rep {rep} {name}: prefill {r['prefill_s']:.3f} s, decode {r['decode_ms']:.2f} ms/step", flush=True)

@@ -139,7 +139,7 @@ def _xla_bytes(compiled) -> float | None:
         return None
 
 
-def _decode_steps(dec, state, cache, token, steps: int):
+def _decode_steps(dec, leaves, cache, token, steps: int):
     """steps + 1 timed single-token steps -> (seconds of each, cache, last token)."""
     import jax.numpy as jnp
 
@@ -147,14 +147,14 @@ def _decode_steps(dec, state, cache, token, steps: int):
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        logits, _, cache = dec(state, cache, token, one)
+        logits, _, cache = dec(leaves, cache, token, one)
         logits.block_until_ready()
         times.append(time.perf_counter() - t0)
         token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
     return times, cache, token
 
 
-def _prefill(model, graphdef, state, length: int, capacity: int, kv_format: str, index_format: str):
+def _prefill(model, static, leaves, length: int, capacity: int, kv_format: str, index_format: str):
     """Chunked prefill of `length` random tokens into a new cache -> (cache, first decode token, info)."""
     import jax.numpy as jnp
 
@@ -165,14 +165,14 @@ def _prefill(model, graphdef, state, length: int, capacity: int, kv_format: str,
     from infer.generate import _step
 
     t0 = time.perf_counter()
-    pre = _step.lower(graphdef, state, cache, jnp.asarray(ids[:, :chunk]), jnp.asarray([chunk], jnp.int32)).compile()
+    pre = _step.lower(static, leaves, cache, jnp.asarray(ids[:, :chunk]), jnp.asarray([chunk], jnp.int32)).compile()
     compile_s = time.perf_counter() - t0
     chunk_s = []
     for c in range(n_chunks):
         n = min(chunk, length - c * chunk)
         t0 = time.perf_counter()
         tokens = jnp.asarray(ids[:, c * chunk:(c + 1) * chunk])
-        logits, _, cache = pre(state, cache, tokens, jnp.asarray([n], jnp.int32))
+        logits, _, cache = pre(leaves, cache, tokens, jnp.asarray([n], jnp.int32))
         logits.block_until_ready()
         chunk_s.append(time.perf_counter() - t0)
     token = jnp.argmax(logits[:, n - 1], axis=-1).astype(jnp.int32)[:, None]
@@ -180,29 +180,28 @@ def _prefill(model, graphdef, state, length: int, capacity: int, kv_format: str,
                           "first_chunk_s": chunk_s[0], "last_chunk_s": chunk_s[-1]}
 
 
-def _compile_decode(graphdef, state, cache, token):
+def _compile_decode(static, leaves, cache, token):
     import jax.numpy as jnp
     from infer.generate import _step
 
     t0 = time.perf_counter()
-    dec = _step.lower(graphdef, state, cache, token, jnp.ones((1,), jnp.int32)).compile()
+    dec = _step.lower(static, leaves, cache, token, jnp.ones((1,), jnp.int32)).compile()
     return dec, time.perf_counter() - t0
 
 
 def child_length(config: str, fmt: str, length: int, steps: int) -> dict:
     """Prefill `length` tokens, then decode: the measurements of one (config, format, length)."""
-    from flax import nnx
-
     from bench.decode import build
+    from infer.generate import split
 
     kv_format, index_format = FORMATS[fmt]
     model = build(CONFIGS[config])
-    graphdef, state = nnx.split(model)
+    static, leaves = split(model)
     capacity = capacity_for(length + steps + 1)
-    cache, token, out = _prefill(model, graphdef, state, length, capacity, kv_format, index_format)
-    dec, out["decode_compile_s"] = _compile_decode(graphdef, state, cache, token)
+    cache, token, out = _prefill(model, static, leaves, length, capacity, kv_format, index_format)
+    dec, out["decode_compile_s"] = _compile_decode(static, leaves, cache, token)
     out["xla_bytes_accessed"] = _xla_bytes(dec)
-    times, cache, _ = _decode_steps(dec, state, cache, token, steps)
+    times, cache, _ = _decode_steps(dec, leaves, cache, token, steps)
     assert int(cache.lengths[0]) == length + steps + 1
     out.update(step_s=statistics.median(times[1:]), step_min_s=min(times[1:]), step_times_s=times[1:],
                capacity=capacity, peak_rss_mib=peak_rss_mib())  # before the bandwidth array
@@ -213,23 +212,22 @@ def child_length(config: str, fmt: str, length: int, steps: int) -> dict:
 def child_capacity(config: str, fmt: str, fill: int, capacity: int, steps: int) -> dict:
     """Step time of a `capacity`-slot cache holding `fill` tokens vs a cache sized for them (one process, the two
     caches' steps interleaved)."""
-    from flax import nnx
-
     from bench.decode import build
+    from infer.generate import split
 
     kv_format, index_format = FORMATS[fmt]
     model = build(CONFIGS[config])
-    graphdef, state = nnx.split(model)
+    static, leaves = split(model)
     small = capacity_for(fill + steps + 1)
     runs = {}
     for name, cap in (("small", small), ("large", capacity)):
-        cache, token, info = _prefill(model, graphdef, state, fill, cap, kv_format, index_format)
-        dec, _ = _compile_decode(graphdef, state, cache, token)
+        cache, token, info = _prefill(model, static, leaves, fill, cap, kv_format, index_format)
+        dec, _ = _compile_decode(static, leaves, cache, token)
         runs[name] = {"dec": dec, "cache": cache, "token": token, "times": [], "prefill_s": info["prefill_s"],
                       "xla_bytes_accessed": _xla_bytes(dec)}
     for _ in range(steps + 1):  # interleaved: both see the same machine load
         for r in runs.values():
-            t, r["cache"], r["token"] = _decode_steps(r["dec"], state, r["cache"], r["token"], 0)
+            t, r["cache"], r["token"] = _decode_steps(r["dec"], leaves, r["cache"], r["token"], 0)
             r["times"] += t
     out = {"fill": fill, "small_capacity": small, "large_capacity": capacity, "peak_rss_mib": peak_rss_mib()}
     for name, r in runs.items():

@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 
 from bench.decode import CONFIGS as DECODE_CONFIGS, greedy_steps
-from infer.generate import SamplingParams, _step, generate
+from infer.generate import SamplingParams, _step, generate, split
 from v4jax import config as config_mod
 from v4jax.checkpoint import load_hub_state
 from v4jax.config import ModelConfig
@@ -75,7 +75,7 @@ class V4jaxSide:
         rng = np.random.default_rng(spec["seed"])  # the same token ids as peer_hf.py
         self.ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (spec["batch"], spec["seq_len"])))
         self.prompt = self.ids[:1, :spec["prompt_len"]]
-        self.graphdef, self.state = nnx.split(model)
+        self.static, self.leaves = split(model)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         self._forward = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(x))
         # torch.optim.AdamW's defaults: betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on every parameter
@@ -112,9 +112,9 @@ class V4jaxSide:
         """The prompt, then decode_steps greedy steps through infer.generate's jitted step (split state, cache
         donated), each timed with its argmax."""
         cache = self.model.init_cache(1, self.max_len)
-        logits, _, cache = _step(self.graphdef, self.state, cache, self.prompt,
+        logits, _, cache = _step(self.static, self.leaves, cache, self.prompt,
                                  jnp.asarray([self.prompt.shape[1]], jnp.int32))
-        times, _, _ = greedy_steps(self.graphdef, self.state, cache, jnp.argmax(logits[:, -1:], axis=-1),
+        times, _, _ = greedy_steps(self.static, self.leaves, cache, jnp.argmax(logits[:, -1:], axis=-1),
                                    self.spec["decode_steps"])
         return {"step_s": times[1:]}
 

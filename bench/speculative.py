@@ -182,8 +182,8 @@ def _nnx_step(model, cache, tokens, n_new):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _pure_step_state_out(graphdef, state, cache, tokens, n_new):
-    model = nnx.merge(graphdef, state)
+def _pure_step_state_out(static, leaves, cache, tokens, n_new):
+    model = static.merge(leaves)
     return model.step(cache, tokens, n_new), nnx.state(model)
 
 
@@ -192,11 +192,11 @@ def dispatch_overhead(model: Transformer, max_len: int, calls: int = 20) -> dict
     the `jax.jit` of the split state infer.generate calls, and as a `jax.jit` of the split state that also returns
     the model's state (a copy of every weight), alternated."""
     cache, _, _ = G.prefill(model, [[1] * 64], max_len)
-    graphdef, state = nnx.split(model)
+    static, leaves = G.split(model)
     tok, one = jax.numpy.zeros((1, 1), jax.numpy.int32), jax.numpy.ones(1, jax.numpy.int32)
     fns = {"nnx_jit_s": lambda c: _nnx_step(model, c, tok, one),
-           "jax_jit_s": lambda c: G._step(graphdef, state, c, tok, one),
-           "jax_jit_state_out_s": lambda c: _pure_step_state_out(graphdef, state, c, tok, one)[0]}
+           "jax_jit_s": lambda c: G._step(static, leaves, c, tok, one),
+           "jax_jit_state_out_s": lambda c: _pure_step_state_out(static, leaves, c, tok, one)[0]}
     times = {k: [] for k in fns}
     for i in range(calls + 2):
         for k, f in fns.items():

@@ -68,10 +68,39 @@ def sampling_logits(logits: jax.Array, p: SamplingParams) -> jax.Array:
     return logits
 
 
-# Every compiled call takes the model as its split state (nnx.split once per generate call): a jax.jit of a pure
-# function, with no per-call graph traversal of the module (nnx.jit's cost, ~10 ms per call on a full model).
-def _step_fn(graphdef, state, cache: Cache, tokens: jax.Array, n_new: jax.Array):
-    return nnx.merge(graphdef, state).step(cache, tokens, n_new)
+class Static:
+    """A model's graph definition and state tree structure as one static jit argument that hashes once and compares
+    by identity first: nnx's GraphDef hashes and compares its whole node tree on every call (about 3 ms per
+    token on bench/decode.py's `small` model, as much as the compiled step's own 1-layer cost)."""
+
+    __slots__ = ("graphdef", "treedef", "_hash")
+
+    def __init__(self, graphdef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, Static) and self._hash == other._hash
+                                 and self.graphdef == other.graphdef and self.treedef == other.treedef)
+
+    def merge(self, leaves: list) -> Transformer:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+
+def split(model: Transformer) -> tuple[Static, list]:
+    """The model as every compiled call here takes it: (Static, the state's arrays as a flat list). A jax.jit of a
+    pure function of these runs with no per-call traversal of the module (nnx.jit's cost, ~10 ms per call on a
+    full model) and flattens only a list."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    return Static(graphdef, treedef), leaves
+
+
+def _step_fn(static: Static, leaves: list, cache: Cache, tokens: jax.Array, n_new: jax.Array):
+    return static.merge(leaves).step(cache, tokens, n_new)
 
 
 _step = jax.jit(_step_fn, static_argnums=0, donate_argnums=2)  # the cache is updated in place
@@ -80,8 +109,8 @@ _sample = jax.jit(sample, static_argnums=2)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _mtp_step(graphdef, state, cache: Cache, x: jax.Array, tokens: jax.Array, n_new: jax.Array):
-    return nnx.merge(graphdef, state).mtp_step(cache, x, tokens, n_new)
+def _mtp_step(static: Static, leaves: list, cache: Cache, x: jax.Array, tokens: jax.Array, n_new: jax.Array):
+    return static.merge(leaves).mtp_step(cache, x, tokens, n_new)
 
 
 def prefill(model: Transformer, prompts: list[list[int]], max_len: int, chunk: int | None = None,
@@ -106,12 +135,12 @@ def prefill(model: Transformer, prompts: list[list[int]], max_len: int, chunk: i
         ids[i, : len(p)] = p
     lengths = np.asarray([len(p) for p in prompts])
     cache = model.init_cache(b, max_len, kv_format, index_format)
-    graphdef, state = nnx.split(model)
+    static, leaves = split(model)
     last = np.zeros((b, model.cfg.vocab_size), np.float32)
     xs = []
     for c in range(n_chunks):
         n_new = np.clip(lengths - c * chunk, 0, chunk)
-        logits, x, cache = _step(graphdef, state, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
+        logits, x, cache = _step(static, leaves, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
                                  jnp.asarray(n_new))
         xs.append(x)
         ends_here = (n_new > 0) & (lengths <= (c + 1) * chunk)
@@ -128,11 +157,11 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     -> the new tokens of each row."""
     max_len = max_len or max(len(p) for p in prompts) + params.max_new_tokens
     cache, logits, _ = prefill(model, prompts, max_len, kv_format=kv_format, index_format=index_format)
-    graphdef, state = nnx.split(model)
+    static, leaves = split(model)
     key = jax.random.key(params.seed)
     rule = dataclasses.replace(params, seed=0)  # the compiled functions' static part: a new seed compiles nothing
     if on_tokens is None:
-        tokens, n = map(np.asarray, _decode_loop(graphdef, state, cache, logits, key, rule))
+        tokens, n = map(np.asarray, _decode_loop(static, leaves, cache, logits, key, rule))
         return [row[:k].tolist() for row, k in zip(tokens, n)]
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), bool)
@@ -145,16 +174,16 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
         on_tokens(tokens)
         if done.all() or n == params.max_new_tokens:
             return out
-        logits, _, cache = _step(graphdef, state, cache, jnp.asarray(tokens[:, None]),
+        logits, _, cache = _step(static, leaves, cache, jnp.asarray(tokens[:, None]),
                                  jnp.asarray((~done).astype(np.int32)))
         logits = logits[:, 0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
-def _decode_loop(graphdef, state, cache: Cache, logits: jax.Array, key: jax.Array, p: SamplingParams):
+def _decode_loop(static, leaves, cache: Cache, logits: jax.Array, key: jax.Array, p: SamplingParams):
     """generate's decode as one lax.while_loop from the prompts' last logits [b, vocab]: sample, stop a row at a
     stop token or max_new_tokens, step the rows still going. -> (tokens [b, max_new_tokens], count per row [b])."""
-    model = nnx.merge(graphdef, state)
+    model = static.merge(leaves)
     stops = jnp.asarray(p.stop_tokens or (-1,), jnp.int32)
 
     def draw(carry, logits):
@@ -185,22 +214,22 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
                          "GA checkpoint whose mtp.* stages are a DSpark drafter: use generate_dspark)")
     max_len = max_len or len(prompt) + max_new_tokens + 2
     cache, logits, x = prefill(model, [prompt], max_len)
-    graphdef, state = nnx.split(model)
+    static, leaves = split(model)
     one, two = jnp.ones(1, jnp.int32), jnp.full((1,), 2, jnp.int32)
     token = int(jnp.argmax(logits[0]))
     out = [token]
     # the MTP block catches up on the prompt: position i sees the streams at i and token i + 1
     if len(prompt) > 1:
-        _, cache = _mtp_step(graphdef, state, cache, x[:, :-1], jnp.asarray([prompt[1:]]),
+        _, cache = _mtp_step(static, leaves, cache, x[:, :-1], jnp.asarray([prompt[1:]]),
                              jnp.asarray([len(prompt) - 1]))
     pend_x, pend_t, n_pend = x[:, -1:], [token], 1  # MTP inputs not yet fed: streams and the token after each
     drafts = accepted = 0
     while len(out) < max_new_tokens and token not in stop_tokens:
         xs = jnp.concatenate([pend_x, jnp.zeros_like(pend_x)], axis=1)[:, :2]
         ts = jnp.asarray([(pend_t + [0])[:2]])
-        mtp_logits, cache = _mtp_step(graphdef, state, cache, xs, ts, jnp.asarray([n_pend]))
+        mtp_logits, cache = _mtp_step(static, leaves, cache, xs, ts, jnp.asarray([n_pend]))
         draft = int(jnp.argmax(mtp_logits[0, n_pend - 1]))
-        logits2, x2, verified = _step_keep(graphdef, state, cache, jnp.asarray([[token, draft]]), two)
+        logits2, x2, verified = _step_keep(static, leaves, cache, jnp.asarray([[token, draft]]), two)
         truth = int(jnp.argmax(logits2[0, 0]))
         drafts += 1
         if truth == draft:
@@ -209,7 +238,7 @@ def generate_speculative(model: Transformer, prompt: list[int], max_new_tokens: 
             out += [draft, token]
             cache, pend_x, pend_t, n_pend = verified, x2, [draft, token], 2
         else:
-            _, x1, cache = _step(graphdef, state, cache, jnp.asarray([[token, 0]]), one)  # commit only `token`
+            _, x1, cache = _step(static, leaves, cache, jnp.asarray([[token, 0]]), one)  # commit only `token`
             token = truth
             out.append(token)
             pend_x, pend_t, n_pend = x1[:, :1], [token], 1
@@ -280,11 +309,11 @@ class SpeculationStats:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
-def _dspark_round(graphdef, state, cache: Cache, anchor, active, p: SamplingParams, confidence: float | None, key):
+def _dspark_round(static, leaves, cache: Cache, anchor, active, p: SamplingParams, confidence: float | None, key):
     """One speculative round, jitted as a pure function of the model state: draft a block after the cache,
     verify [anchor, drafts] with the target, accept per row, commit the anchor and the accepted drafts.
     -> (cache, drafts [b, B], drafts verified [b], accepted [b], the next anchor [b])."""
-    model = nnx.merge(graphdef, state)
+    model = static.merge(leaves)
     k_draft, k_accept = jax.random.split(key)
     drafts, draft_logits, conf = model.draft(cache, anchor, p.temperature, k_draft)
     n_draft = jnp.full(anchor.shape, drafts.shape[1], jnp.int32)
@@ -329,13 +358,13 @@ def generate_dspark(model: Transformer, prompts: list[list[int]], params: Sampli
     done = np.array([_finished(o, params) for o in out])
     if on_tokens is not None:
         on_tokens([list(o) for o in out])
-    graphdef, state = nnx.split(model)
+    static, leaves = split(model)
     rule = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)  # the round's part
     stats = SpeculationStats()
     start = time.perf_counter()
     while not done.all():
         key, sub = jax.random.split(key)
-        cache, drafts, n_draft, accepted, nxt = _dspark_round(graphdef, state, cache, jnp.asarray(anchor),
+        cache, drafts, n_draft, accepted, nxt = _dspark_round(static, leaves, cache, jnp.asarray(anchor),
                                                               jnp.asarray(~done), rule, confidence, sub)
         drafts, n_draft, accepted, nxt = map(np.asarray, (drafts, n_draft, accepted, nxt))
         new: list[list[int]] = [[] for _ in range(b)]

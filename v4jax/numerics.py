@@ -86,6 +86,11 @@ def batch_invariant(on: bool = True):
     return _batch_invariant(on)
 
 
+def in_batch_invariant() -> bool:
+    """Whether the code being traced runs inside `with batch_invariant():`."""
+    return bool(_batch_invariant.value)
+
+
 def _tree(x: jax.Array, axis: int, keepdims: bool, op, pad: float) -> jax.Array:
     """Reduce one axis by a halving tree of the elementwise op, the axis padded with `pad` to a power of two.
     The input is materialised first (optimization_barrier): XLA:CPU contracts a multiply feeding an add into an
