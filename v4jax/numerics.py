@@ -71,9 +71,10 @@ def _rowwise(a, b, la: str, lb: str, out: str, summed: str) -> jax.Array:
 # products, materialised (optimization_barrier: no FMA, no fusion choice), then a halving tree of elementwise
 # adds over the reduced axis zero-padded to a power of two; padding and masked slots add exact zeros, so a longer
 # masked axis gives the same bits. A token's sums are then the same alone in a decode step, in a chunk or in
-# the full pass (on the test model of tests/test_decode.py the logits came out bit for bit under qat). Element-
-# wise chains (norms, RoPE, mHC mixing) are not pinned: XLA:CPU contracts their multiply-adds into FMAs by fusion
-# context, so on other checkpoints the last bits can still differ (README: measured up to 2.4e-6). Slower (tiny
+# the full pass. Element-wise chains (norms, RoPE, mHC mixing) are not pinned: XLA:CPU contracts their
+# multiply-adds into FMAs by fusion context, so with FMA the last bits can still differ (README: measured up to
+# 2.4e-6); without (XLA_FLAGS=--xla_cpu_max_isa=AVX) the logits are bit for bit those of the full pass on every
+# seed and layer plan of tests/test_bit_equality.py (20 random checkpoints, both qat modes). Slower (tiny
 # model, CPU: ~2.7x the run time of the full pass and of decode, ~1.5x the compile time) and memory hungrier: for
 # parity checks, not production.
 # Outside the context nothing changes. Pallas kernels and ragged_dot (GPU / TPU) do not follow it. The switch is
