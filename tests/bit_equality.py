@@ -33,6 +33,7 @@ from flax import nnx  # noqa: E402
 
 from flashlike_fixture import CONFIG  # noqa: E402
 from infer.generate import Static, split  # noqa: E402
+from test_decode import chunked_logits  # noqa: E402  (the cache path of tests/test_decode.py)
 from v4jax import hub, numerics  # noqa: E402
 from v4jax.checkpoint import load_hub_state  # noqa: E402
 from v4jax.config import ModelConfig  # noqa: E402
@@ -62,33 +63,16 @@ def full_pass(static: Static, leaves: list, ids: jax.Array) -> jax.Array:
     return static.merge(leaves)(ids)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def chunked(static: Static, leaves: list, ids: jax.Array, chunk: int) -> jax.Array:
-    """ids [b, T] through a new cache `chunk` tokens per step (the last chunk partly padding) -> logits [b, T, v]."""
-    model = static.merge(leaves)
-    b, T = ids.shape
-    n = -(-T // chunk)
-    chunks = jnp.pad(ids, ((0, 0), (0, n * chunk - T))).reshape(b, n, chunk).swapaxes(0, 1)
-    n_valid = jnp.minimum(chunk, T - chunk * jnp.arange(n))
-
-    def body(cache, inp):
-        tokens, k = inp
-        logits, _, cache = model.step(cache, tokens, jnp.full((b,), k))
-        return cache, logits
-
-    _, logits = jax.lax.scan(body, model.init_cache(b, n * chunk), (chunks, n_valid))
-    return logits.swapaxes(0, 1).reshape(b, n * chunk, -1)[:, :T]
-
-
 def check(seed: int, qat: bool, chunks=CHUNKS):
     plan = list(PLANS)[seed % len(PLANS)]
-    static, leaves = split(build(plan, seed, qat))
+    model = build(plan, seed, qat)
+    static, leaves = split(model)
     ids = jnp.asarray(np.random.default_rng(1000 + seed).integers(0, 1024, (BATCH, TOKENS)), jnp.int32)
     with numerics.batch_invariant():
         full = np.asarray(full_pass(static, leaves, ids))
         for chunk in chunks:
             t0 = time.perf_counter()
-            got = np.asarray(chunked(static, leaves, ids, chunk))
+            got = np.asarray(chunked_logits(model, ids, chunk)[0])
             diff = np.abs(got - full).max(axis=-1)
             bad = np.argwhere(diff > 0)
             yield {"seed": seed, "plan": plan, "qat": qat, "chunk": chunk, "max_abs_diff": float(diff.max()),
