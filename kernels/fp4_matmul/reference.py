@@ -33,6 +33,11 @@ def fp4_ragged_dot(x: jax.Array, w: Mxfp4Weight, group_sizes: jax.Array) -> jax.
     return grouped_matmul(x, w, group_sizes)
 
 
+def _decoded(w, dtype) -> jax.Array:
+    """A weight (array or stored QuantizedWeight) as an array of `dtype`."""
+    return (w.dequantize(jnp.float32) if isinstance(w, QuantizedWeight) else w).astype(dtype)
+
+
 def grouped_matmul(a: jax.Array, w: jax.Array, sizes: jax.Array, tile: int = 128) -> jax.Array:
     """a [m, in] (rows sorted by group), w [e, out, in] (an array or a stored QuantizedWeight, decoded to a's
     dtype), sizes [e] -> [m, out] fp32: row r times its group's weight; rows past sum(sizes) give 0.
@@ -44,16 +49,15 @@ def grouped_matmul(a: jax.Array, w: jax.Array, sizes: jax.Array, tile: int = 128
     Fewer rows than groups (decode) take each row's own group's weight instead, gathered: a step reads only the
     experts its tokens picked."""
     if target_platform() != "cpu":
-        w = w.dequantize(jnp.float32) if isinstance(w, QuantizedWeight) else w
-        return jax.lax.ragged_dot(a, jnp.swapaxes(w, 1, 2).astype(a.dtype), sizes, preferred_element_type=jnp.float32)
+        return jax.lax.ragged_dot(a, jnp.swapaxes(_decoded(w, a.dtype), 1, 2), sizes,
+                                  preferred_element_type=jnp.float32)
     m, e = a.shape[0], w.shape[0]
     end = jnp.cumsum(sizes)
     if m < e and not in_batch_invariant():  # decode: fewer rows than experts, each row times its own expert
         group = jnp.minimum(jnp.searchsorted(end, jnp.arange(m), side="right"), e - 1)
-        wg = jax.tree.map(lambda x: x[group], w)
-        wg = (wg.dequantize(jnp.float32) if isinstance(wg, QuantizedWeight) else wg).astype(a.dtype)
+        wg = _decoded(jax.tree.map(lambda x: x[group], w), a.dtype)
         return jnp.where((jnp.arange(m) < end[-1])[:, None], einsum("ri,roi->ro", a, wg), 0.0)
-    tile = min(tile, -(-m // 8) * 8)  # decode: a few rows, small tiles
+    tile = min(tile, -(-m // 8) * 8)  # a few rows (batched decode): small tiles
     n_tiles = -(-m // tile)
     a = jnp.pad(a, ((0, n_tiles * tile - m), (0, 0)))
     start = end - sizes
@@ -65,8 +69,7 @@ def grouped_matmul(a: jax.Array, w: jax.Array, sizes: jax.Array, tile: int = 128
     tile_of = jnp.where(used, start[group] // tile + item - (item_end - count)[group], 0)
 
     def weight_of(g):
-        wg = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, g, keepdims=False), w)
-        return (wg.dequantize(jnp.float32) if isinstance(wg, QuantizedWeight) else wg).astype(a.dtype)
+        return _decoded(jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, g, keepdims=False), w), a.dtype)
 
     @jax.checkpoint  # backward recomputes each item: no per-item copy of the group's weight is saved
     def one(t, g, ok):
