@@ -12,6 +12,8 @@ from test_decode import _model
 from v4jax import cost, kv_cache
 from v4jax.attention import kv_fake_quant
 from v4jax.config import ModelConfig
+from v4jax.formats import e2m1_to_f32
+from v4jax.hub import E2M1_VALUES
 from v4jax.model import Transformer
 from v4jax.quant import hadamard, mxfp4_fake_quant
 
@@ -55,6 +57,13 @@ def test_fp4_index_keys_are_68_bytes_and_encode_the_qat_mxfp4_quantization():
     fq = mxfp4_fake_quant(k, 32)
     assert np.array_equal(back, fq)  # values equal (the sign of a zero may differ)
     assert np.array_equal(kv_cache.read(buf.encode(fq), jnp.float32), fq)
+
+
+def test_e2m1_bit_decode_is_the_value_table():
+    """formats.e2m1_to_f32 (built from bits) gives hub's e2m1 table for every code, the sign of zero included; the
+    high nibble of a byte is ignored."""
+    codes = jnp.arange(256, dtype=jnp.uint8)
+    assert np.array_equal(_bits(e2m1_to_f32(codes)), _bits(E2M1_VALUES[np.arange(256) % 16]))
 
 
 def test_fp8_index_keys_are_132_bytes_within_half_an_e4m3_step():

@@ -17,11 +17,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from v4jax.hub import E2M1_VALUES, FP4_MAX, FP8_MAX
+from v4jax.hub import FP4_MAX, FP8_MAX
 from v4jax.numerics import ordered_max
 
 __all__ = ["FP4_MAX", "FP8_MAX", "Fp8Weight", "Mxfp4Weight", "QuantizedWeight", "block_dequantize",
-           "block_quantize", "pow2_ceil"]
+           "block_quantize", "e2m1_to_f32", "pow2_ceil"]
 
 
 def pow2_ceil(v: jax.Array) -> jax.Array:
@@ -40,6 +40,17 @@ def block_quantize(x: jax.Array, block: int, qmax: float, amin: float, qdtype) -
     q = jnp.clip(xb / s, -qmax, qmax).astype(qdtype)
     exponent = jnp.frexp(s)[1] - 1  # s = 0.5 * 2^e exactly, i.e. 2^(e - 1)
     return q.reshape(x.shape), (exponent[..., 0] + 127).astype(jnp.uint8)
+
+
+def e2m1_to_f32(codes: jax.Array) -> jax.Array:
+    """e2m1 codes (the low 4 bits of an integer array: sign bit 3, exponent bits 2-1, mantissa bit 0) -> their
+    values (hub.E2M1_VALUES) as fp32, built from bits: exponent e > 0 gives 2^(e-1) * (1 + m/2), e = 0 gives m/2.
+    Pure elementwise integer work that fuses with its neighbours; XLA:CPU's float4 convert and a 16-entry table
+    gather each cost 2-4x more per value here (measured)."""
+    c = codes.astype(jnp.uint32)
+    e, m = (c >> 1) & 3, c & 1
+    magnitude = jnp.where(e > 0, ((e + 126) << 23) | (m << 22), m * jnp.uint32(126 << 23))
+    return jax.lax.bitcast_convert_type(((c >> 3) & 1) << 31 | magnitude, jnp.float32)
 
 
 def block_dequantize(q: jax.Array, exponent_bytes: jax.Array, block: int, dtype) -> jax.Array:
@@ -106,6 +117,5 @@ class Mxfp4Weight(QuantizedWeight):
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         b = self.packed.astype(jnp.uint8)
-        lut = jnp.asarray(E2M1_VALUES)
-        vals = jnp.stack([lut[b & 0xF], lut[b >> 4]], axis=-1).reshape(self.shape)
+        vals = jnp.stack([e2m1_to_f32(b & 0xF), e2m1_to_f32(b >> 4)], axis=-1).reshape(self.shape)
         return (vals * _expand_blocks(_ue8m0_to_f32(self.scale), self.shape, 1, 32)).astype(dtype)

@@ -100,7 +100,7 @@ def indexer_topk(q, w, keys, lo, hi, k: int, dtype, *, target: str = "gpu", bloc
     # ranges clipped to the real slots; padded queries get [0, 0)
     lo, hi = (jnp.pad(jnp.clip(a, 0, n).astype(jnp.int32), [(0, 0), (0, sp - s)]) for a in (lo, hi))
 
-    def score_span(start, lo_rel, hi_rel):
+    def score_span(start, span, lo_rel, hi_rel):
         rep = lambda a: jnp.repeat(a, hp, axis=1)[:, None]  # noqa: E731  (a query's range on each head row)
         part = jnp.pad(reference.key_rows(keys, start, span, cdt), [(0, 0), (0, 0), (0, dp - d)])
         return _span_scores(q_rows, w_rows, rep(lo_rel), rep(hi_rel), part, dtype, cfg, target).astype(jnp.float32)

@@ -10,12 +10,17 @@ the windows that end by it, `visible_ranges`). The picks are the top k visible s
 scores keep the lower slot first (lax.top_k's order); -1 (score -inf) fills the row when fewer than k are
 visible.
 
-Cost follows the visible ranges, not the buffer: `indexer_topk` scores `SPAN` slots at a time, only the spans
-that intersect some query's [lo, hi) (a while-loop with data-dependent bounds), and merges each span's scores
-into a running top-k. The keys may be a packed cache format (v4jax.kv_cache: any pytree of [b, n, ...] leaves
-with a .decode(dtype) method): each span is decoded as it is scored, so no dense copy of the whole buffer is
-made. The merge returns exactly the global top_k's picks and order: running entries have lower slots than the
-span's, and top_k keeps the lower position first among equal values.
+Cost follows the visible ranges, not the buffer: `indexer_topk` scores a span of slots at a time, only the spans
+that intersect some query's [lo, hi) (while-loops with data-dependent bounds), and merges each span's scores
+into a running top-k. The spans come in levels (`span_levels`: 1,024 slots times powers of 4, as large as a
+budget of score elements allows): the longest spans cover the bulk of the visible extent, shorter ones the
+rest, so a short extent is scored in short spans (a cache of capacity 1M holding 4K tokens costs what one of
+4K does) and a long one in few merges (lax.top_k on CPU costs ~60 ns per element at 1.5K elements and ~4 ns at
+66K: with k = 512, 1,024-slot merges spent most of a prefill in top_k). The keys may be a packed cache format
+(v4jax.kv_cache: any pytree of [b, n, ...] leaves with a .decode(dtype) method): each span is decoded as it is
+scored, so no dense copy of the whole buffer is made. The merge returns exactly the global top_k's picks and
+order: spans are merged in slot order (running entries have lower slots than the span's), and top_k keeps the
+lower position first among equal values.
 """
 
 from __future__ import annotations
@@ -63,7 +68,20 @@ def range_mask(lo: jax.Array, hi: jax.Array, n: int) -> jax.Array:
     return (t >= lo[..., None]) & (t < hi[..., None])
 
 
-SPAN = 1024  # slots scored per merge step of the reference (the score buffer is [b, s, SPAN], not [b, s, n])
+SPAN = 1024  # the shortest span of slots scored per merge step
+SPAN_GROWTH = 4  # each longer level of spans is this many times the previous
+SCORE_BUDGET = 1 << 24  # elements (fp32) of one span's [b, s, heads, span] products: bounds the longest span
+MAX_SPAN = 1 << 16  # XLA:CPU's score dot slows per slot past this (one query: 1.5 ms at 64K slots, 35 at 256K)
+
+
+def span_levels(n: int, rows: int) -> tuple[int, ...]:
+    """The span lengths for n slots and `rows` = b * s * heads products per slot, longest first: SPAN * 4^j up
+    to n, MAX_SPAN and SCORE_BUDGET / rows (at least SPAN); (n,) when n <= SPAN."""
+    top = min(n, MAX_SPAN, max(SPAN, SCORE_BUDGET // max(rows, 1)))
+    levels = [min(n, SPAN)]
+    while levels[-1] * SPAN_GROWTH <= top:
+        levels.append(levels[-1] * SPAN_GROWTH)
+    return tuple(reversed(levels))
 
 
 def n_slots(keys) -> int:
@@ -77,42 +95,53 @@ def key_rows(keys, start, size: int, dtype) -> jax.Array:
     return part.decode(dtype) if hasattr(part, "decode") else part.astype(dtype)
 
 
-def running_topk(score_span, n: int, span: int, lo: jax.Array, hi: jax.Array, k: int):
-    """The top k visible slots of 0 .. n - 1, scored `span` at a time over the spans that intersect some [lo, hi)
-    only. score_span(start, lo_rel, hi_rel) -> [b, s, span] fp32 scores of slots start .. start + span - 1, -inf
-    outside [lo_rel, hi_rel) (bounds relative to start). A span that would run past n starts at n - span
-    instead, its slots already merged made invisible. -> (slots [b, s, k] int32, -1 = none; scores [b, s, k]
-    fp32, -inf = none)."""
+def running_topk(score_span, n: int, spans, lo: jax.Array, hi: jax.Array, k: int):
+    """The top k visible slots of 0 .. n - 1, scored a span at a time over the spans that intersect some [lo, hi)
+    only. spans: one span length, or lengths longest first (span_levels), each <= n; the longer levels take
+    as many whole spans as fit the visible extent, the shortest covers the rest. score_span(start, span, lo_rel,
+    hi_rel) -> [b, s, span] fp32 scores of slots start .. start + span - 1 (span: the level's static length),
+    -inf outside [lo_rel, hi_rel) (bounds relative to start). A span that would run past n starts at
+    n - span instead, its slots already merged made invisible. -> (slots [b, s, k] int32, -1 = none; scores
+    [b, s, k] fp32, -inf = none)."""
+    spans = (spans,) if isinstance(spans, int) else tuple(spans)
     b, s = lo.shape
     has = hi > lo
-    first = jnp.min(jnp.where(has, lo, n)) // span
-    last = -(-jnp.max(jnp.where(has, hi, 0)) // span)
+    pos = jnp.min(jnp.where(has, lo, n)) // spans[-1] * spans[-1]  # slots before pos are merged (or invisible)
+    last = jnp.max(jnp.where(has, hi, 0))
+    carry = (jnp.full((b, s, k), -jnp.inf, jnp.float32), jnp.full((b, s, k), -1, jnp.int32))
+    for level, span in enumerate(spans):
+        shortest = level == len(spans) - 1
+        count = jnp.maximum(-(-(last - pos) // span) if shortest else (last - pos) // span, 0)
 
-    def merge(j, carry):
-        vals, idx = carry
-        start = jnp.minimum(j * span, n - span)
-        sc = score_span(start, jnp.maximum(lo, j * span) - start, hi - start)
-        v, pick = jax.lax.top_k(jnp.concatenate([vals, sc], axis=-1), k)
-        slots = jnp.broadcast_to(start + jnp.arange(span, dtype=jnp.int32), sc.shape)
-        return v, jnp.take_along_axis(jnp.concatenate([idx, slots], axis=-1), pick, axis=-1)
+        def merge(j, carry, span=span, base=pos):
+            vals, idx = carry
+            begin = base + j * span  # this span's first new slot
+            start = jnp.minimum(begin, n - span)
+            sc = score_span(start, span, jnp.maximum(lo, begin) - start, hi - start)
+            v, pick = jax.lax.top_k(jnp.concatenate([vals, sc], axis=-1), k)
+            slots = jnp.broadcast_to(start + jnp.arange(span, dtype=jnp.int32), sc.shape)
+            return v, jnp.take_along_axis(jnp.concatenate([idx, slots], axis=-1), pick, axis=-1)
 
-    init = (jnp.full((b, s, k), -jnp.inf, jnp.float32), jnp.full((b, s, k), -1, jnp.int32))
-    vals, idx = jax.lax.fori_loop(first, last, merge, init)
+        carry = jax.lax.fori_loop(0, count, merge, carry)
+        pos = pos + count * span
+    vals, idx = carry
     return jnp.where(vals > -jnp.inf, idx, -1), vals
 
 
-def indexer_topk(q: jax.Array, w: jax.Array, keys, lo: jax.Array, hi: jax.Array, k: int, dtype, span: int = SPAN):
+def indexer_topk(q: jax.Array, w: jax.Array, keys, lo: jax.Array, hi: jax.Array, k: int, dtype, span=None):
     """-> (top slots [b, s, k] int32, -1 where fewer than k are visible; their scores [b, s, k] fp32, -inf
-    there). keys: [b, n, d] or a packed format (decoded span by span to q's dtype). No gradient."""
+    there). keys: [b, n, d] or a packed format (decoded span by span to q's dtype). span: a length or levels
+    for running_topk (default span_levels). No gradient."""
     q, w, keys = (jax.lax.stop_gradient(a) for a in (q, w, keys))  # integer picks: nothing to differentiate
     n = n_slots(keys)
-    span = min(span, n)
+    b, s, i, _ = q.shape
+    spans = span_levels(n, b * s * i) if span is None else span
 
-    def score_span(start, lo_rel, hi_rel):
+    def score_span(start, span, lo_rel, hi_rel):
         scores = index_scores(q, w, key_rows(keys, start, span, q.dtype), dtype)
         return jnp.where(range_mask(lo_rel, hi_rel, span), scores, -jnp.inf)
 
-    return running_topk(score_span, n, span, lo, hi, k)
+    return running_topk(score_span, n, spans, lo, hi, k)
 
 
 def picked_scores(q: jax.Array, w: jax.Array, keys: jax.Array, idx: jax.Array, dtype) -> jax.Array:

@@ -110,10 +110,11 @@ def _global_topk(q, w, keys, lo, hi, k, dtype):
     return jnp.where(ok, top, -1), jnp.where(ok, val, -jnp.inf)
 
 
-@pytest.mark.parametrize("span", [1, 3, 8, 37])
+@pytest.mark.parametrize("span", [1, 3, 8, 37, (16, 4, 1), (12, 5), (32, 8)])
 def test_reference_spans_equal_the_global_topk_with_ties(span):
-    """Scoring span by span (n = 37 not a multiple of 3 or 8: the last span is clamped to end at n) and merging
-    gives the global top_k's picks, order (ties: lower slot first) and -1 fill exactly."""
+    """Scoring span by span (n = 37 not a multiple of 3 or 8: the last span is clamped to end at n), or in
+    levels of spans (longest first), and merging gives the global top_k's picks, order (ties: lower slot
+    first) and -1 fill exactly."""
     b, s, h, d, n, k = 2, 9, 3, 8, 37, 6
     q, w, keys = _inputs(11, b, s, h, d, n, integer=True)
     lo, hi = _ranges(12, b, s, n, k)
@@ -124,6 +125,16 @@ def test_reference_spans_equal_the_global_topk_with_ties(span):
     assert np.sum(np.asarray(want[0]) >= 0) > b * s  # picks made
 
 
+def test_span_levels():
+    """Hand-computed: SPAN * 4^j up to the slots and to the score budget; one span when n <= SPAN."""
+    assert reference.span_levels(65568, 1) == (65536, 16384, 4096, 1024)
+    assert reference.span_levels(1 << 20, 1) == (65536, 16384, 4096, 1024)  # MAX_SPAN
+    assert reference.span_levels(1 << 20, 1024) == (16384, 4096, 1024)  # 2^24 / 1024 = 16384
+    assert reference.span_levels(1 << 20, 1 << 14) == (1024,)
+    assert reference.span_levels(500, 1) == (500,)
+    assert reference.span_levels(4095, 1) == (1024,)
+
+
 def test_only_spans_inside_the_ranges_are_scored():
     """A span that no query can see is never scored: every span at or past the last visible one scores +inf
     here, which would win every pick if it were merged."""
@@ -131,7 +142,7 @@ def test_only_spans_inside_the_ranges_are_scored():
     lo = jnp.array([[0, 9, 9, 2]], jnp.int32)
     hi = jnp.array([[3, 9, 14, 11]], jnp.int32)  # spans 0 .. 3 intersect; 4 .. 9 do not
 
-    def score_span(start, lo_rel, hi_rel):
+    def score_span(start, span, lo_rel, hi_rel):
         scores = jnp.broadcast_to(-(start + jnp.arange(span)).astype(jnp.float32), (b, s, span))
         scores = jnp.where(reference.range_mask(lo_rel, hi_rel, span), scores, -jnp.inf)
         return jnp.where(start >= 16, jnp.inf, scores)
