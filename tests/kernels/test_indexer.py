@@ -129,8 +129,8 @@ def test_span_levels():
     """Hand-computed: SPAN * 4^j up to the slots and to the score budget; one span when n <= SPAN."""
     assert reference.span_levels(65568, 1) == (65536, 16384, 4096, 1024)
     assert reference.span_levels(1 << 20, 1) == (65536, 16384, 4096, 1024)  # MAX_SPAN
-    assert reference.span_levels(1 << 20, 1024) == (16384, 4096, 1024)  # 2^24 / 1024 = 16384
-    assert reference.span_levels(1 << 20, 1 << 14) == (1024,)
+    assert reference.span_levels(1 << 20, 256) == (16384, 4096, 1024)  # 2^22 / 256 = 16384
+    assert reference.span_levels(1 << 20, 4096) == (1024,)
     assert reference.span_levels(500, 1) == (500,)
     assert reference.span_levels(4095, 1) == (1024,)
 
