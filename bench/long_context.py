@@ -530,7 +530,7 @@ def main(argv=None) -> None:
                      quick=args.quick)
     md = markdown(result)
     print(md)
-    if args.out:
+    if args.out and not args.record:  # a recorded run's result lives in results.json and performance.md
         with open(os.path.join(args.out, "long_context.json"), "w") as f:
             json.dump(result, f, indent=1)
         with open(os.path.join(args.out, "long_context.md"), "w") as f:

@@ -11,16 +11,16 @@ scores keep the lower slot first (lax.top_k's order); -1 (score -inf) fills the 
 visible.
 
 Cost follows the visible ranges, not the buffer: `indexer_topk` scores a span of slots at a time, only the spans
-that intersect some query's [lo, hi) (while-loops with data-dependent bounds), and merges each span's scores
-into a running top-k. The spans come in levels (`span_levels`: 1,024 slots times powers of 4, as large as a
-budget of score elements allows): the longest spans cover the bulk of the visible extent, shorter ones the
-rest, so a short extent is scored in short spans (a cache of capacity 1M holding 4K tokens costs what one of
-4K does) and a long one in few merges (lax.top_k on CPU costs ~60 ns per element at 1.5K elements and ~4 ns at
-66K: with k = 512, 1,024-slot merges spent most of a prefill in top_k). The keys may be a packed cache format
+that intersect some query's [lo, hi) (while-loops with data-dependent bounds), and merges each span's scores into a
+running top-k. The spans come in levels (`span_levels`: 1,024 slots times powers of 4, up to 64K and as large as a
+budget of score elements allows): the longest spans cover the bulk of the visible extent, shorter ones the rest, so
+a short extent is scored in short spans (a cache of capacity 1M holding 4K tokens costs what one of 4K does) and a
+long one in few merges (XLA:CPU's top_k, 256 rows, k = 512: ~53 ns per element over 1.5K elements, ~4.6 ns over 66K,
+measured; 1,024-slot merges spent over half of a demo prefill chunk in top_k). The keys may be a packed cache format
 (v4jax.kv_cache: any pytree of [b, n, ...] leaves with a .decode(dtype) method): each span is decoded as it is
-scored, so no dense copy of the whole buffer is made. The merge returns exactly the global top_k's picks and
-order: spans are merged in slot order (running entries have lower slots than the span's), and top_k keeps the
-lower position first among equal values.
+scored, so no dense copy of the whole buffer is made. The merge returns exactly the global top_k's picks and order:
+spans are merged in slot order (running entries have lower slots than the span's), and top_k keeps the lower
+position first among equal values.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def range_mask(lo: jax.Array, hi: jax.Array, n: int) -> jax.Array:
 
 SPAN = 1024  # the shortest span of slots scored per merge step
 SPAN_GROWTH = 4  # each longer level of spans is this many times the previous
-SCORE_BUDGET = 1 << 22  # elements (fp32) of one span's [b, s, heads, span] products (16 MiB: 2^24 ran the tiny preset's 16-head prefill 1.9x slower)
+# fp32 elements of one span's [b, s, heads, span] products (16 MiB; 2^24 ran the tiny preset's 16-head prefill
+# chunk 1.9x slower)
+SCORE_BUDGET = 1 << 22
 MAX_SPAN = 1 << 16  # XLA:CPU's score dot slows per slot past this (one query: 1.5 ms at 64K slots, 35 at 256K)
 
 
