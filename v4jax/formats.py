@@ -21,7 +21,7 @@ from v4jax.hub import FP4_MAX, FP8_MAX
 from v4jax.numerics import ordered_max
 
 __all__ = ["FP4_MAX", "FP8_MAX", "Fp8Weight", "Mxfp4Weight", "QuantizedWeight", "block_dequantize",
-           "block_quantize", "e2m1_to_f32", "pow2_ceil"]
+           "block_quantize", "e2m1_to_f32", "e2m1_unpack", "pow2_ceil"]
 
 
 def pow2_ceil(v: jax.Array) -> jax.Array:
@@ -51,6 +51,12 @@ def e2m1_to_f32(codes: jax.Array) -> jax.Array:
     e, m = (c >> 1) & 3, c & 1
     magnitude = jnp.where(e > 0, ((e + 126) << 23) | (m << 22), m * jnp.uint32(126 << 23))
     return jax.lax.bitcast_convert_type(((c >> 3) & 1) << 31 | magnitude, jnp.float32)
+
+
+def e2m1_unpack(packed: jax.Array) -> jax.Array:
+    """MXFP4 bytes [..., n] (two e2m1 codes each, low nibble = even element) -> their values [..., 2n] fp32."""
+    b = packed.astype(jnp.uint8)
+    return jnp.stack([e2m1_to_f32(b & 0xF), e2m1_to_f32(b >> 4)], axis=-1).reshape(*b.shape[:-1], -1)
 
 
 def block_dequantize(q: jax.Array, exponent_bytes: jax.Array, block: int, dtype) -> jax.Array:
@@ -116,6 +122,5 @@ class Mxfp4Weight(QuantizedWeight):
         return (*self.packed.shape[:-1], 2 * self.packed.shape[-1])
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        b = self.packed.astype(jnp.uint8)
-        vals = jnp.stack([e2m1_to_f32(b & 0xF), e2m1_to_f32(b >> 4)], axis=-1).reshape(self.shape)
-        return (vals * _expand_blocks(_ue8m0_to_f32(self.scale), self.shape, 1, 32)).astype(dtype)
+        scale = _expand_blocks(_ue8m0_to_f32(self.scale), self.shape, 1, 32)
+        return (e2m1_unpack(self.packed) * scale).astype(dtype)
