@@ -33,9 +33,21 @@ from v4jax.numerics import einsum, ordered_sum
 
 def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array, dtype) -> jax.Array:
     """q [b, s, i, d], w [b, s, i] fp32, keys [b, n, d] -> I [b, s, n] fp32, rounded through `dtype` (the
-    official code keeps index scores in the activation dtype). Same ops as v4jax.attention.index_scores."""
-    dots = einsum("bsid,btd->bsit", q, keys)
+    official code keeps index scores in the activation dtype). With few query rows (decode) the keys are the
+    dot's left operand: XLA:CPU wants the right operand contracted on its major axis and gave a [n, d] right
+    operand a transposed copy, one key read per cache line (bench.cache_reads counted 94 MiB of reads per demo
+    decode step at 64K tokens for 2 MiB of BF16 keys); as the left operand they are read in place."""
+    if few_query_rows(q):
+        dots = jnp.moveaxis(einsum("btd,bsid->btsi", keys, q), 1, 3)
+    else:
+        dots = einsum("bsid,btd->bsit", q, keys)
     return ordered_sum(jax.nn.relu(dots) * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
+
+
+def few_query_rows(q: jax.Array) -> bool:
+    """Whether q [b, s, i, d] scores fewer query rows (s * i) than each key has dims: a decode step's shape."""
+    s, i, d = q.shape[1:]
+    return s * i < d
 
 
 def visible_ranges(pos_q: jax.Array, doc_q: jax.Array, ent_doc: jax.Array, ent_win: jax.Array, ratio: int):
@@ -74,6 +86,9 @@ SPAN_GROWTH = 4  # each longer level of spans is this many times the previous
 # chunk 1.9x slower)
 SCORE_BUDGET = 1 << 22
 MAX_SPAN = 1 << 16  # XLA:CPU's score dot slows per slot past this (one query: 1.5 ms at 64K slots, 35 at 256K)
+# decode: fp32 bytes of keys decoded at a time within a span (fits a core's L2, so the decoded copy is never
+# written out to L3 or memory and read back: the step reads the stored format's bytes)
+DECODE_BLOCK_BYTES = 1 << 19
 
 
 def span_levels(n: int, rows: int) -> tuple[int, ...]:
@@ -138,9 +153,15 @@ def indexer_topk(q: jax.Array, w: jax.Array, keys, lo: jax.Array, hi: jax.Array,
     n = n_slots(keys)
     b, s, i, _ = q.shape
     spans = span_levels(n, b * s * i) if span is None else span
+    block = 1 << ((DECODE_BLOCK_BYTES // (4 * q.shape[-1])).bit_length() - 1)  # a power of two, as the spans
 
     def score_span(start, span, lo_rel, hi_rel):
-        scores = index_scores(q, w, key_rows(keys, start, span, q.dtype), dtype)
+        if few_query_rows(q) and span > block and span % block == 0:  # decode: the span a block at a time
+            per = jax.lax.map(lambda j: index_scores(q, w, key_rows(keys, start + j * block, block, q.dtype), dtype),
+                              jnp.arange(span // block))
+            scores = jnp.moveaxis(per, 0, -2).reshape(b, s, span)
+        else:
+            scores = index_scores(q, w, key_rows(keys, start, span, q.dtype), dtype)
         return jnp.where(range_mask(lo_rel, hi_rel, span), scores, -jnp.inf)
 
     return running_topk(score_span, n, spans, lo, hi, k)

@@ -125,6 +125,32 @@ def test_reference_spans_equal_the_global_topk_with_ties(span):
     assert np.sum(np.asarray(want[0]) >= 0) > b * s  # picks made
 
 
+@pytest.mark.parametrize("fmt", [None, "fp4"])
+def test_decode_shaped_queries_score_spans_block_by_block(monkeypatch, fmt):
+    """Fewer query rows than key dims (a decode step's shape): the keys are the dot's left operand and a span
+    longer than the decode block is scored block by block (DECODE_BLOCK_BYTES shrunk here to blocks of 4 slots
+    inside spans of 16; spans of 4 and 1 go whole), from plain or FP4-stored keys. Picks, order (ties) and
+    scores equal the global top_k's (integer inputs: every score exact)."""
+    from v4jax import kv_cache
+    b, s, h, d, n, k = 2, 1, 2, 32, 37, 6
+    monkeypatch.setattr(reference, "DECODE_BLOCK_BYTES", 4 * d * 4)
+    q, w, keys = _inputs(15, b, s, h, d, n, integer=True)
+    keys = keys.at[:, 20:36].set(keys[:, 1:17])  # repeated keys in other spans and blocks: ties
+    assert reference.few_query_rows(q)
+    lo, hi = _ranges(16, b, s, n, k)
+    lo, hi = jnp.zeros_like(lo), jnp.full_like(hi, n)  # every slot visible: all three levels are merged
+    stored = keys if fmt is None else kv_cache.write(kv_cache.empty_index_keys(fmt, (b, n), d), keys,
+                                                     jnp.broadcast_to(jnp.arange(n), (b, n)))
+    got = jax.jit(functools.partial(reference.indexer_topk, k=k, dtype=jnp.float32, span=(16, 4, 1)))(
+        q, w, stored, lo, hi)
+    want = jax.jit(functools.partial(_global_topk, k=k, dtype=jnp.float32))(q, w, kv_cache.read(stored, jnp.float32)
+                                                                            if fmt else keys, lo, hi)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert len(set(np.asarray(want[1]).ravel().tolist())) < want[1].size  # ties among the picks
+    assert np.any(np.asarray(want[0]) >= 20)  # picks from the repeats too
+
+
 def test_span_levels():
     """Hand-computed: SPAN * 4^j up to the slots and to the score budget; one span when n <= SPAN."""
     assert reference.span_levels(65568, 1) == (65536, 16384, 4096, 1024)
