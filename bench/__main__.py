@@ -37,6 +37,7 @@ BENCHMARKS = {  # name: (module, section title)
     "speculative": ("bench.speculative", "Speculative decoding: plain vs MTP vs DSpark (issue 14, mechanics only)"),
     "long_context": ("bench.long_context", "Long context: prefill and decode from 4K to 1M tokens, one process per length "
                      "(issue 16)"),
+    "cache_reads": ("bench.cache_reads", "Bytes a decode step reads, counted in a cache simulation (issue 16)"),
 }
 
 

@@ -1,0 +1,285 @@
+"""Bytes a decode step reads, counted load by load: the step runs under valgrind's callgrind with its cache
+simulator, and the lines its loads bring into a simulated L1 are set beside `v4jax.cost.decode_read_bytes` (issue
+16 item 2: "the cost model and a measured bytes-per-step figure agree").
+
+    .venv/bin/python -m bench cache_reads        # the default runs, into docs/perf/results.json, docs/performance.md
+    .venv/bin/python -m bench.cache_reads [--configs demo tiny] [--formats bf16 fp8+fp4] [--lengths 4096 262144]
+        [--steps 2] [--jobs 2]
+
+Why a simulator: this machine is a VM without hardware performance counters (`perf` sees no memory events), so
+memory traffic cannot be read off the CPU; callgrind instead executes every instruction of the compiled step and
+feeds each load to a cache model. The figure is exact for that model, not a DRAM reading: bytes read = the step's
+read misses x 64 in a simulated 1 MiB, 8-way cache of 64-byte lines (valgrind's --D1: one core's private L1 + L2
+on this AMD EPYC, whose L2 is 1 MiB, 8-way), i.e. what the step reads from the shared L3 or from memory. Data read
+again after leaving that cache counts again, so a strided, transposed or repeated pass shows up (a transposed
+copy of the BF16 indexer keys did: kernels/indexer/reference.index_scores), while temporaries that live and die
+within it (a decoded block of keys: kernels/indexer/reference.DECODE_BLOCK_BYTES) do not. The count covers the
+whole process during the steps: XLA's compiled kernels (code without a file, "???"), its runtime and kernel
+libraries (libjax_common.so), and the allocator and memcpy of libc; the XLA part is reported apart.
+
+Method, one child process per (config, cache format, length), run under `valgrind --tool=callgrind --cache-sim=yes
+--instr-atstart=no` (XLA told to emit AVX2 code: valgrind 3.19 runs no AVX-512): the child builds the model with
+random weights (bench/decode.build), fills a cache of capacity length + steps + 1 up to `length` tokens with
+random rows (every layer's window ring, compressed entries and indexer keys written through kv_cache.write; which
+rows a step reads does not depend on their values: CSA reads its top-k rows whatever they are), compiles
+infer.generate's `_step` for one token, runs one step uninstrumented, then switches the simulation on (callgrind's
+client requests, through a small C shim that gcc compiles from valgrind's callgrind.h at run time), runs `steps`
+steps and switches it off. Weights, activations and the dispatch are the same at every length: the growth of the
+bytes read over the shortest length L0 is what the cache costs, set beside the model's decode_read_bytes(L) -
+decode_read_bytes(L0). Children run `--jobs` at a time (valgrind runs a process on one core).
+
+Configs and formats are bench.long_context's (`demo`: V4's layer plan 0 0 4 128 with one indexer head of 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from bench.long_context import CONFIGS, FORMATS, capacity_for  # noqa: E402
+from v4jax import cost  # noqa: E402
+
+LENGTHS = {"demo": [4096, 262144, 1048576], "tiny": [4096, 262144]}
+QUICK_LENGTHS = [1024, 4096]
+STEPS = 2
+LINE = 64
+L1 = "--D1=1048576,8,64"
+SHIM = """#include <valgrind/callgrind.h>
+void sim_on(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
+void sim_off(void) { CALLGRIND_STOP_INSTRUMENTATION; }
+"""
+
+
+def build_shim(folder: str) -> str:
+    """Compile the client-request shim into folder -> the .so path; a clear error if valgrind's headers or gcc
+    are missing."""
+    missing = [t for t in ("valgrind", "gcc") if shutil.which(t) is None]
+    if missing:
+        raise RuntimeError(f"bench.cache_reads needs {' and '.join(missing)} on PATH: install valgrind (it ships "
+                           "callgrind.h) and gcc, e.g. `apt-get install valgrind gcc`")
+    src, lib = os.path.join(folder, "shim.c"), os.path.join(folder, "libsim.so")
+    with open(src, "w") as f:
+        f.write(SHIM)
+    p = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", lib, src], capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"gcc could not build the callgrind shim (is valgrind/callgrind.h installed? it comes "
+                           f"with valgrind's development headers): {p.stderr.strip()[-400:]}")
+    return lib
+
+
+def by_object(path: str) -> dict[str, dict[str, int]]:
+    """A callgrind output file's self costs summed per object (shared library; "???" = code without a file: XLA's
+    compiled kernels) -> {object: {event: count}}. Cost lines after a `calls=` line are the callee's inclusive
+    cost and are skipped (its self cost appears under its own object)."""
+    events, names, ob, sums, skip = [], {}, "?", {}, False
+    with open(path) as f:
+        for ln in f:
+            if ln.startswith("events:"):
+                events = ln.split()[1:]
+            elif ln.startswith(("ob=", "cob=")):  # "(id) name" defines an id, "(id)" refers to it
+                ref, _, name = ln.split("=", 1)[1].strip().partition(" ")
+                if name:
+                    names[ref] = name
+                if ln.startswith("ob="):
+                    ob = ref
+            elif ln.startswith("calls="):
+                skip = True
+            elif ln[:1].isdigit() or ln[:1] in "+-*":
+                if not skip:
+                    acc = sums.setdefault(names.get(ob, ob), [0] * len(events))
+                    for i, v in enumerate(ln.split()[1:]):
+                        acc[i] += int(v)
+                skip = False
+    if not events:
+        raise ValueError(f"{path} is no callgrind output (no events line)")
+    return {o: dict(zip(events, v)) for o, v in sums.items()}
+
+
+def count(objects: dict, event: str, xla_only: bool = False) -> int:
+    """An event's total over by_object's objects, or over XLA's only: its compiled kernels ("???") and
+    libjax_common.so (its runtime and kernel libraries, e.g. YNNPACK's reductions and dots)."""
+    return sum(v.get(event, 0) for o, v in objects.items()
+               if not xla_only or o == "???" or o.endswith("libjax_common.so"))
+
+
+def simulate(python_args: list[str], out: str) -> subprocess.CompletedProcess:
+    """Run this Python with python_args under callgrind's cache simulation, switched off until the program calls
+    the shim's sim_on; the counts go to the file `out` (read it with by_object)."""
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2").strip(),
+               JAX_PLATFORMS="cpu")
+    cmd = ["valgrind", "--tool=callgrind", "--cache-sim=yes", "--instr-atstart=no", L1, "--I1=32768,8,64",
+           "--LL=33554432,16,64", f"--callgrind-out-file={out}", sys.executable, *python_args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+# ---- the child: one (config, format, length), under valgrind ---------------------------------------------------
+def filled_cache(model, capacity: int, length: int, kv_format: str, index_format: str):
+    """A cache of `capacity` slots whose every stored row up to `length` tokens holds random values."""
+    import jax
+    import jax.numpy as jnp
+
+    from v4jax import kv_cache
+
+    cfg = model.cfg
+    cache = model.init_cache(1, capacity, kv_format, index_format)
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 3 * len(cache.layers)))
+
+    def fill(buf, dim):
+        if buf is None:
+            return None
+        n = jax.tree.leaves(buf)[0].shape[1]
+        return kv_cache.write(buf, jax.random.normal(next(keys), (1, n, dim)), jnp.arange(n)[None])
+
+    layers = tuple(lc._replace(window=fill(lc.window, cfg.head_dim), entries=fill(lc.entries, cfg.head_dim),
+                               index_keys=fill(lc.index_keys, cfg.index_head_dim)) for lc in cache.layers)
+    return cache._replace(layers=layers, lengths=jnp.full((1,), length, jnp.int32))
+
+
+def child(spec: dict) -> dict:
+    import ctypes
+
+    import jax
+    import jax.numpy as jnp
+
+    from bench.decode import build
+    from infer.generate import _step, split
+
+    sim = ctypes.CDLL(spec["shim"])
+    model = build(CONFIGS[spec["config"]])
+    static, leaves = split(model)
+    steps, length = spec["steps"], spec["length"]
+    cache = filled_cache(model, capacity_for(length + steps + 1), length, *FORMATS[spec["format"]])
+    one, token = jnp.ones((1,), jnp.int32), jnp.zeros((1, 1), jnp.int32)
+    step = _step.lower(static, leaves, cache, token, one).compile()
+    _, _, cache = step(leaves, cache, token, one)  # warm-up, not simulated
+    jax.block_until_ready(cache)
+    t0 = time.perf_counter()
+    sim.sim_on()
+    for _ in range(steps):
+        logits, _, cache = step(leaves, cache, token, one)
+        jax.block_until_ready((logits, cache))
+    sim.sim_off()
+    return {"simulated_s": time.perf_counter() - t0}
+
+
+# ---- the parent ----------------------------------------------------------------------------------------------
+def spawn(spec: dict, folder: str) -> dict:
+    """One child under callgrind -> the spec with its per-step counts, or an "error"."""
+    out = os.path.join(folder, f"callgrind.{spec['config']}.{spec['format']}.{spec['length']}")
+    t0 = time.perf_counter()
+    p = simulate(["-m", "bench.cache_reads", "--child", json.dumps(spec)], out)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    row = {k: spec[k] for k in ("config", "format", "length", "steps")}
+    if p.returncode or not lines:
+        return {**row, "error": f"exit status {p.returncode}: {p.stderr.strip()[-800:]}"}
+    objects, n = by_object(out), spec["steps"]
+    return {**row, **json.loads(lines[-1][len("RESULT "):]), "wall_s": time.perf_counter() - t0,
+            "read_bytes": count(objects, "D1mr") * LINE / n, "xla_read_bytes": count(objects, "D1mr", True) * LINE / n,
+            "loads": count(objects, "Dr") / n, "instructions": count(objects, "Ir") / n}
+
+
+def analyse(rows: list[dict]) -> None:
+    """Per (config, format): each row's model bytes and both growths over the shortest length that ran."""
+    for r in rows:
+        kv_format, index_format = FORMATS[r["format"]]
+        r["model_bytes"] = sum(cost.decode_read_bytes(CONFIGS[r["config"]], r["length"], kv_format,
+                                                      index_format).values())
+    for key in {(r["config"], r["format"]) for r in rows}:
+        done = sorted((r for r in rows if (r["config"], r["format"]) == key and "read_bytes" in r),
+                      key=lambda r: r["length"])
+        for r in done[1:]:
+            r["base_length"] = done[0]["length"]
+            r["read_growth"] = r["read_bytes"] - done[0]["read_bytes"]
+            r["xla_growth"] = r["xla_read_bytes"] - done[0]["xla_read_bytes"]
+            r["model_growth"] = r["model_bytes"] - done[0]["model_bytes"]
+            r["ratio"] = r["read_growth"] / r["model_growth"]
+
+
+def collect(configs, formats, lengths: dict, steps: int, jobs: int, keep: str | None = None) -> dict:
+    """Every (config, format, length) -> the result; keep: a folder to leave the callgrind files in (read them
+    with callgrind_annotate --sort=D1mr), else a temporary one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = keep or tmp
+        os.makedirs(folder, exist_ok=True)
+        shim = build_shim(folder)
+        specs = [{"config": c, "format": f, "length": n, "steps": steps, "shim": shim}
+                 for c in configs for f in formats for n in sorted(lengths[c])]
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            rows = list(pool.map(lambda s: spawn(s, folder), specs))
+    analyse(rows)
+    for r in rows:
+        print(line(r), flush=True)
+    return {"steps": steps, "l1": L1, "rows": rows}
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:.2f}"
+
+
+def line(r: dict) -> str:
+    head = f"{r['config']} {r['format']} {r['length']}:"
+    if "error" in r:
+        return f"{head} {r['error']}"
+    tail = (f"; growth over {r['base_length']} {_mib(r['read_growth'])} (XLA {_mib(r['xla_growth'])}) vs model "
+            f"{_mib(r['model_growth'])} MiB ({r['ratio']:.3f})" if "ratio" in r else "")
+    return f"{head} read {_mib(r['read_bytes'])} MiB/step, model (cache) {_mib(r['model_bytes'])} MiB" + tail
+
+
+def run(out_dir, quick: bool = False) -> dict:
+    lengths = {c: QUICK_LENGTHS for c in LENGTHS} if quick else LENGTHS
+    return collect(["demo"] if quick else list(LENGTHS), list(FORMATS), lengths, 1 if quick else STEPS, 2)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Decode steps under valgrind's callgrind cache simulation (bench/cache_reads.py: why and how): *read* "
+             f"is the step's read misses x 64 bytes in a simulated {result['l1'][5:]} (bytes, ways, line) cache, one "
+             f"core's private caches here, per step: the mean of {result['steps']} simulated steps after an "
+             "unsimulated one, the whole process; *growth* is read(L) - read(L0), L0 the shortest length, beside "
+             "the cost model's decode_read_bytes(L) - decode_read_bytes(L0) (cache bytes only: weights and "
+             "activations are the same at every length); *XLA growth* counts only XLA's compiled kernels and "
+             "libjax_common.so (the rest is libc's allocator and memcpy, and Python). Random weights and randomly "
+             "filled caches; XLA's AVX2 code (valgrind runs no AVX-512).", "",
+             "| config | cache | tokens | read MiB/step | model MiB/step | growth MiB | XLA growth MiB | "
+             "model growth MiB | growth / model | XLA growth / model | instructions / step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: (r["config"], r["format"], r["length"])):
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['format']} | {r['length']} | failed: {r['error'][:120]} |" + " |" * 7)
+            continue
+        ratios = [f"**{r['ratio']:.3f}**", f"{r['xla_growth'] / r['model_growth']:.3f}"] if "ratio" in r else ["-"] * 2
+        lines.append(f"| {r['config']} | {r['format']} | {r['length']} | {_mib(r['read_bytes'])} | "
+                     f"{_mib(r['model_bytes'])} | {_mib(r.get('read_growth'))} | {_mib(r.get('xla_growth'))} | "
+                     f"{_mib(r.get('model_growth'))} | {' | '.join(ratios)} | {r['instructions'] / 1e6:.1f}M |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=list(LENGTHS), choices=sorted(CONFIGS))
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=sorted(FORMATS))
+    p.add_argument("--lengths", nargs="+", type=int, default=None, help="tokens (default: per config, see LENGTHS)")
+    p.add_argument("--steps", type=int, default=STEPS, help="simulated decode steps per length")
+    p.add_argument("--jobs", type=int, default=2, help="children at a time (each runs on one core)")
+    p.add_argument("--keep", default=None, help="a folder to keep the callgrind output files in")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
+        return
+    lengths = {c: a.lengths or LENGTHS.get(c, QUICK_LENGTHS) for c in a.configs}
+    collect(a.configs, a.formats, lengths, a.steps, a.jobs, a.keep)
+
+
+if __name__ == "__main__":
+    main()
