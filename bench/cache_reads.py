@@ -13,7 +13,7 @@ read misses x 64 in a simulated 1 MiB, 8-way cache of 64-byte lines (valgrind's 
 on this AMD EPYC, whose L2 is 1 MiB, 8-way), i.e. what the step reads from the shared L3 or from memory. Data read
 again after leaving that cache counts again, so a strided, transposed or repeated pass shows up (a transposed
 copy of the BF16 indexer keys did: kernels/indexer/reference.index_scores), while temporaries that live and die
-within it (a decoded block of keys: kernels/indexer/reference.DECODE_BLOCK_BYTES) do not. The count covers the
+within it do not. The count covers the
 whole process during the steps: XLA's compiled kernels (code without a file, "???"), its runtime and kernel
 libraries (libjax_common.so), and the allocator and memcpy of libc; the XLA part is reported apart.
 

@@ -86,9 +86,6 @@ SPAN_GROWTH = 4  # each longer level of spans is this many times the previous
 # chunk 1.9x slower)
 SCORE_BUDGET = 1 << 22
 MAX_SPAN = 1 << 16  # XLA:CPU's score dot slows per slot past this (one query: 1.5 ms at 64K slots, 35 at 256K)
-# decode: fp32 bytes of keys decoded at a time within a span (fits a core's L2, so the decoded copy is never
-# written out to L3 or memory and read back: the step reads the stored format's bytes)
-DECODE_BLOCK_BYTES = 1 << 19
 
 
 def span_levels(n: int, rows: int) -> tuple[int, ...]:
@@ -153,15 +150,9 @@ def indexer_topk(q: jax.Array, w: jax.Array, keys, lo: jax.Array, hi: jax.Array,
     n = n_slots(keys)
     b, s, i, _ = q.shape
     spans = span_levels(n, b * s * i) if span is None else span
-    block = 1 << ((DECODE_BLOCK_BYTES // (4 * q.shape[-1])).bit_length() - 1)  # a power of two, as the spans
 
     def score_span(start, span, lo_rel, hi_rel):
-        if few_query_rows(q) and span > block and span % block == 0:  # decode: the span a block at a time
-            per = jax.lax.map(lambda j: index_scores(q, w, key_rows(keys, start + j * block, block, q.dtype), dtype),
-                              jnp.arange(span // block))
-            scores = jnp.moveaxis(per, 0, -2).reshape(b, s, span)
-        else:
-            scores = index_scores(q, w, key_rows(keys, start, span, q.dtype), dtype)
+        scores = index_scores(q, w, key_rows(keys, start, span, q.dtype), dtype)
         return jnp.where(range_mask(lo_rel, hi_rel, span), scores, -jnp.inf)
 
     return running_topk(score_span, n, spans, lo, hi, k)

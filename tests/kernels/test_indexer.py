@@ -126,14 +126,12 @@ def test_reference_spans_equal_the_global_topk_with_ties(span):
 
 
 @pytest.mark.parametrize("fmt", [None, "fp4"])
-def test_decode_shaped_queries_score_spans_block_by_block(monkeypatch, fmt):
-    """Fewer query rows than key dims (a decode step's shape): the keys are the dot's left operand and a span
-    longer than the decode block is scored block by block (DECODE_BLOCK_BYTES shrunk here to blocks of 4 slots
-    inside spans of 16; spans of 4 and 1 go whole), from plain or FP4-stored keys. Picks, order (ties) and
-    scores equal the global top_k's (integer inputs: every score exact)."""
+def test_decode_shaped_queries_take_the_keys_as_the_left_operand(fmt):
+    """Fewer query rows than key dims (a decode step's shape): the keys are the score dot's left operand, scored
+    in levels of spans, from plain or FP4-stored keys. Picks, order (ties across spans) and scores equal the
+    global top_k's (integer inputs: every score exact)."""
     from v4jax import kv_cache
     b, s, h, d, n, k = 2, 1, 2, 32, 37, 6
-    monkeypatch.setattr(reference, "DECODE_BLOCK_BYTES", 4 * d * 4)
     q, w, keys = _inputs(15, b, s, h, d, n, integer=True)
     keys = keys.at[:, 20:36].set(keys[:, 1:17])  # repeated keys in other spans and blocks: ties
     assert reference.few_query_rows(q)
