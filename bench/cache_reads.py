@@ -1,6 +1,6 @@
 """Bytes a decode step reads, counted load by load: the step runs under valgrind's callgrind with its cache
-simulator, and the lines its loads bring into a simulated L1 are set beside `v4jax.cost.decode_read_bytes` (issue
-16 item 2: "the cost model and a measured bytes-per-step figure agree").
+simulator, and the lines its loads bring into a simulated 1 MiB cache (one core's private caches) are set beside
+`v4jax.cost.decode_read_bytes` (issue 16 item 2: "the cost model and a measured bytes-per-step figure agree").
 
     .venv/bin/python -m bench cache_reads        # the default runs, into docs/perf/results.json, docs/performance.md
     .venv/bin/python -m bench.cache_reads [--configs demo tiny] [--formats bf16 fp8+fp4] [--lengths 4096 262144]
@@ -13,9 +13,9 @@ read misses x 64 in a simulated 1 MiB, 8-way cache of 64-byte lines (valgrind's 
 on this AMD EPYC, whose L2 is 1 MiB, 8-way), i.e. what the step reads from the shared L3 or from memory. Data read
 again after leaving that cache counts again, so a strided, transposed or repeated pass shows up (a transposed
 copy of the BF16 indexer keys did: kernels/indexer/reference.index_scores), while temporaries that live and die
-within it do not. The count covers the
-whole process during the steps: XLA's compiled kernels (code without a file, "???"), its runtime and kernel
-libraries (libjax_common.so), and the allocator and memcpy of libc; the XLA part is reported apart.
+within it do not. The count covers the whole process during the steps: XLA's compiled kernels (code without a
+file, "???"), its runtime and kernel libraries (libjax_common.so), and the allocator and memcpy of libc; the XLA
+part is reported apart.
 
 Method, one child process per (config, cache format, length), run under `valgrind --tool=callgrind --cache-sim=yes
 --instr-atstart=no` (XLA told to emit AVX2 code: valgrind 3.19 runs no AVX-512): the child builds the model with
@@ -53,7 +53,7 @@ LENGTHS = {"demo": [4096, 262144, 1048576], "tiny": [4096, 262144]}
 QUICK_LENGTHS = [1024, 4096]
 STEPS = 2
 LINE = 64
-L1 = "--D1=1048576,8,64"
+L1 = "--D1=1048576,8,64"  # the simulated cache whose misses are counted (valgrind calls it D1)
 SHIM = """#include <valgrind/callgrind.h>
 void sim_on(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
 void sim_off(void) { CALLGRIND_STOP_INSTRUMENTATION; }

@@ -133,7 +133,7 @@ def test_decode_shaped_queries_take_the_keys_as_the_left_operand(fmt):
     from v4jax import kv_cache
     b, s, h, d, n, k = 2, 1, 2, 32, 37, 6
     q, w, keys = _inputs(15, b, s, h, d, n, integer=True)
-    keys = keys.at[:, 20:36].set(keys[:, 1:17])  # repeated keys in other spans and blocks: ties
+    keys = keys.at[:, 20:36].set(keys[:, 1:17])  # repeated keys in other spans: ties
     assert reference.few_query_rows(q)
     lo, hi = _ranges(16, b, s, n, k)
     lo, hi = jnp.zeros_like(lo), jnp.full_like(hi, n)  # every slot visible: all three levels are merged
