@@ -12,7 +12,7 @@ from test_decode import _model
 from v4jax import cost, kv_cache
 from v4jax.attention import kv_fake_quant
 from v4jax.config import ModelConfig
-from v4jax.formats import e2m1_to_f32
+from v4jax.formats import e2m1_to_f32, mxfp4_decode
 from v4jax.hub import E2M1_VALUES
 from v4jax.model import Transformer
 from v4jax.quant import hadamard, mxfp4_fake_quant
@@ -64,6 +64,23 @@ def test_e2m1_bit_decode_is_the_value_table():
     high nibble of a byte is ignored."""
     codes = jnp.arange(256, dtype=jnp.uint8)
     assert np.array_equal(_bits(e2m1_to_f32(codes)), _bits(E2M1_VALUES[np.arange(256) % 16]))
+
+
+def test_mxfp4_decode_is_the_value_table_times_the_scale():
+    """formats.mxfp4_decode (built from bits) equals hub's e2m1 table times 2^(byte - 127), computed by numpy in
+    float64, for both codes of every byte and every exponent byte that encoding finite values writes (1 .. 253), in
+    bf16 and fp32, bit for bit: byte 1's subnormals kept, signs of zero included. (6 * 2^126, magnitude code 7 at
+    byte 253, would overflow fp32: block_quantize never writes it.)"""
+    exps = np.arange(1, 254, dtype=np.uint8)
+    packed = np.broadcast_to(np.arange(256, dtype=np.uint8), (exps.size, 256))  # 512 values = 16 blocks of 32
+    codes = np.stack([packed & 15, packed >> 4], axis=-1).reshape(exps.size, 512)
+    want = E2M1_VALUES[codes].astype(np.float64) * np.ldexp(1.0, exps.astype(np.int64) - 127)[:, None]
+    finite = ~((exps[:, None] == 253) & (codes % 8 == 7))
+    assert np.sum(~finite) == 64 and np.sum(want[finite] != 0) > 0 and np.any(np.abs(want[finite]) < 2.0**-126)
+    scale = jnp.asarray(np.broadcast_to(exps[:, None], (exps.size, 16)))
+    for dtype, view in ((jnp.float32, np.uint32), (jnp.bfloat16, np.uint16)):
+        got = np.asarray(mxfp4_decode(jnp.asarray(packed), scale, dtype)).view(view)
+        np.testing.assert_array_equal(got[finite], want.astype(dtype)[finite].view(view))
 
 
 def test_fp8_index_keys_are_132_bytes_within_half_an_e4m3_step():

@@ -21,7 +21,7 @@ from v4jax.hub import FP4_MAX, FP8_MAX
 from v4jax.numerics import ordered_max
 
 __all__ = ["FP4_MAX", "FP8_MAX", "Fp8Weight", "Mxfp4Weight", "QuantizedWeight", "block_dequantize",
-           "block_quantize", "e2m1_to_f32", "e2m1_unpack", "pow2_ceil"]
+           "block_quantize", "e2m1_to_f32", "e2m1_unpack", "mxfp4_decode", "pow2_ceil"]
 
 
 def pow2_ceil(v: jax.Array) -> jax.Array:
@@ -57,6 +57,34 @@ def e2m1_unpack(packed: jax.Array) -> jax.Array:
     """MXFP4 bytes [..., n] (two e2m1 codes each, low nibble = even element) -> their values [..., 2n] fp32."""
     b = packed.astype(jnp.uint8)
     return jnp.stack([e2m1_to_f32(b & 0xF), e2m1_to_f32(b >> 4)], axis=-1).reshape(*b.shape[:-1], -1)
+
+
+def mxfp4_decode(packed: jax.Array, exponent_bytes: jax.Array, dtype, block: int = 32) -> jax.Array:
+    """MXFP4 bytes [..., n] (low nibble = even element) with one UE8M0 byte per `block` values ([..., 2n / block])
+    -> the values e2m1 * 2^(byte - 127) [..., 2n] in `dtype`, exactly for bf16 and fp32 (an e2m1 value has two
+    significant bits; bf16 has fp32's exponent range). Built as bit patterns (no table, no float multiply):
+    exponent byte 1 gives subnormals, kept (a float multiply flushes them on XLA:CPU). bf16 packs both codes of a
+    byte in one uint32 word read back as two bf16s; fp32 interleaves two fp32 patterns. On XLA:CPU (measured,
+    docs/inference.md) the bf16 form is what a many-row score dot wants (the
+    f32 multiply of the older decode was pulled into the dot library's fused prologue and ran ~15x slower), the
+    fp32 form what a one-row dot (XLA's own GEMV, in fp32) wants. Exponent bytes 1 .. 253 with finite values: what
+    block_quantize writes for finite inputs (amin >= FP4_MAX * 2^-126)."""
+    p = packed.astype(jnp.uint32)
+    base = jnp.repeat((exponent_bytes.astype(jnp.uint32) - 1) << 23, block // 2, axis=-1)  # 0.5 * scale, per byte
+
+    def bits(code, shift):  # fp32 bits >> shift; code = sign bit 3, magnitude index 0..7 (0, .5, 1, 1.5, 2, 3, 4, 6)
+        idx = code & 7
+        # idx >= 2 is 2^(e-1) * (1 + m/2), (e, m) the index's bits: exponent + mantissa fields = idx << 22 added to
+        # 0.5 * scale's; idx 1 is 0.5 * scale (the subnormal 2^-127 = 1 << 22 when the byte is 1)
+        mag = jnp.where(idx >= 2, (idx << 22) + base, jnp.where(idx == 1, jnp.maximum(base, 1 << 22), 0))
+        return (mag | ((code & 8) << 28)) >> shift
+
+    lo, hi = p & 0xF, p >> 4
+    if dtype == jnp.bfloat16:
+        words = bits(lo, 16) | (bits(hi, 16) << 16)
+        return jax.lax.bitcast_convert_type(words, jnp.bfloat16).reshape(*packed.shape[:-1], -1)
+    words = jnp.stack([bits(lo, 0), bits(hi, 0)], axis=-1).reshape(*packed.shape[:-1], -1)
+    return jax.lax.bitcast_convert_type(words, jnp.float32).astype(dtype)
 
 
 def block_dequantize(q: jax.Array, exponent_bytes: jax.Array, block: int, dtype) -> jax.Array:

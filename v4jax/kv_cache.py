@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from v4jax.formats import FP4_MAX, FP8_MAX, block_dequantize, block_quantize, e2m1_unpack
+from v4jax.formats import FP4_MAX, FP8_MAX, block_dequantize, block_quantize, mxfp4_decode
 
 PLAIN = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 KV_FORMATS = ("fp32", "bf16", "fp8")
@@ -92,7 +92,7 @@ class Fp4Keys(NamedTuple):
         return Fp4Keys(pairs[..., 0] | (pairs[..., 1] << 4), e)
 
     def decode(self, dtype) -> jax.Array:
-        return block_dequantize(e2m1_unpack(self.packed), self.scale, 32, dtype)
+        return mxfp4_decode(self.packed, self.scale, dtype)
 
 
 class Fp8Keys(NamedTuple):

@@ -150,9 +150,13 @@ def indexer_topk(q: jax.Array, w: jax.Array, keys, lo: jax.Array, hi: jax.Array,
     n = n_slots(keys)
     b, s, i, _ = q.shape
     spans = span_levels(n, b * s * i) if span is None else span
+    # one score row per query (decode, one index head) is XLA:CPU's matrix-vector dot, which computes in fp32 whatever
+    # its operands: keys decoded straight to fp32 skip a bf16 copy (same scores, tests/kernels/test_indexer.py)
+    kdt = jnp.float32 if s * i == 1 else q.dtype
+    q = q.astype(kdt)
 
     def score_span(start, span, lo_rel, hi_rel):
-        scores = index_scores(q, w, key_rows(keys, start, span, q.dtype), dtype)
+        scores = index_scores(q, w, key_rows(keys, start, span, kdt), dtype)
         return jnp.where(range_mask(lo_rel, hi_rel, span), scores, -jnp.inf)
 
     return running_topk(score_span, n, spans, lo, hi, k)

@@ -149,6 +149,25 @@ def test_decode_shaped_queries_take_the_keys_as_the_left_operand(fmt):
     assert np.any(np.asarray(want[0]) >= 20)  # picks from the repeats too
 
 
+@pytest.mark.parametrize("fmt", [None, "fp4"])
+def test_one_score_row_in_fp32_gives_the_bf16_dot_scores(fmt):
+    """One index head, one query (a decode step of the long-context demo): the reference scores it in fp32 (keys
+    decoded straight to fp32); picks and scores equal the global top_k of the bf16 dot over the whole buffer."""
+    from v4jax import kv_cache
+    b, s, h, d, n, k = 4, 1, 1, 64, 300, 16  # rows: fewer than k visible, none, all, a random range
+    q, w, keys = _inputs(17, b, s, h, d, n, integer=False, dtype=jnp.bfloat16)
+    lo, hi = _ranges(18, b, s, n, k)
+    stored = keys if fmt is None else kv_cache.write(kv_cache.empty_index_keys(fmt, (b, n), d), keys,
+                                                     jnp.broadcast_to(jnp.arange(n), (b, n)))
+    got = jax.jit(functools.partial(reference.indexer_topk, k=k, dtype=jnp.bfloat16, span=(64, 16)))(
+        q, w, stored, lo, hi)
+    want = jax.jit(functools.partial(_global_topk, k=k, dtype=jnp.bfloat16))(q, w, kv_cache.read(stored, jnp.bfloat16),
+                                                                             lo, hi)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert np.sum(np.asarray(want[0]) >= 0) > k  # picks made
+
+
 def test_span_levels():
     """Hand-computed: SPAN * 4^j up to the slots and to the score budget; one span when n <= SPAN."""
     assert reference.span_levels(65568, 1) == (65536, 16384, 4096, 1024)
