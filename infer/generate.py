@@ -99,8 +99,8 @@ def split(model: Transformer) -> tuple[Static, list]:
     return Static(graphdef, treedef), leaves
 
 
-def _step_fn(static: Static, leaves: list, cache: Cache, tokens: jax.Array, n_new: jax.Array):
-    return static.merge(leaves).step(cache, tokens, n_new)
+def _step_fn(static: Static, leaves: list, cache: Cache, tokens: jax.Array, n_new: jax.Array, logits_at=None):
+    return static.merge(leaves).step(cache, tokens, n_new, logits_at)
 
 
 _step = jax.jit(_step_fn, static_argnums=0, donate_argnums=2)  # the cache is updated in place
@@ -141,10 +141,10 @@ def prefill(model: Transformer, prompts: list[list[int]], max_len: int, chunk: i
     for c in range(n_chunks):
         n_new = np.clip(lengths - c * chunk, 0, chunk)
         logits, x, cache = _step(static, leaves, cache, jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]),
-                                 jnp.asarray(n_new))
+                                 jnp.asarray(n_new), jnp.asarray(np.maximum(n_new - 1, 0)))  # last logits only
         xs.append(x)
         ends_here = (n_new > 0) & (lengths <= (c + 1) * chunk)
-        last[ends_here] = np.asarray(logits)[ends_here, n_new[ends_here] - 1]
+        last[ends_here] = np.asarray(logits)[ends_here, 0]
     return cache, jnp.asarray(last), jnp.concatenate(xs, axis=1)[:, :longest]
 
 

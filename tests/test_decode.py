@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -103,6 +104,27 @@ def test_batched_prompts_of_different_lengths_equal_each_alone():
     for i in (0, 1):
         alone = run([i], [prompts[i]])[0]
         assert rel_err(together[i], alone).max() < 1e-5
+
+
+def test_step_logits_at_one_position_per_row_are_those_rows_of_the_chunk():
+    """step(..., logits_at) (what prefill uses: the prompt's last position) projects only one position per row:
+    its logits are those rows of the whole chunk's (1e-6; bit for bit in the batch-invariant mode, where a
+    contraction's order does not depend on its row count), and the cache it leaves is the same."""
+    model = _model()
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 1024, (2, 40)))
+    n_new, at = jnp.asarray([40, 23]), jnp.asarray([39, 22])
+    step = nnx.jit(lambda m, c, t, n, a: m.step(c, t, n, a))
+    for invariant in (False, True):
+        with numerics.batch_invariant() if invariant else contextlib.nullcontext():
+            full, _, cache_full = step(model, model.init_cache(2, 64), ids, n_new, None)
+            one, _, cache_one = step(model, model.init_cache(2, 64), ids, n_new, at)
+        assert one.shape == (2, 1, 1024)
+        want = np.asarray(full)[[0, 1], np.asarray(at)][:, None]
+        if invariant:
+            assert np.array_equal(np.asarray(one), want)
+        else:
+            assert rel_err(np.asarray(one), want).max() < 1e-6
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(cache_one), jax.tree.leaves(cache_full)))
 
 
 def test_mtp_over_its_cache_equals_full_mtp(setup):

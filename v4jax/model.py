@@ -183,9 +183,10 @@ class Transformer(nnx.Module):
         return Cache(lengths=jnp.zeros((batch,), jnp.int32),  # distinct buffers: steps donate the cache
                      layers=layers, mtp=mtp, mtp_lengths=jnp.zeros((batch,), jnp.int32), dspark=rings)
 
-    def _cached_forward(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None):
+    def _cached_forward(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None, logits_at=None):
         """The layers over the cache -> (logits, final streams, n_new, the layers' caches advanced by n_new,
-        Pending (the chunk's writes and the drafter's main_hidden, for commit))."""
+        Pending (the chunk's writes and the drafter's main_hidden, for commit)). logits_at [b]: one chunk position
+        per row whose logits alone are computed ([b, 1, vocab])."""
         b, C = token_ids.shape
         n_new = jnp.full((b,), C, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
         x = self.streams(token_ids)
@@ -199,13 +200,17 @@ class Transformer(nnx.Module):
             if i in targets:
                 captured[i] = stream_mean(x)
         main_hidden = jnp.concatenate([captured[i] for i in targets], axis=-1) if targets else None
-        return self.logits(x, self.hc_head, self.norm), x, n_new, tuple(layers), Pending(tuple(writes), main_hidden)
+        at = x if logits_at is None else jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None, None], 1)
+        return self.logits(at, self.hc_head, self.norm), x, n_new, tuple(layers), Pending(tuple(writes), main_hidden)
 
-    def step(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None = None):
+    def step(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None = None,
+             logits_at: jax.Array | None = None):
         """Feed the next tokens of each sequence: token_ids [b, C] (any C: a prefill chunk, or 1 to decode), of
         which the first n_new [b] are real (default all). -> (logits [b, C, vocab], final streams
-        [b, C, hc, d], the cache advanced by n_new). With a DSpark drafter, its rings take these positions."""
-        logits, x, n_new, layers, pending = self._cached_forward(cache, token_ids, n_new)
+        [b, C, hc, d], the cache advanced by n_new). With a DSpark drafter, its rings take these positions.
+        logits_at [b] (a chunk position per row, e.g. the prompt's last): only those logits, [b, 1, vocab] (a
+        prefill needs one row of the vocabulary projection, not C)."""
+        logits, x, n_new, layers, pending = self._cached_forward(cache, token_ids, n_new, logits_at)
         return logits, x, self._advance(cache, layers, pending, n_new)
 
     def verify(self, cache: "Cache", token_ids: jax.Array, n_new: jax.Array | None = None):
