@@ -65,9 +65,9 @@ def mxfp4_decode(packed: jax.Array, exponent_bytes: jax.Array, dtype, block: int
     significant bits; bf16 has fp32's exponent range). Built as bit patterns (no table, no float multiply):
     exponent byte 1 gives subnormals, kept (a float multiply flushes them on XLA:CPU). bf16 packs both codes of a
     byte in one uint32 word read back as two bf16s; fp32 interleaves two fp32 patterns. On XLA:CPU (measured,
-    docs/inference.md) the bf16 form is what a many-row score dot wants (the
-    f32 multiply of the older decode was pulled into the dot library's fused prologue and ran ~15x slower), the
-    fp32 form what a one-row dot (XLA's own GEMV, in fp32) wants. Exponent bytes 1 .. 253 with finite values: what
+    docs/inference.md) the bf16 form is what a many-row score dot wants (the f32 multiply of the older decode was
+    pulled into the dot library's fused prologue and ran ~15x slower), the fp32 form what a one-row dot (XLA's own
+    GEMV, in fp32) wants. Exponent bytes 1 .. 253 with finite values: what
     block_quantize writes for finite inputs (amin >= FP4_MAX * 2^-126)."""
     p = packed.astype(jnp.uint32)
     base = jnp.repeat((exponent_bytes.astype(jnp.uint32) - 1) << 23, block // 2, axis=-1)  # 0.5 * scale, per byte
