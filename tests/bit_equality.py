@@ -63,6 +63,12 @@ def full_pass(static: Static, leaves: list, ids: jax.Array) -> jax.Array:
     return static.merge(leaves)(ids)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def cache_pass(static: Static, leaves: list, ids: jax.Array, chunk: int) -> jax.Array:
+    """chunked_logits compiled once per (layer plan, qat mode, chunk) and reused over the seeds."""
+    return chunked_logits(static.merge(leaves), ids, chunk)[0]
+
+
 def check(seed: int, qat: bool, chunks=CHUNKS):
     plan = list(PLANS)[seed % len(PLANS)]
     model = build(plan, seed, qat)
@@ -72,7 +78,7 @@ def check(seed: int, qat: bool, chunks=CHUNKS):
         full = np.asarray(full_pass(static, leaves, ids))
         for chunk in chunks:
             t0 = time.perf_counter()
-            got = np.asarray(chunked_logits(model, ids, chunk)[0])
+            got = np.asarray(cache_pass(static, leaves, ids, chunk))
             diff = np.abs(got - full).max(axis=-1)
             bad = np.argwhere(diff > 0)
             yield {"seed": seed, "plan": plan, "qat": qat, "chunk": chunk, "max_abs_diff": float(diff.max()),

@@ -110,6 +110,15 @@ def _global_topk(q, w, keys, lo, hi, k, dtype):
     return jnp.where(ok, top, -1), jnp.where(ok, val, -jnp.inf)
 
 
+def _stored(fmt, keys):
+    """keys [b, n, d] written to an empty index-key buffer of format fmt (None: the array itself)."""
+    from v4jax import kv_cache
+    b, n, d = keys.shape
+    if fmt is None:
+        return keys
+    return kv_cache.write(kv_cache.empty_index_keys(fmt, (b, n), d), keys, jnp.broadcast_to(jnp.arange(n), (b, n)))
+
+
 @pytest.mark.parametrize("span", [1, 3, 8, 37, (16, 4, 1), (12, 5), (32, 8)])
 def test_reference_spans_equal_the_global_topk_with_ties(span):
     """Scoring span by span (n = 37 not a multiple of 3 or 8: the last span is clamped to end at n), or in
@@ -137,8 +146,7 @@ def test_decode_shaped_queries_take_the_keys_as_the_left_operand(fmt):
     assert reference.few_query_rows(q)
     lo, hi = _ranges(16, b, s, n, k)
     lo, hi = jnp.zeros_like(lo), jnp.full_like(hi, n)  # every slot visible: all three levels are merged
-    stored = keys if fmt is None else kv_cache.write(kv_cache.empty_index_keys(fmt, (b, n), d), keys,
-                                                     jnp.broadcast_to(jnp.arange(n), (b, n)))
+    stored = _stored(fmt, keys)
     got = jax.jit(functools.partial(reference.indexer_topk, k=k, dtype=jnp.float32, span=(16, 4, 1)))(
         q, w, stored, lo, hi)
     want = jax.jit(functools.partial(_global_topk, k=k, dtype=jnp.float32))(q, w, kv_cache.read(stored, jnp.float32)
@@ -157,8 +165,7 @@ def test_one_score_row_in_fp32_gives_the_bf16_dot_scores(fmt):
     b, s, h, d, n, k = 4, 1, 1, 64, 300, 16  # rows: fewer than k visible, none, all, a random range
     q, w, keys = _inputs(17, b, s, h, d, n, integer=False, dtype=jnp.bfloat16)
     lo, hi = _ranges(18, b, s, n, k)
-    stored = keys if fmt is None else kv_cache.write(kv_cache.empty_index_keys(fmt, (b, n), d), keys,
-                                                     jnp.broadcast_to(jnp.arange(n), (b, n)))
+    stored = _stored(fmt, keys)
     got = jax.jit(functools.partial(reference.indexer_topk, k=k, dtype=jnp.bfloat16, span=(64, 16)))(
         q, w, stored, lo, hi)
     want = jax.jit(functools.partial(_global_topk, k=k, dtype=jnp.bfloat16))(q, w, kv_cache.read(stored, jnp.bfloat16),
@@ -203,7 +210,7 @@ def test_reference_reads_packed_keys_span_by_span(fmt):
     b, s, h, d, n, k = 2, 5, 2, 32, 30, 4
     q, w, keys = _inputs(13, b, s, h, d, n, integer=False)
     lo, hi = _ranges(14, b, s, n, k)
-    stored = kv_cache.write(kv_cache.empty_index_keys(fmt, (b, n), d), keys, jnp.broadcast_to(jnp.arange(n), (b, n)))
+    stored = _stored(fmt, keys)
     topk = functools.partial(reference.indexer_topk, k=k, dtype=jnp.float32, span=7)
     got = jax.jit(topk)(q, w, stored, lo, hi)
     want = jax.jit(topk)(q, w, kv_cache.read(stored, jnp.float32), lo, hi)
