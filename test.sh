@@ -5,11 +5,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 bash scripts/bootstrap.sh
-# jax's persistent compilation cache, fresh for this run and removed at exit: both workers and the child processes
-# that tests start (the CLIs, train/pretrain.py before and after a kill -9) compile many of the same programs; the
-# first compile of each is kept (programs that take over 1 s to compile) and the rest load it.
-export JAX_COMPILATION_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/v4jax-test-xla-cache.XXXXXX")"
-trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
 rc=0
 # A worker that dies (XLA:CPU's compiler has segfaulted, rarely, late in a long-lived worker: once in CI, once
 # here, each time in a test that passes alone) gets its test run once more on a fresh worker; the summary counts it
