@@ -8,7 +8,7 @@ element-wise multiply-adds into FMAs, which it does by fusion context (so the la
 can depend on the chunk). `--xla_cpu_max_isa=AVX` keeps LLVM to an ISA without FMA; tests/test_bit_equality.py
 runs this file in a child process with that flag. By hand:
 
-    XLA_FLAGS=--xla_cpu_max_isa=AVX .venv/bin/python tests/bit_equality.py --seeds 20
+    XLA_FLAGS=--xla_cpu_max_isa=AVX .venv/bin/python tests/bit_equality.py --seeds 20 [--plan flash_4]
 
 Prints one JSON line per (seed, qat, chunk): the largest |difference| and the positions that differ.
 """
@@ -69,8 +69,12 @@ def cache_pass(static: Static, leaves: list, ids: jax.Array, chunk: int) -> jax.
     return chunked_logits(static.merge(leaves), ids, chunk)[0]
 
 
+def plan_of(seed: int) -> str:
+    return list(PLANS)[seed % len(PLANS)]
+
+
 def check(seed: int, qat: bool, chunks=CHUNKS):
-    plan = list(PLANS)[seed % len(PLANS)]
+    plan = plan_of(seed)
     model = build(plan, seed, qat)
     static, leaves = split(model)
     ids = jnp.asarray(np.random.default_rng(1000 + seed).integers(0, 1024, (BATCH, TOKENS)), jnp.int32)
@@ -90,8 +94,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--plan", choices=list(PLANS), help="only the seeds of this layer plan (seed %% %d)" % len(PLANS))
     args = p.parse_args()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
+        if args.plan and plan_of(seed) != args.plan:
+            continue
         for qat in (False, True):
             for row in check(seed, qat):
                 print(json.dumps(row), flush=True)
