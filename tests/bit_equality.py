@@ -6,7 +6,7 @@ PLANS[seed % len(PLANS)], two rows of 600 random tokens, both qat modes; chunked
 What it relies on: the mode pins every contraction and reduction (v4jax/numerics.py), and XLA:CPU must not contract
 element-wise multiply-adds into FMAs, which it does by fusion context (so the last bits of norms, RoPE or mHC mixing
 can depend on the chunk). `--xla_cpu_max_isa=AVX` keeps LLVM to an ISA without FMA; tests/test_bit_equality.py
-runs this file in a child process with that flag. By hand:
+runs this file with that flag, one child process per layer plan (--plan). By hand:
 
     XLA_FLAGS=--xla_cpu_max_isa=AVX .venv/bin/python tests/bit_equality.py --seeds 20 [--plan flash_4]
 
