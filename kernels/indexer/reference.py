@@ -12,7 +12,7 @@ visible.
 
 Cost follows the visible ranges, not the buffer: `indexer_topk` scores a span of slots at a time, only the spans
 that intersect some query's [lo, hi) (while-loops with data-dependent bounds), and merges each span's scores into a
-running top-k. The spans come in levels (`span_levels`: 1,024 slots times powers of 4, up to 64K and as large as a
+running top-k. The spans come in levels (`span_levels`: 1,024 slots times powers of 4, up to 16K and as large as a
 budget of score elements allows): the longest spans cover the bulk of the visible extent, shorter ones the rest, so
 a short extent is scored in short spans (a cache of capacity 1M holding 4K tokens costs what one of 4K does) and a
 long one in few merges (XLA:CPU's top_k, 256 rows, k = 512: ~53 ns per element over 1.5K elements, ~4.6 ns over 66K,
@@ -85,7 +85,11 @@ SPAN_GROWTH = 4  # each longer level of spans is this many times the previous
 # fp32 elements of one span's [b, s, heads, span] products (16 MiB; 2^24 ran the tiny preset's 16-head prefill
 # chunk 1.9x slower)
 SCORE_BUDGET = 1 << 22
-MAX_SPAN = 1 << 16  # XLA:CPU's score dot slows per slot past this (one query: 1.5 ms at 64K slots, 35 at 256K)
+# the longest span: XLA:CPU's score dot slows per slot past 64K (one query: 1.5 ms at 64K slots, 35 at 256K), and
+# few-row (decode) scans ran faster with 16K than 64K spans (demo, one index head, interleaved medians, two runs:
+# 256K slots BF16 3.7 vs 4.5 ms, FP4 4.7 vs 4.7-5.2 ms; 64K slots 1.8 vs 2.6, 2.3 vs 3.0); many-row scans stop
+# at SCORE_BUDGET first
+MAX_SPAN = 1 << 14
 
 
 def span_levels(n: int, rows: int) -> tuple[int, ...]:

@@ -177,8 +177,9 @@ def test_one_score_row_in_fp32_gives_the_bf16_dot_scores(fmt):
 
 def test_span_levels():
     """Hand-computed: SPAN * 4^j up to the slots and to the score budget; one span when n <= SPAN."""
-    assert reference.span_levels(65568, 1) == (65536, 16384, 4096, 1024)
-    assert reference.span_levels(1 << 20, 1) == (65536, 16384, 4096, 1024)  # MAX_SPAN
+    assert reference.span_levels(65568, 1) == (16384, 4096, 1024)  # MAX_SPAN
+    assert reference.span_levels(1 << 20, 1) == (16384, 4096, 1024)
+    assert reference.span_levels(20000, 1) == (16384, 4096, 1024)
     assert reference.span_levels(1 << 20, 256) == (16384, 4096, 1024)  # 2^22 / 256 = 16384
     assert reference.span_levels(1 << 20, 4096) == (1024,)
     assert reference.span_levels(500, 1) == (500,)
