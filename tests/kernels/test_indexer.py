@@ -176,7 +176,7 @@ def test_one_score_row_in_fp32_gives_the_bf16_dot_scores(fmt):
 
 
 def test_span_levels():
-    """Hand-computed: SPAN * 4^j up to the slots and to the score budget; one span when n <= SPAN."""
+    """Hand-computed: SPAN * 4^j up to the slots, MAX_SPAN and the score budget; one span when n <= SPAN."""
     assert reference.span_levels(65568, 1) == (16384, 4096, 1024)  # MAX_SPAN
     assert reference.span_levels(1 << 20, 1) == (16384, 4096, 1024)
     assert reference.span_levels(20000, 1) == (16384, 4096, 1024)
