@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import jax
 
+from v4jax.numerics import in_batch_invariant
 from kernels import per_batch_shard, resolve, target_platform
-from kernels.indexer import pallas_kernel, reference
+from kernels.indexer import cpu_kernel, pallas_kernel, reference
 from kernels.indexer.reference import index_scores, picked_scores, prefix_ranges, visible_ranges
 
 __all__ = ["indexer_topk", "index_scores", "picked_scores", "prefix_ranges", "visible_ranges"]
@@ -29,6 +30,18 @@ def _check(q, w, keys, lo, hi, k):
         raise ValueError(f"indexer_topk k={k} must be in [1, n={n}]: pass min(index_topk, n)")
 
 
+# query rows x heads per sequence up to which the CPU kernel beats XLA's dot (bench kernels: one head of 64 dims,
+# 2 and 4 heads of 128 faster, 16 heads of 128 slower)
+CPU_KERNEL_ROWS = 4
+
+
+def cpu_kernel_fits(q, keys, dtype) -> bool:
+    """Whether "auto" runs the CPU kernel: a CPU target, a decode-shaped query (s x heads <= CPU_KERNEL_ROWS), not
+    inside the batch-invariant mode (the kernel sums in its own order), and operands the kernel reads."""
+    return (target_platform() == "cpu" and q.shape[1] * q.shape[2] <= CPU_KERNEL_ROWS and not in_batch_invariant()
+            and cpu_kernel.usable(q, keys, dtype))
+
+
 def indexer_topk(q: jax.Array, w: jax.Array, keys: jax.Array, lo: jax.Array, hi: jax.Array, k: int, dtype, *,
                  implementation: str | None = None, block_sizes: dict | None = None):
     """The top k visible entry slots of each query by I[b, s, t] = sum_i w[b, s, i] relu(q[b, s, i] . keys[b, t]).
@@ -40,13 +53,16 @@ def indexer_topk(q: jax.Array, w: jax.Array, keys: jax.Array, lo: jax.Array, hi:
     first, -1 where fewer than k are visible; their scores [b, s, k] fp32, -inf there). No gradient
     (picked_scores gives differentiable scores for the picks).
 
-    implementation (ModelConfig.kernels' values): None / "auto" (the Pallas kernel on GPU / TPU, else the
-    reference), "pallas" (error elsewhere), "pallas_interpret" (the kernel in Pallas interpret mode: any
-    backend, slow; for tests) or "reference". block_sizes: as tuning.BLOCKS' entries.
+    implementation (ModelConfig.kernels' values): None / "auto" (the Pallas kernel on GPU / TPU; on a CPU the
+    compiled CPU kernel for up to CPU_KERNEL_ROWS query rows x heads per sequence outside the batch-invariant
+    mode, else the reference), "pallas" (error elsewhere), "pallas_interpret" (the kernel in Pallas interpret
+    mode: any backend, slow; for tests) or "reference". block_sizes: as tuning.BLOCKS' entries.
     """
     _check(q, w, keys, lo, hi, k)
     impl = resolve("indexer", implementation, PALLAS_BACKENDS)
     if impl == "reference":
+        if implementation in (None, "auto") and cpu_kernel_fits(q, keys, dtype):
+            return per_batch_shard(lambda *a: cpu_kernel.indexer_topk(*a, k, dtype), (q, w, keys, lo, hi))
         return reference.indexer_topk(q, w, keys, lo, hi, k, dtype)
     target = target_platform() if impl == "pallas" else "interpret"
     return per_batch_shard(lambda *a: pallas_kernel.indexer_topk(*a, k, dtype, target=target, block_sizes=block_sizes),

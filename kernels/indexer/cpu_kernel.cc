@@ -1,0 +1,454 @@
+// The lightning indexer's scores and top-k (architecture §3.4.5) for a few query rows (a decode step) on x86-64
+// CPUs with AVX2 + FMA, as an XLA FFI custom call. Built and registered by cpu_kernel.py; the math and the picks
+// are reference.py's:
+//
+//     I[b, s, t] = sum_i w[b, s, i] * relu(q[b, s, i] . key[b, t])    (fp32, rounded to bf16 when asked)
+//
+// over the slots lo[b, s] <= t < hi[b, s]; the top k, best first, equal scores lower slot first (XLA's total order
+// of floats: -0 below +0); -1 / -inf fill a row with fewer than k visible slots. What it adds over the reference:
+// each stored key is read once, in its packed format, and decoded in registers (one head) or into a buffer that
+// stays in L1 (XLA:CPU decodes a whole span to memory and reads it back); the top-k keeps a candidate list that a
+// threshold prunes, 8 compares per instruction (XLA's top_k sorts every span into the running top-k); a long range
+// is split across XLA's intra-op threads, each keeping its own best k, merged at the end (exact: the union of the
+// parts' best k holds the row's).
+//
+// Key formats (cpu_kernel.py's F32 .. FP4): 0 fp32 [b, n, d]; 1 bf16 [b, n, d]; 2 Fp8Keys (e4m3 bytes [b, n, d],
+// one fp32 scale per key [b, n, 1]); 3 Fp4Keys (MXFP4: e2m1 codes two per byte, low nibble = even dim [b, n, d / 2],
+// one UE8M0 byte per 32 dims [b, n, d / 32]). Decoded values are exact (e2m1 and e4m3 values are fp32 values, times
+// a power of two), except an MXFP4 value below 2^-126 (a block scale byte of 1), which a flush-to-zero mode may make
+// 0 here and the reference's bit decode keeps. The dot's order of additions is not XLA's: scores can differ from
+// the reference's in the last bits (tests/kernels/test_indexer_cpu.py), and so can a pick between two scores that
+// close.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kF32 = 0, kBF16 = 1, kFP8 = 2, kFP4 = 3;
+
+// e4m3fn byte -> value (sign, 4 exponent bits biased by 7, 3 mantissa bits; exponent 0: subnormal; 0x7f: NaN)
+struct E4m3Table {
+  float v[256];
+  E4m3Table() {
+    for (int c = 0; c < 256; ++c) {
+      int e = (c >> 3) & 15, m = c & 7;
+      float mag = (e == 15 && m == 7) ? NAN : e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6);
+      v[c] = (c & 128) ? -mag : mag;
+    }
+  }
+};
+const E4m3Table kE4m3;
+
+// the bf16 bit pattern of each e2m1 code (bit 3 sign; magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6), low and high byte
+const __m256i kFp4Lo = _mm256_setr_epi8(0, 0, char(0x80), char(0xC0), 0, 0x40, char(0x80), char(0xC0), 0, 0,
+                                        char(0x80), char(0xC0), 0, 0x40, char(0x80), char(0xC0), 0, 0, char(0x80),
+                                        char(0xC0), 0, 0x40, char(0x80), char(0xC0), 0, 0, char(0x80), char(0xC0), 0,
+                                        0x40, char(0x80), char(0xC0));
+const __m256i kFp4Hi = _mm256_setr_epi8(0, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, char(0x80), char(0xBF),
+                                        char(0xBF), char(0xBF), char(0xC0), char(0xC0), char(0xC0), char(0xC0), 0,
+                                        0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, char(0x80), char(0xBF), char(0xBF),
+                                        char(0xBF), char(0xC0), char(0xC0), char(0xC0), char(0xC0));
+
+// Where each key dim lands in the decoded buffer. The decoders below write in the order their unpack
+// instructions give (no interleaving shuffles); the queries are permuted the same way once per row, and a dot
+// product does not care about the order of its terms.
+std::vector<int> decoded_order(int fmt, int d) {
+  std::vector<int> dim(d);
+  for (int j = 0; j < d; ++j) {
+    if (fmt == kBF16) {  // 16 dims per load: unpack{lo,hi}_epi16 take words 0-3 / 4-7 of each 128-bit lane
+      int base = j / 16 * 16, r = j % 16, half = r / 8, l = r % 8;
+      dim[j] = base + (l < 4 ? 4 * half + l : 8 + 4 * half + l - 4);
+    } else if (fmt == kFP4) {  // 64 dims (32 bytes) per load: fp4_values' f[v][e]
+      const int base = j / 64 * 64, v = j % 64 / 8, e = j % 8;
+      dim[j] = base + 32 * (e / 4) + 2 * (4 * (v % 4) + e % 4) + v / 4;
+    } else {
+      dim[j] = j;
+    }
+  }
+  return dim;
+}
+
+// Decoding, in decoded_order. 16 BF16 values -> f[0], f[1]: zero low halves make them fp32.
+inline void bf16_values(const uint16_t* src, __m256 f[2]) {
+  const __m256i zero = _mm256_setzero_si256(), x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, x));
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, x));
+}
+
+// 64 MXFP4 values (32 bytes: two blocks of 32) -> f[0..7], the e2m1 values before the blocks' scales: lanes 0-3 of
+// every f[v] hold the first block's values, lanes 4-7 the second's (AVX2 works in 128-bit lanes). Each code's bf16
+// pattern comes from two byte tables (pshufb), then the same zero-extension as bf16_values.
+inline void fp4_values(const uint8_t* src, __m256 f[8]) {
+  const __m256i nib = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  const __m256i codes[2] = {_mm256_and_si256(x, nib), _mm256_and_si256(_mm256_srli_epi16(x, 4), nib)};
+  for (int half = 0; half < 2; ++half) {  // the even dims (low nibbles), then the odd
+    const __m256i lo = _mm256_shuffle_epi8(kFp4Lo, codes[half]), hi = _mm256_shuffle_epi8(kFp4Hi, codes[half]);
+    const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);  // bf16 words
+    f[4 * half] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w0));
+    f[4 * half + 1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w0));
+    f[4 * half + 2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
+    f[4 * half + 3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
+  }
+}
+
+inline float pow2_minus_127(uint8_t e) {  // the UE8M0 scale 2^(e - 127), built from bits (ldexp is a libm call)
+  if (e == 0) return std::ldexp(1.0f, -127);
+  uint32_t u = uint32_t(e) << 23;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// The stored keys of one sequence: key t's codes at data + t * bytes, its scales at scales + t * scale_bytes.
+struct Keys {
+  const char* data;
+  const uint8_t* scales;
+  int64_t bytes, scale_bytes;
+};
+
+// Key t decoded -> out[0 .. d) (to be read by several heads).
+template <int Fmt>
+inline void decode_key(const Keys& keys, int64_t t, int d, float* out) {
+  const char* kp = keys.data + t * keys.bytes;
+  if constexpr (Fmt == kF32) {
+    std::memcpy(out, kp, d * sizeof(float));
+  } else if constexpr (Fmt == kBF16) {
+    __m256 f[2];
+    for (int j = 0; j < d; j += 16) {
+      bf16_values(reinterpret_cast<const uint16_t*>(kp) + j, f);
+      _mm256_storeu_ps(out + j, f[0]);
+      _mm256_storeu_ps(out + j + 8, f[1]);
+    }
+  } else if constexpr (Fmt == kFP8) {
+    float scale;
+    std::memcpy(&scale, keys.scales + t * keys.scale_bytes, 4);
+    for (int j = 0; j < d; ++j) out[j] = kE4m3.v[uint8_t(kp[j])] * scale;
+  } else {
+    __m256 f[8];
+    const uint8_t* e = keys.scales + t * keys.scale_bytes;
+    for (int c = 0; c < d / 64; ++c) {
+      fp4_values(reinterpret_cast<const uint8_t*>(kp) + 32 * c, f);
+      const __m256 s =
+          _mm256_set_m128(_mm_set1_ps(pow2_minus_127(e[2 * c + 1])), _mm_set1_ps(pow2_minus_127(e[2 * c])));
+      for (int v = 0; v < 8; ++v) _mm256_storeu_ps(out + 64 * c + 8 * v, _mm256_mul_ps(f[v], s));
+    }
+  }
+}
+
+// 8 partial sums of qp . key t, decoded in registers (one head: nothing to share a decoded key with).
+template <int Fmt>
+inline __m256 key_dot(const Keys& keys, int64_t t, const float* qp, int d) {
+  const char* kp = keys.data + t * keys.bytes;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  if constexpr (Fmt == kF32) {
+    const float* k = reinterpret_cast<const float*>(kp);
+    for (int j = 0; j < d; j += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp + j), _mm256_loadu_ps(k + j), acc0);
+  } else {
+    static_assert(Fmt == kBF16, "FP4 keys: fp4_dots4; FP8 keys: decode_key");
+    __m256 f[2];
+    for (int j = 0; j < d; j += 16) {
+      bf16_values(reinterpret_cast<const uint16_t*>(kp) + j, f);
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp + j), f[0], acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp + j + 8), f[1], acc1);
+    }
+  }
+  return _mm256_add_ps(acc0, acc1);
+}
+
+constexpr int kMaxDim = 512;  // topk_row's decode buffer holds kGroup keys of up to this many dims
+constexpr int kGroup = 4;  // keys scored together: independent FMA chains, one horizontal sum for all four
+constexpr int kChunk = 256;  // slots scored before their scores are compared with the top-k threshold
+
+// lane g = the sum of acc[g]'s 8 lanes
+inline __m128 hsum4(const __m256 acc[kGroup]) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// XLA's relu(x) * w: max(0, x) keeps a NaN x (the second operand's on NaN), + 0 turns a -0 into +0
+inline __m128 relu_times(__m128 x, float w) {
+  const __m128 zero = _mm_setzero_ps();
+  return _mm_mul_ps(_mm_add_ps(_mm_max_ps(zero, x), zero), _mm_set1_ps(w));
+}
+
+// 2^(e - 127) for 8 UE8M0 bytes (as int32 lanes), from bits; e = 0 is the subnormal 2^-127
+inline __m256 pow2_minus_127(__m256i e) {
+  const __m256 normal = _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  const __m256 zero_byte = _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_setzero_si256()));
+  return _mm256_blendv_ps(normal, _mm256_set1_ps(std::ldexp(1.0f, -127)), zero_byte);
+}
+
+// lane g = qp . key u + g for the kGroup keys from slot u (a short group repeats slot u), MXFP4 decoded in
+// registers (one head). Each block's partial dot is scaled once, which rounds as scaling every value would (the
+// scale is a power of two; barring under- or overflow).
+inline __m128 fp4_dots4(const Keys& keys, int64_t u, int mg, const float* qp, int d) {
+  __m128 total = _mm_setzero_ps();
+  int64_t t[kGroup];
+  for (int g = 0; g < kGroup; ++g) t[g] = g < mg ? u + g : u;
+  for (int c = 0; c < d / 64; ++c) {
+    const float* q = qp + 64 * c;
+    __m256 acc[kGroup];
+    for (int g = 0; g < kGroup; ++g) {
+      __m256 f[8];
+      fp4_values(reinterpret_cast<const uint8_t*>(keys.data + t[g] * keys.bytes) + 32 * c, f);
+      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), f[0]), b = _mm256_mul_ps(_mm256_loadu_ps(q + 8), f[1]);
+      for (int v = 2; v < 8; v += 2) {
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), f[v], a);
+        b = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v + 8), f[v + 1], b);
+      }
+      acc[g] = _mm256_add_ps(a, b);
+    }
+    // lane g: slot g's dot over block 2c; lane 4 + g: over block 2c + 1
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const uint8_t* s = keys.scales + 2 * c;
+    const int64_t sb = keys.scale_bytes;
+    const __m256i e = _mm256_setr_epi32(s[t[0] * sb], s[t[1] * sb], s[t[2] * sb], s[t[3] * sb], s[t[0] * sb + 1],
+                                        s[t[1] * sb + 1], s[t[2] * sb + 1], s[t[3] * sb + 1]);
+    const __m256 p = _mm256_mul_ps(h, pow2_minus_127(e));
+    total = _mm_add_ps(total, _mm_add_ps(_mm256_castps256_ps128(p), _mm256_extractf128_ps(p, 1)));
+  }
+  return total;
+}
+
+// lane g = a . keys[g] for the kGroup keys at keys + g * d (d a multiple of 8)
+inline __m128 dot4(const float* a, const float* keys, int d) {
+  __m256 acc[kGroup];
+  for (int g = 0; g < kGroup; ++g) acc[g] = _mm256_setzero_ps();
+  for (int j = 0; j < d; j += 8) {
+    const __m256 x = _mm256_loadu_ps(a + j);
+    for (int g = 0; g < kGroup; ++g) acc[g] = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys + g * d + j), acc[g]);
+  }
+  return hsum4(acc);
+}
+
+inline float round_bf16(float x) {  // round to nearest even, as XLA's f32 -> bf16 convert
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7FFFFFFF) > 0x7F800000) return x;  // NaN
+  u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// XLA's top_k order of floats, as integers: the total order (-NaN < -inf < ... < -0 < +0 < ... < +inf < NaN)
+inline int32_t order_key(float x) {
+  int32_t i;
+  std::memcpy(&i, &x, 4);
+  return i < 0 ? i ^ 0x7FFFFFFF : i;
+}
+
+struct Cand {
+  int32_t key;  // order_key(score)
+  int32_t slot;
+  float score;
+};
+// the reference's order: higher score first, equal scores lower slot first
+inline bool better(const Cand& a, const Cand& b) { return a.key > b.key || (a.key == b.key && a.slot < b.slot); }
+
+// cand -> its best k (all if fewer), best first
+inline void best_first(std::vector<Cand>& cand, int64_t k) {
+  if (int64_t(cand.size()) > k) {
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better);
+    cand.resize(k);
+  }
+  std::sort(cand.begin(), cand.end(), better);
+}
+
+// scores[j] = sum_h w[h] relu(qp[h] . key t + j) for j < m (m <= kChunk, a multiple of kGroup or the range's
+// end; a short last group repeats slot t, its scores unused), before the rounding to bf16.
+template <int Fmt>
+inline void score_chunk(const Keys& keys, const float* qp, const float* w, int heads, int d, int64_t t, int m,
+                        float* scores) {
+  alignas(32) float buf[kGroup * kMaxDim];
+  for (int j = 0; j < m; j += kGroup) {
+    const int64_t u = t + j;
+    const int mg = std::min(kGroup, m - j);
+    if constexpr (Fmt != kFP8) {
+      if (heads == 1) {  // decoded in registers
+        __m128 dots;
+        if constexpr (Fmt == kFP4) {
+          dots = fp4_dots4(keys, u, mg, qp, d);
+        } else {
+          __m256 acc[kGroup];
+          for (int g = 0; g < kGroup; ++g) acc[g] = key_dot<Fmt>(keys, g < mg ? u + g : u, qp, d);
+          dots = hsum4(acc);
+        }
+        _mm_storeu_ps(scores + j, relu_times(dots, w[0]));
+        continue;
+      }
+    }
+    const float* group = buf;  // kGroup keys decoded once, read by every head
+    if (Fmt == kF32 && mg == kGroup) {
+      group = reinterpret_cast<const float*>(keys.data + u * keys.bytes);
+    } else {
+      for (int g = 0; g < kGroup; ++g) decode_key<Fmt>(keys, g < mg ? u + g : u, d, buf + g * d);
+    }
+    // the first head's term starts the sum, so that a sum of -0 terms stays -0, as the reference's
+    __m128 score = relu_times(dot4(qp, group, d), w[0]);
+    for (int h = 1; h < heads; ++h) score = _mm_add_ps(score, relu_times(dot4(qp + h * d, group, d), w[h]));
+    _mm_storeu_ps(scores + j, score);
+  }
+}
+
+// The best k of slots [t0, t1) for one query row: qp [heads, d] in decoded_order, w [heads]. Leaves them in
+// `cand`, best first (at most k; fewer if fewer slots). Scores a chunk of slots at a time, then keeps those
+// that beat the running threshold, 8 compares per instruction.
+template <int Fmt>
+void topk_row(const Keys& keys, const float* qp, const float* w, int heads, int d, int64_t t0, int64_t t1, int64_t k,
+              bool bf16_scores, std::vector<Cand>& cand) {
+  alignas(32) float scores[kChunk + kGroup];
+  cand.clear();
+  int32_t thr = 0;  // once `cand` was pruned to k: the k-th best's order_key; later slots must beat it
+  bool pruned = false;
+  auto keep = [&](int32_t key, int64_t slot, float score) {
+    cand.push_back({key, int32_t(slot), score});
+    if (int64_t(cand.size()) >= 4 * k + 64) {
+      std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better);
+      cand.resize(k);
+      thr = cand[k - 1].key;  // the worst kept; a later slot with an equal score ranks below it
+      pruned = true;
+    }
+  };
+  for (int64_t t = t0; t < t1; t += kChunk) {
+    const int m = int(std::min<int64_t>(kChunk, t1 - t));
+    score_chunk<Fmt>(keys, qp, w, heads, d, t, m, scores);
+    if (bf16_scores)
+      for (int j = 0; j < m; ++j) scores[j] = round_bf16(scores[j]);
+    int j = 0;
+    for (; pruned && j + 8 <= m; j += 8) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scores + j));
+      const __m256i key =  // order_key, 8 at a time
+          _mm256_xor_si256(x, _mm256_and_si256(_mm256_srai_epi32(x, 31), _mm256_set1_epi32(0x7FFFFFFF)));
+      int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, _mm256_set1_epi32(thr))));
+      for (; mask; mask &= mask - 1) {
+        const int g = __builtin_ctz(mask);
+        if (order_key(scores[j + g]) > thr) keep(order_key(scores[j + g]), t + j + g, scores[j + g]);
+      }
+    }
+    for (; j < m; ++j)
+      if (!pruned || order_key(scores[j]) > thr) keep(order_key(scores[j]), t + j, scores[j]);
+  }
+  best_first(cand, k);
+}
+
+constexpr int64_t kMinPart = 16384;  // slots per task at least when a row's range is split across threads
+
+// The tasks of one call, shared with the pool threads that help: `next` hands out task numbers, `done` counts
+// the finished ones. Held by shared_ptr: a pool thread that starts after the call returned finds no task left.
+struct Work {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t count = 0;
+  std::function<void(int64_t)> run;
+  void help() {
+    for (int64_t i; (i = next.fetch_add(1)) < count; done.fetch_add(1)) run(i);
+  }
+};
+
+ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> w,
+                           ffi::AnyBuffer keys, ffi::AnyBuffer scales, ffi::Buffer<ffi::S32> lo,
+                           ffi::Buffer<ffi::S32> hi, ffi::ResultBuffer<ffi::S32> out_slots,
+                           ffi::ResultBuffer<ffi::F32> out_scores, int64_t fmt, bool bf16_scores) {
+  auto qd = q.dimensions();
+  auto kd = keys.dimensions();
+  auto sd = scales.dimensions();
+  if (qd.size() != 4 || kd.size() != 3)
+    return ffi::Error::InvalidArgument("indexer_topk: q must be [b, s, i, d] and keys [b, n, .]");
+  const int64_t b = qd[0], s = qd[1], heads = qd[2], d = qd[3], n = kd[1], rows = b * s;
+  const int64_t k = out_slots->dimensions()[2];
+  if (d % 8 || d > kMaxDim || (fmt == kBF16 && d % 16) || (fmt == kFP4 && d % 64) || fmt < kF32 || fmt > kFP4)
+    return ffi::Error::InvalidArgument("indexer_topk: key format " + std::to_string(fmt) + " with head dim " +
+                                       std::to_string(d) + " is not supported");
+  const int64_t bytes = kd[2] * (fmt == kF32 ? 4 : fmt == kBF16 ? 2 : 1);
+  const int64_t scale_bytes = sd[sd.size() - 1] * (fmt == kFP8 ? 4 : 1);
+  const std::vector<int> order = decoded_order(int(fmt), int(d));
+  std::vector<float> qp(rows * heads * d);  // every row's queries in decoded_order
+  for (int64_t hr = 0; hr < rows * heads; ++hr)  // (row, head) pairs
+    for (int64_t j = 0; j < d; ++j) qp[hr * d + j] = q.typed_data()[hr * d + order[j]];
+
+  // tasks: each row's visible range, in parts of at least kMinPart slots, at most one per thread
+  struct Task {
+    int64_t row, t0, t1;
+  };
+  std::vector<Task> tasks;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t0 = std::max<int64_t>(lo.typed_data()[r], 0), t1 = std::min<int64_t>(hi.typed_data()[r], n);
+    const int64_t parts = std::clamp<int64_t>((t1 - t0) / kMinPart, 1, threads);
+    for (int64_t p = 0; p < parts; ++p)
+      tasks.push_back({r, t0 + (t1 - t0) * p / parts, t0 + (t1 - t0) * (p + 1) / parts});
+  }
+  std::vector<std::vector<Cand>> found(tasks.size());
+  auto work = std::make_shared<Work>();
+  work->count = int64_t(tasks.size());
+  work->run = [&](int64_t i) {
+    const Task& t = tasks[i];
+    const Keys seq{static_cast<const char*>(keys.untyped_data()) + t.row / s * n * bytes,
+                   static_cast<const uint8_t*>(scales.untyped_data()) + t.row / s * n * scale_bytes, bytes,
+                   scale_bytes};
+    const float* qr = qp.data() + t.row * heads * d;
+    const float* wr = w.typed_data() + t.row * heads;
+    std::vector<Cand>& cand = found[i];
+    cand.reserve(4 * k + 64);
+    const int hd = int(heads), di = int(d);
+    switch (fmt) {
+      case kF32: topk_row<kF32>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, cand); break;
+      case kBF16: topk_row<kBF16>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, cand); break;
+      case kFP8: topk_row<kFP8>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, cand); break;
+      default: topk_row<kFP4>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, cand);
+    }
+  };
+  // this thread works too, so the call finishes even if the pool never runs a helper
+  for (int64_t i = 1; i < std::min<int64_t>(threads, work->count); ++i) pool.Schedule([work] { work->help(); });
+  work->help();
+  while (work->done.load() < work->count) std::this_thread::yield();
+
+  // each row's best k over its parts: the union of the parts' best k holds it
+  std::vector<Cand> cand;
+  for (int64_t r = 0, i = 0; r < rows; ++r) {
+    cand.clear();
+    for (; i < int64_t(tasks.size()) && tasks[i].row == r; ++i)
+      cand.insert(cand.end(), found[i].begin(), found[i].end());
+    best_first(cand, k);
+    int32_t* os = out_slots->typed_data() + r * k;
+    float* oc = out_scores->typed_data() + r * k;
+    for (int64_t j = 0; j < k; ++j) {
+      const bool some = j < int64_t(cand.size()) && cand[j].score > -INFINITY;  // -inf picks nothing, as the
+      os[j] = some ? cand[j].slot : -1;                                         // reference's
+      oc[j] = j < int64_t(cand.size()) ? cand[j].score : -INFINITY;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(V4jaxIndexerTopk, IndexerTopkImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("fmt")
+                                  .Attr<bool>("bf16_scores"));

@@ -1,0 +1,134 @@
+"""kernels/indexer/cpu_kernel: the compiled CPU indexer (scores and top-k read straight from the stored key format)
+against the definition (lax.top_k over every masked score of the decoded keys), when `indexer_topk` runs it, and its
+build errors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.indexer import cpu_kernel, indexer_topk, reference
+from v4jax import kv_cache
+from v4jax.numerics import batch_invariant
+
+pytestmark = pytest.mark.skipif(cpu_kernel.unsupported_cpu() is not None,
+                                reason=f"no CPU indexer kernel here: {cpu_kernel.unsupported_cpu()}")
+FORMATS = ["fp32", "bf16", "fp8", "fp4"]
+
+
+def _inputs(seed, b, s, h, d, n, integer):
+    """Integers in [-2, 2] (weights in [-2, 2]: negative weights give -0 scores) make every score exact in any
+    order of additions and stored exactly in every format; normal draws otherwise."""
+    rng = np.random.default_rng(seed)
+    shapes = ((b, s, h, d), (b, s, h), (b, n, d))
+    if integer:
+        q, w, keys = (rng.integers(-2, 3, size=sh) for sh in shapes)
+    else:
+        q, w, keys = (rng.standard_normal(sh) for sh in shapes)
+    return (jnp.asarray(a, jnp.float32) for a in (q, w, keys))
+
+
+def _ranges(seed, b, s, n, k):
+    """[lo, hi) per query row, cycling through: fewer than k visible, nothing visible, everything, random."""
+    rng = np.random.default_rng(seed)
+    lo, hi = np.zeros((b * s,), np.int32), np.zeros((b * s,), np.int32)
+    for r in range(b * s):
+        a, c = sorted(rng.integers(0, n + 1, size=2))
+        lo[r], hi[r] = [(n // 3, n // 3 + k // 2), (3, 3), (0, n), (a, c)][r % 4]
+    return jnp.asarray(lo.reshape(b, s)), jnp.asarray(hi.reshape(b, s))
+
+
+def _stored(fmt, keys):
+    b, n, d = keys.shape
+    return kv_cache.write(kv_cache.empty_index_keys(fmt, (b, n), d), keys, jnp.broadcast_to(jnp.arange(n), (b, n)))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "dtype"))
+def _kernel(q, w, keys, lo, hi, k, dtype):
+    return cpu_kernel.indexer_topk(q, w, keys, lo, hi, k, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "dtype"))
+def _definition(q, w, keys, lo, hi, k, dtype):
+    """lax.top_k over the whole [b, s, n] masked score matrix of the decoded keys."""
+    keys = kv_cache.read(keys, jnp.float32)
+    visible = reference.range_mask(lo, hi, keys.shape[1])
+    val, top = jax.lax.top_k(jnp.where(visible, reference.index_scores(q, w, keys, dtype), -jnp.inf), k)
+    ok = jnp.take_along_axis(visible, top, axis=-1)
+    return jnp.where(ok, top, -1), jnp.where(ok, val, -jnp.inf)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(2, 4, 1, 64, 701, 6), (1, 3, 3, 128, 530, 40), (2, 1, 1, 128, 9, 9)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_exact_with_ties(fmt, shape, dtype):
+    """Integer inputs: every score is exact, so picks, order (ties, -0 below +0 as in lax.top_k: lower slot
+    first), scores and the -1 / -inf fill equal the definition's exactly. Shapes: one head (keys decoded in
+    registers) and three (decoded once per key), a slot count that is no multiple of the 4-key group or the
+    256-slot chunk, k small enough that the candidates are pruned many times, and k = n."""
+    b, s, h, d, n, k = shape
+    q, w, keys = _inputs(sum(shape), b, s, h, d, n, integer=True)
+    keys = keys.at[:, n // 2:].set(keys[:, :n - n // 2])  # every key twice: ties across chunks
+    lo, hi = _ranges(n, b, s, n, k)
+    stored = _stored(fmt, keys)
+    np.testing.assert_array_equal(kv_cache.read(stored, jnp.float32), keys)  # integers are stored exactly
+    got, want = _kernel(q, w, stored, lo, hi, k, dtype), _definition(q, w, stored, lo, hi, k, dtype)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(np.signbit(got[1]), np.signbit(want[1]))
+    picked = np.asarray(want[1])[np.asarray(want[0]) >= 0]
+    assert np.sum(picked == 0) > 1 and len(set(picked.tolist())) < picked.size  # zero scores and ties picked
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("h", [1, 2])
+def test_random_scores_and_picks(fmt, h):
+    """Normal draws: the kernel adds in another order than XLA's dot, so its fp32 scores may differ in the last
+    bits (within 2e-6 of the largest score here: a sum over heads with weights of either sign cancels); the picks
+    are the definition's (no near-ties at this size), and the bf16-rounded scores are within one bf16 step."""
+    b, s, d, n, k = 2, 2, 64, 3000, 64
+    q, w, keys = _inputs(h, b, s, h, d, n, integer=False)
+    lo, hi = _ranges(7, b, s, n, k)
+    stored = _stored(fmt, keys)
+    got, want = _kernel(q, w, stored, lo, hi, k, jnp.float32), _definition(q, w, stored, lo, hi, k, jnp.float32)
+    np.testing.assert_array_equal(got[0], want[0])
+    ok = np.asarray(want[0]) >= 0
+    scale = np.abs(np.asarray(want[1])[ok]).max()
+    np.testing.assert_allclose(np.asarray(got[1])[ok], np.asarray(want[1])[ok], rtol=0, atol=2e-6 * scale)
+    got16, want16 = (f(q, w, stored, lo, hi, k, jnp.bfloat16) for f in (_kernel, _definition))
+    np.testing.assert_array_equal(got16[0] >= 0, want16[0] >= 0)
+    np.testing.assert_allclose(np.asarray(got16[1])[ok], np.asarray(want16[1])[ok], rtol=2**-8)
+
+
+def _runs_kernel(q, keys, **kw) -> bool:
+    b, s = q.shape[:2]
+    lo = hi = jnp.zeros((b, s), jnp.int32)
+    w = jnp.zeros(q.shape[:3], jnp.float32)
+    text = str(jax.make_jaxpr(lambda q, keys: indexer_topk(q, w, keys, lo, hi, 4, jnp.float32, **kw))(q, keys))
+    return cpu_kernel.TARGET in text
+
+
+def test_when_indexer_topk_runs_the_kernel():
+    """'auto' on a CPU: the kernel for up to CPU_KERNEL_ROWS query rows x heads, outside the batch-invariant mode
+    (whose fixed order of additions the kernel does not follow), for the formats it reads; else the reference."""
+    from kernels.indexer import CPU_KERNEL_ROWS
+    keys = jnp.zeros((1, 64, 64), jnp.bfloat16)
+    assert _runs_kernel(jnp.zeros((1, 1, 1, 64)), keys)
+    assert _runs_kernel(jnp.zeros((1, 1, CPU_KERNEL_ROWS, 64)), _stored("fp4", keys.astype(jnp.float32)))
+    assert not _runs_kernel(jnp.zeros((1, 1, CPU_KERNEL_ROWS + 1, 64)), keys)
+    assert not _runs_kernel(jnp.zeros((1, 2, CPU_KERNEL_ROWS, 64)), keys)
+    assert not _runs_kernel(jnp.zeros((1, 1, 1, 64)), keys, implementation="reference")
+    assert not _runs_kernel(jnp.zeros((1, 1, 1, 32)), _stored("fp4", jnp.zeros((1, 64, 32))))  # FP4 wants d % 64
+    with batch_invariant():
+        assert not _runs_kernel(jnp.zeros((1, 1, 1, 64)), keys)
+
+
+def test_build_errors_name_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler-v4jax")
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+17 compiler.*implementation='reference'"):
+        cpu_kernel.build(str(tmp_path))
+    assert not list(tmp_path.iterdir())  # nothing half-written
