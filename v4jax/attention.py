@@ -19,7 +19,7 @@ from flax import nnx
 
 from kernels.indexer import index_scores, indexer_topk, picked_scores, prefix_ranges, visible_ranges
 from kernels.indexer.reference import n_slots, range_mask
-from kernels.sparse_attention import sparse_attention
+from kernels.sparse_attention import prefix_attention, prefix_kernel_fits, sparse_attention
 from v4jax import kv_cache
 from v4jax.config import ModelConfig
 from v4jax.layers import apply_rope, join_chunks, param, rms_norm, rope_frequencies, split_chunks
@@ -451,6 +451,8 @@ class Attention(nnx.Module):
             elif not sparse:
                 if stored is None:
                     (o, lse), comp = every_visible(c, idx, *ranges, n_comp)
+                elif prefix_kernel_fits(c.q, kv, stored, cfg.kernels):  # the filled entries, read as stored
+                    o, lse = prefix_attention(c.q, kv, idx, stored, *ranges, sink, scale)
                 else:  # the shortest prefix holding every entry this chunk can see
                     sizes = prefix_sizes(n_comp)
                     branches = [lambda n=n: every_visible(c, idx, *ranges, n)[0] for n in sizes]

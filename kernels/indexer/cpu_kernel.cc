@@ -23,22 +23,22 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
 #include <string>
-#include <thread>
-#include <utility>
 #include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using v4jax_cpu::pool_threads;
+using v4jax_cpu::round_bf16;
+using v4jax_cpu::run_tasks;
 
 constexpr int kF32 = 0, kBF16 = 1, kFP8 = 2, kFP4 = 3;
 
@@ -238,14 +238,6 @@ inline __m128 dot4(const float* a, const float* keys, int d) {
   return hsum4(acc);
 }
 
-inline float round_bf16(float x) {  // round to nearest even, as XLA's f32 -> bf16 convert
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7FFFFFFF) > 0x7F800000) return x;  // NaN
-  u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
 
 // XLA's top_k order of floats, as integers: the total order (-NaN < -inf < ... < -0 < +0 < ... < +inf < NaN)
 inline int32_t order_key(float x) {
@@ -349,18 +341,6 @@ void topk_row(const Keys& keys, const float* qp, const float* w, int heads, int 
 }
 
 constexpr int64_t kMinPart = 16384;  // slots per task at least when a row's range is split across threads
-
-// The tasks of one call, shared with the pool threads that help: `next` hands out task numbers, `done` counts
-// the finished ones. Held by shared_ptr: a pool thread that starts after the call returned finds no task left.
-struct Work {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t count = 0;
-  std::function<void(int64_t)> run;
-  void help() {
-    for (int64_t i; (i = next.fetch_add(1)) < count; done.fetch_add(1)) run(i);
-  }
-};
-
 ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> w,
                            ffi::AnyBuffer keys, ffi::AnyBuffer scales, ffi::Buffer<ffi::S32> lo,
                            ffi::Buffer<ffi::S32> hi, ffi::ResultBuffer<ffi::S32> out_slots,
@@ -387,7 +367,7 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     int64_t row, t0, t1;
   };
   std::vector<Task> tasks;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = pool_threads(pool);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t0 = std::max<int64_t>(lo.typed_data()[r], 0), t1 = std::min<int64_t>(hi.typed_data()[r], n);
     const int64_t parts = std::clamp<int64_t>((t1 - t0) / kMinPart, 1, threads);
@@ -395,9 +375,7 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       tasks.push_back({r, t0 + (t1 - t0) * p / parts, t0 + (t1 - t0) * (p + 1) / parts});
   }
   std::vector<std::vector<Cand>> found(tasks.size());
-  auto work = std::make_shared<Work>();
-  work->count = int64_t(tasks.size());
-  work->run = [&](int64_t i) {
+  run_tasks(pool, int64_t(tasks.size()), [&](int64_t i) {
     const Task& t = tasks[i];
     const Keys seq{static_cast<const char*>(keys.untyped_data()) + t.row / s * n * bytes,
                    static_cast<const uint8_t*>(scales.untyped_data()) + t.row / s * n * scale_bytes, bytes,
@@ -413,11 +391,7 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       case kFP8: topk_row<kFP8>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, cand); break;
       default: topk_row<kFP4>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, cand);
     }
-  };
-  // this thread works too, so the call finishes even if the pool never runs a helper
-  for (int64_t i = 1; i < std::min<int64_t>(threads, work->count); ++i) pool.Schedule([work] { work->help(); });
-  work->help();
-  while (work->done.load() < work->count) std::this_thread::yield();
+  });
 
   // each row's best k over its parts: the union of the parts' best k holds it
   std::vector<Cand> cand;

@@ -1,7 +1,9 @@
 """Sparse attention over index lists (window ++ compressed entries) with an attention sink (architecture §3.4.6).
 
 `sparse_attention` picks the implementation: the Pallas kernels (pallas.py; Triton kernels on GPU, Mosaic
-kernels on TPU) where the backend has them, the pure-jnp reference (reference.py) elsewhere.
+kernels on TPU) where the backend has them, the pure-jnp reference (reference.py) elsewhere. `prefix_attention`
+is the compiled CPU kernel (cpu_kernel.py) for a cached step's attention over stored entries, where
+`prefix_kernel_fits` says so.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import jax
 
 from kernels import per_batch_shard, resolve, target_platform
-from kernels.sparse_attention import pallas, reference
+from kernels.sparse_attention import cpu_kernel, pallas, reference
+from v4jax.numerics import in_batch_invariant
 
 PALLAS_BACKENDS = ("gpu", "tpu")  # backends with compiled Pallas kernels (pallas.TARGETS of the same name)
 
@@ -31,4 +34,26 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Arra
                                                                             target=target), (q, kv, idx), (sink,))
 
 
-__all__ = ["sparse_attention"]
+# query rows x heads per sequence up to which a cached step runs prefix_attention on a CPU (measured: the decode
+# steps of the long-context demo (4 heads) and the tiny preset (8) ran faster with it; see docs/inference.md)
+CPU_KERNEL_ROWS = 16
+
+
+def prefix_kernel_fits(q: jax.Array, kv: jax.Array, entries, implementation: str | None) -> bool:
+    """Whether a cached step's attention over stored entries runs prefix_attention: implementation None / "auto", a
+    CPU target, a decode-shaped query (s x heads <= CPU_KERNEL_ROWS), not inside the batch-invariant mode (the
+    kernel adds in its own order), and operands the kernel reads."""
+    return (implementation in (None, "auto") and target_platform() == "cpu" and not in_batch_invariant()
+            and q.shape[1] * q.shape[2] <= CPU_KERNEL_ROWS and cpu_kernel.usable(q, kv, entries))
+
+
+def prefix_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, entries, lo: jax.Array, hi: jax.Array,
+                     sink: jax.Array, scale: float):
+    """sparse_attention(q, [kv ; entries decoded], sink, idx ++ the visible entry slots lo <= t < hi, scale,
+    return_lse=True) computed by the CPU kernel from the stored entries (cpu_kernel.prefix_attention), on each
+    device's share of the batch."""
+    return per_batch_shard(lambda q, kv, idx, entries, lo, hi, sink: cpu_kernel.prefix_attention(
+        q, kv, idx, entries, lo, hi, sink, scale), (q, kv, idx, entries, lo, hi), (sink,))
+
+
+__all__ = ["prefix_attention", "prefix_kernel_fits", "sparse_attention"]

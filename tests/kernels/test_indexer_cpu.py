@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels import cpu_ffi
 from kernels.indexer import cpu_kernel, indexer_topk, reference
 from v4jax import kv_cache
 from v4jax.numerics import batch_invariant
 
-pytestmark = pytest.mark.skipif(cpu_kernel.unsupported_cpu() is not None,
-                                reason=f"no CPU indexer kernel here: {cpu_kernel.unsupported_cpu()}")
+pytestmark = pytest.mark.skipif(cpu_ffi.unsupported_cpu() is not None,
+                                reason=f"no CPU kernels here: {cpu_ffi.unsupported_cpu()}")
 FORMATS = ["fp32", "bf16", "fp8", "fp4"]
 
 
@@ -129,6 +130,6 @@ def test_when_indexer_topk_runs_the_kernel():
 
 def test_build_errors_name_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler-v4jax")
-    with pytest.raises(RuntimeError, match="needs a C\\+\\+17 compiler.*implementation='reference'"):
-        cpu_kernel.build(str(tmp_path))
+    with pytest.raises(RuntimeError, match="need a C\\+\\+17 compiler.*implementation='reference'"):
+        cpu_ffi.build(cpu_kernel.SOURCE, str(tmp_path))
     assert not list(tmp_path.iterdir())  # nothing half-written

@@ -1,0 +1,260 @@
+// Attention of a few query rows (a decode step) over their window rows and a range of stored compressed entries,
+// with the sink, on x86-64 CPUs with AVX2 + FMA, as an XLA FFI custom call (built by kernels/cpu_ffi.py). The math
+// is reference.py's sparse_attention over keys = [kv[idx[b, s, :]] ; entries[b, lo[b, s] .. hi[b, s] - 1]]:
+//
+//     z_k = scale * q . key_k,   o = sum_k exp(z_k - m) key_k / (sum_k exp(z_k - m) + exp(sink - m)),
+//     lse = m + log(sum_k exp(z_k - m) + exp(sink - m))
+//
+// What it adds over the reference in a cached step (an HCA layer, CSA's dense phase): each stored entry is read
+// once, in its stored format, and decoded into a block buffer that stays in L1 (XLA:CPU decodes the whole filled
+// prefix to memory, copies it after the window rows and gathers it again); the softmax is taken online, block by
+// block (a running max rescales the sums), so nothing is read twice; a long range is split over XLA's intra-op
+// threads and the partial sums merged. Where the compute dtype is bf16, keys are rounded to it as the reference
+// decodes them, and so are the probabilities that weight the values; the rounding then happens relative to the
+// running max, not the final one, and exp is glibc's, not XLA's: outputs agree with the reference to rounding
+// (tests/kernels/test_sparse_attention_cpu.py), not bit for bit.
+//
+// Entry formats (cpu_kernel.py's F32 .. FP8): 0 fp32 [b, n, d]; 1 bf16 [b, n, d]; 2 Fp8Entries: the first dn dims
+// as e4m3 bytes [b, n, dn] with one UE8M0 scale byte per 64 [b, n, >= dn / 64], the last d - dn dims bf16
+// [b, n, d - dn] (e4m3's NaN codes, which the encoder never writes, decode as 480 here).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using v4jax_cpu::pool_threads;
+using v4jax_cpu::round_bf16;
+using v4jax_cpu::run_tasks;
+
+constexpr int kF32 = 0, kBF16 = 1, kFP8 = 2;
+constexpr int kBlock = 32;          // keys decoded and scored together
+constexpr int kMaxDim = 1024;       // head dim at most
+constexpr int64_t kMinPart = 2048;  // entries per task at least when a row's range is split across threads
+
+inline void bf16_to_f32(const uint16_t* src, int n, float* out) {  // n a multiple of 8
+  for (int j = 0; j < n; j += 8) {
+    const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+    _mm256_storeu_ps(out + j, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+  }
+}
+
+// 8 e4m3 bytes -> their values times `scale`: normal codes by their bits (exponent + 120, mantissa moved up),
+// subnormal ones (exponent 0) as mantissa * 2^-9
+inline __m256 e4m3_values(const uint8_t* src, __m256 scale) {
+  const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
+  const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x7F)), 20),
+                                          _mm256_set1_epi32(120 << 23));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(7))),
+                                   _mm256_set1_ps(1.0f / 512));
+  const __m256 is_sub = _mm256_castsi256_ps(
+      _mm256_cmpeq_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x78)), _mm256_setzero_si256()));
+  const __m256 mag = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub, is_sub);
+  return _mm256_mul_ps(_mm256_or_ps(mag, _mm256_castsi256_ps(sign)), scale);
+}
+
+inline float pow2_minus_127(uint8_t e) {  // the UE8M0 scale 2^(e - 127)
+  if (e == 0) return std::ldexp(1.0f, -127);
+  uint32_t u = uint32_t(e) << 23;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// One sequence's stored entries: entry t's first leaf at a + t * a_bytes, and so on.
+struct Entries {
+  const char *a, *b, *c;
+  int64_t a_bytes, b_bytes, c_bytes;
+  int dn;  // FP8: the e4m3 dims
+};
+
+template <int Fmt>
+inline void decode_entry(const Entries& e, int64_t t, int d, bool round, float* out) {
+  if constexpr (Fmt == kF32) {
+    std::memcpy(out, e.a + t * e.a_bytes, d * sizeof(float));
+    if (round)
+      for (int j = 0; j < d; ++j) out[j] = round_bf16(out[j]);
+  } else if constexpr (Fmt == kBF16) {
+    bf16_to_f32(reinterpret_cast<const uint16_t*>(e.a + t * e.a_bytes), d, out);
+  } else {  // e4m3 x 2^k has at most 4 significant bits: exact in bf16, nothing to round
+    const uint8_t* codes = reinterpret_cast<const uint8_t*>(e.a + t * e.a_bytes);
+    const uint8_t* scales = reinterpret_cast<const uint8_t*>(e.b + t * e.b_bytes);
+    for (int j = 0; j < e.dn; j += 8)
+      _mm256_storeu_ps(out + j, e4m3_values(codes + j, _mm256_set1_ps(pow2_minus_127(scales[j / 64]))));
+    bf16_to_f32(reinterpret_cast<const uint16_t*>(e.c + t * e.c_bytes), d - e.dn, out + e.dn);
+  }
+}
+
+inline float dot(const float* a, const float* b, int d) {  // d a multiple of 8
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 16 <= d; j += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+  }
+  if (j < d) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+// The online softmax of one query row over some of its keys: per head the running max m, the sum l of
+// exp(z - m) and acc = sum of exp(z - m) key (the sink is added when the parts are merged).
+struct Partial {
+  std::vector<float> m, l, acc;
+  Partial(int heads, int d) : m(heads, -INFINITY), l(heads, 0.0f), acc(size_t(heads) * d, 0.0f) {}
+};
+
+// Adds n (<= kBlock) decoded keys buf [n, d] to `part`: q [heads, d] (fp32), scale, round: the compute dtype is bf16.
+void add_block(Partial& part, const float* q, int heads, int d, float scale, bool round, const float* buf, int n) {
+  float z[kBlock];
+  for (int h = 0; h < heads; ++h) {
+    float top = -INFINITY;
+    for (int j = 0; j < n; ++j) top = std::max(top, z[j] = dot(q + h * d, buf + j * d, d) * scale);
+    float* acc = part.acc.data() + size_t(h) * d;
+    if (top > part.m[h]) {  // a new max: rescale what was summed
+      const float alpha = std::exp(part.m[h] - top);
+      part.l[h] *= alpha;
+      const __m256 a = _mm256_set1_ps(alpha);
+      for (int i = 0; i < d; i += 8) _mm256_storeu_ps(acc + i, _mm256_mul_ps(_mm256_loadu_ps(acc + i), a));
+      part.m[h] = top;
+    }
+    for (int j = 0; j < n; ++j) {
+      const float p = std::exp(z[j] - part.m[h]);
+      part.l[h] += p;
+      const __m256 pv = _mm256_set1_ps(round ? round_bf16(p) : p);
+      const float* key = buf + j * d;
+      for (int i = 0; i < d; i += 8)
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(key + i), _mm256_loadu_ps(acc + i)));
+    }
+  }
+}
+
+ffi::Error PrefixAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv,
+                               ffi::Buffer<ffi::S32> idx, ffi::AnyBuffer ent_a, ffi::AnyBuffer ent_b,
+                               ffi::AnyBuffer ent_c, ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
+                               ffi::Buffer<ffi::F32> sink, ffi::ResultBuffer<ffi::F32> out,
+                               ffi::ResultBuffer<ffi::F32> lse, int64_t fmt, float scale, bool bf16) {
+  const auto qd = q.dimensions(), kd = kv.dimensions(), id = idx.dimensions(), ad = ent_a.dimensions();
+  if (qd.size() != 4 || kd.size() != 3 || id.size() != 3 || ad.size() != 3)
+    return ffi::Error::InvalidArgument("prefix_attention: q [b, s, h, d], kv [b, m, d], idx [b, s, w], entries "
+                                       "[b, n, .]");
+  const int64_t b = qd[0], s = qd[1], heads = qd[2], d = qd[3], m_rows = kd[1], w = id[2], n = ad[1];
+  const bool kv_bf16 = kv.element_type() == ffi::DataType::BF16;
+  if (d % 8 || d > kMaxDim || fmt < kF32 || fmt > kFP8 || (fmt == kFP8 && ad[2] % 64) ||
+      (!kv_bf16 && kv.element_type() != ffi::DataType::F32))
+    return ffi::Error::InvalidArgument("prefix_attention: entry format " + std::to_string(fmt) + ", head dim " +
+                                       std::to_string(d) + " or kv dtype not supported");
+  const int64_t a_item = fmt == kF32 ? 4 : fmt == kBF16 ? 2 : 1;
+  const auto bd = ent_b.dimensions(), cd = ent_c.dimensions();
+  const int64_t a_row = ad[2] * a_item, b_row = fmt == kFP8 ? bd[2] : 0, c_row = fmt == kFP8 ? cd[2] * 2 : 0;
+
+  struct Task {
+    int64_t row, t0, t1;
+    bool window;  // this task also takes the row's window keys
+  };
+  std::vector<Task> tasks;
+  const int64_t threads = pool_threads(pool);
+  for (int64_t r = 0; r < b * s; ++r) {
+    const int64_t t0 = std::max<int64_t>(lo.typed_data()[r], 0);
+    const int64_t t1 = std::max(t0, std::min<int64_t>(hi.typed_data()[r], n));
+    const int64_t parts = std::clamp<int64_t>((t1 - t0) / kMinPart, 1, threads);
+    for (int64_t p = 0; p < parts; ++p)
+      tasks.push_back({r, t0 + (t1 - t0) * p / parts, t0 + (t1 - t0) * (p + 1) / parts, p == 0});
+  }
+  std::vector<Partial> partial(tasks.size(), Partial(int(heads), int(d)));
+  run_tasks(pool, int64_t(tasks.size()), [&](int64_t i) {
+    const Task& task = tasks[i];
+    const int64_t bi = task.row / s;
+    const Entries e{static_cast<const char*>(ent_a.untyped_data()) + bi * n * a_row,
+                    static_cast<const char*>(ent_b.untyped_data()) + bi * n * b_row,
+                    static_cast<const char*>(ent_c.untyped_data()) + bi * n * c_row,
+                    a_row, b_row, c_row, fmt == kFP8 ? int(ad[2]) : 0};
+    const float* qr = q.typed_data() + task.row * heads * d;
+    std::vector<float> buf(size_t(kBlock) * d);
+    int filled = 0;
+    auto flush = [&] {
+      if (filled) add_block(partial[i], qr, int(heads), int(d), scale, bf16, buf.data(), filled);
+      filled = 0;
+    };
+    if (task.window) {  // window rows of kv, in the compute dtype already
+      const int32_t* ir = idx.typed_data() + task.row * w;
+      for (int64_t j = 0; j < w; ++j) {
+        if (ir[j] < 0 || ir[j] >= m_rows) continue;
+        float* out_row = buf.data() + size_t(filled) * d;
+        const int64_t at = bi * m_rows + ir[j];
+        if (kv_bf16)
+          bf16_to_f32(static_cast<const uint16_t*>(kv.untyped_data()) + at * d, int(d), out_row);
+        else
+          std::memcpy(out_row, static_cast<const float*>(kv.untyped_data()) + at * d, d * sizeof(float));
+        if (++filled == kBlock) flush();
+      }
+    }
+    for (int64_t t = task.t0; t < task.t1; ++t) {
+      float* out_row = buf.data() + size_t(filled) * d;
+      switch (fmt) {
+        case kF32: decode_entry<kF32>(e, t, int(d), bf16, out_row); break;
+        case kBF16: decode_entry<kBF16>(e, t, int(d), bf16, out_row); break;
+        default: decode_entry<kFP8>(e, t, int(d), bf16, out_row);
+      }
+      if (++filled == kBlock) flush();
+    }
+    flush();
+  });
+
+  // each row: its parts merged, the sink added to the denominator
+  for (int64_t r = 0, i = 0; r < b * s; ++r) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t first = i;
+      float m = sink.typed_data()[h];
+      for (int64_t j = first; j < int64_t(tasks.size()) && tasks[j].row == r; ++j) m = std::max(m, partial[j].m[h]);
+      float l = std::exp(sink.typed_data()[h] - m);
+      float* o = out->typed_data() + (r * heads + h) * d;
+      std::fill(o, o + d, 0.0f);
+      for (int64_t j = first; j < int64_t(tasks.size()) && tasks[j].row == r; ++j) {
+        if (partial[j].l[h] == 0.0f) continue;  // no keys
+        const float alpha = std::exp(partial[j].m[h] - m);
+        l += partial[j].l[h] * alpha;
+        const float* acc = partial[j].acc.data() + h * d;
+        for (int64_t k = 0; k < d; ++k) o[k] += acc[k] * alpha;
+      }
+      for (int64_t k = 0; k < d; ++k) o[k] /= l;
+      lse->typed_data()[r * heads + h] = m + std::log(l);
+    }
+    while (i < int64_t(tasks.size()) && tasks[i].row == r) ++i;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(V4jaxPrefixAttention, PrefixAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("fmt")
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("bf16"));

@@ -1,0 +1,92 @@
+"""kernels/sparse_attention/cpu_kernel: the compiled CPU prefix attention (window rows ++ a range of stored entries,
+read in their storage format, online softmax) against reference.sparse_attention over the decoded rows, and when a
+cached step runs it."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import cpu_ffi
+from kernels.sparse_attention import CPU_KERNEL_ROWS, cpu_kernel, prefix_kernel_fits, reference
+from v4jax import kv_cache
+from v4jax.numerics import batch_invariant
+
+pytestmark = pytest.mark.skipif(cpu_ffi.unsupported_cpu() is not None,
+                                reason=f"no CPU kernels here: {cpu_ffi.unsupported_cpu()}")
+
+
+def _operands(seed, b, s, h, d, m, w, n, fmt, dtype, rope=64):
+    """Queries, window rows kv [b, m, d] with indices idx [b, s, w] (some -1), entries of n slots stored as fmt,
+    ranges lo, hi (one row sees no entry at all, one every entry), sink."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, s, h, d)), dtype)
+    kv = jnp.asarray(rng.standard_normal((b, m, d)), dtype)
+    idx = jnp.asarray(rng.integers(-1, m, (b, s, w)), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((b, n, d)) * 2, jnp.float32)
+    entries = kv_cache.write(kv_cache.empty_kv(fmt, (b, n), d, rope), x, jnp.broadcast_to(jnp.arange(n), (b, n)))
+    lo = rng.integers(0, n // 4, (b, s)).astype(np.int32)
+    hi = rng.integers(n // 2, n + 1, (b, s)).astype(np.int32)
+    lo.flat[0], hi.flat[0] = 0, n
+    lo.flat[-1] = hi.flat[-1] = n // 3
+    sink = jnp.asarray(rng.standard_normal(h), jnp.float32)
+    return q, kv, idx, entries, jnp.asarray(lo), jnp.asarray(hi), sink
+
+
+@functools.partial(jax.jit, static_argnames="scale")
+def _reference(q, kv, idx, entries, lo, hi, sink, scale):
+    """What a cached step computed before the kernel: the entries decoded to kv's dtype after the window rows,
+    every slot in [lo, hi) appended to the index list."""
+    rows = kv_cache.read(entries, kv.dtype)
+    n = rows.shape[1]
+    t = jnp.arange(n)
+    comp = jnp.where((t >= lo[..., None]) & (t < hi[..., None]), kv.shape[1] + t, -1)
+    return reference.sparse_attention(q, jnp.concatenate([kv, rows], 1), sink, jnp.concatenate([idx, comp], -1),
+                                      scale, return_lse=True)
+
+
+@functools.partial(jax.jit, static_argnames="scale")
+def _kernel(q, kv, idx, entries, lo, hi, sink, scale):
+    return cpu_kernel.prefix_attention(q, kv, idx, entries, lo, hi, sink, scale)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 1, 4, 128, 20, 16, 5000), (1, 3, 1, 192, 9, 8, 77)])
+def test_matches_the_reference(fmt, dtype, shape):
+    """Outputs and log-denominators against the reference over the decoded rows: in fp32 within 2e-6 of the
+    largest output (the kernel adds in its own order, block by block, and exp is glibc's); in bf16 within one bf16
+    step of it (probabilities are rounded to bf16 relative to a running max, not the final one). 5,000 entries
+    are split over the threads and many 32-key blocks; 77 leave a short last block; head dim 192 with FP8's 128
+    e4m3 dims in two scale blocks. A row that sees no key returns 0 and lse = sink exactly."""
+    b, s, h, d, m, w, n = shape
+    ops = _operands(sum(shape), b, s, h, d, m, w, n, fmt, dtype)
+    q, kv, idx, entries, lo, hi, sink = ops
+    idx = idx.at[-1, -1].set(-1)  # the last row: no window key either
+    ops = (q, kv, idx, entries, lo, hi, sink)
+    (o, lse), (ro, rlse) = _kernel(*ops, d**-0.5), _reference(*ops, d**-0.5)
+    o, ro = np.asarray(o, np.float32), np.asarray(ro, np.float32)
+    top = np.abs(ro).max()
+    step = 2.0 ** (np.floor(np.log2(top)) - 7)  # bf16's spacing at the largest output
+    np.testing.assert_allclose(o, ro, rtol=0, atol=2e-6 * top if dtype == jnp.float32 else step)
+    np.testing.assert_allclose(lse, rlse, rtol=0, atol=4e-6 * np.abs(np.asarray(rlse)).max())
+    np.testing.assert_array_equal(o[-1, -1], 0.0)
+    np.testing.assert_array_equal(np.asarray(lse)[-1, -1], np.asarray(sink))
+
+
+def test_when_a_cached_step_runs_it():
+    """On a CPU with implementation None / 'auto': for up to CPU_KERNEL_ROWS query rows x heads, outside the
+    batch-invariant mode, for the formats it reads."""
+    kv = jnp.zeros((1, 4, 128))
+    entries = kv_cache.empty_kv("fp8", (1, 8), 128, 64)
+    assert prefix_kernel_fits(jnp.zeros((1, 1, CPU_KERNEL_ROWS, 128)), kv, entries, None)
+    assert prefix_kernel_fits(jnp.zeros((1, 2, 4, 128)), kv, entries, "auto")
+    assert not prefix_kernel_fits(jnp.zeros((1, 1, CPU_KERNEL_ROWS + 1, 128)), kv, entries, None)
+    assert not prefix_kernel_fits(jnp.zeros((1, 1, 4, 128)), kv, entries, "reference")
+    assert not prefix_kernel_fits(jnp.zeros((1, 1, 4, 128)), kv, jnp.zeros((1, 8, 128), jnp.float16), None)
+    with batch_invariant():
+        assert not prefix_kernel_fits(jnp.zeros((1, 1, 4, 128)), kv, entries, None)
