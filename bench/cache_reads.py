@@ -14,8 +14,8 @@ on this AMD EPYC, whose L2 is 1 MiB, 8-way), i.e. what the step reads from the s
 again after leaving that cache counts again, so a strided, transposed or repeated pass shows up (a transposed
 copy of the BF16 indexer keys did: kernels/indexer/reference.index_scores), while temporaries that live and die
 within it do not. The count covers the whole process during the steps: XLA's compiled kernels (code without a
-file, "???"), its runtime and kernel libraries (libjax_common.so), and the allocator and memcpy of libc; the XLA
-part is reported apart.
+file, "???"), its runtime and kernel libraries (libjax_common.so), the compiled CPU kernels (kernels/cpu_ffi.py's
+libraries), and the allocator and memcpy of libc; the kernels' part (all but libc and Python) is reported apart.
 
 Method, one child process per (config, cache format, length), run under `valgrind --tool=callgrind --cache-sim=yes
 --instr-atstart=no` (XLA told to emit AVX2 code: valgrind 3.19 runs no AVX-512): the child builds the model with
@@ -106,10 +106,11 @@ def by_object(path: str) -> dict[str, dict[str, int]]:
 
 
 def count(objects: dict, event: str, xla_only: bool = False) -> int:
-    """An event's total over by_object's objects, or over XLA's only: its compiled kernels ("???") and
-    libjax_common.so (its runtime and kernel libraries, e.g. YNNPACK's reductions and dots)."""
+    """An event's total over by_object's objects, or over the kernels' only: XLA's compiled kernels ("???"),
+    libjax_common.so (its runtime and kernel libraries, e.g. YNNPACK's reductions and dots) and the compiled CPU
+    kernels (kernels/cpu_ffi.build's <op>_cpu_<hash>.so)."""
     return sum(v.get(event, 0) for o, v in objects.items()
-               if not xla_only or o == "???" or o.endswith("libjax_common.so"))
+               if not xla_only or o == "???" or o.endswith("libjax_common.so") or "_cpu_" in os.path.basename(o))
 
 
 def simulate(python_args: list[str], out: str) -> subprocess.CompletedProcess:
@@ -230,7 +231,7 @@ def line(r: dict) -> str:
     head = f"{r['config']} {r['format']} {r['length']}:"
     if "error" in r:
         return f"{head} {r['error']}"
-    tail = (f"; growth over {r['base_length']} {_mib(r['read_growth'])} (XLA {_mib(r['xla_growth'])}) vs model "
+    tail = (f"; growth over {r['base_length']} {_mib(r['read_growth'])} (kernels {_mib(r['xla_growth'])}) vs model "
             f"{_mib(r['model_growth'])} MiB ({r['ratio']:.3f})" if "ratio" in r else "")
     return f"{head} read {_mib(r['read_bytes'])} MiB/step, model (cache) {_mib(r['model_bytes'])} MiB" + tail
 
@@ -246,11 +247,12 @@ def markdown(result: dict) -> str:
              f"core's private caches here, per step: the mean of {result['steps']} simulated steps after an "
              "unsimulated one, the whole process; *growth* is read(L) - read(L0), L0 the shortest length, beside "
              "the cost model's decode_read_bytes(L) - decode_read_bytes(L0) (cache bytes only: weights and "
-             "activations are the same at every length); *XLA growth* counts only XLA's compiled kernels and "
-             "libjax_common.so (the rest is libc's allocator and memcpy, and Python). Random weights and randomly "
+             "activations are the same at every length); *kernel growth* counts only XLA's compiled kernels, "
+             "libjax_common.so and the compiled CPU kernels (kernels/*/cpu_kernel.cc; the rest is libc's allocator "
+             "and memcpy, and Python). Random weights and randomly "
              "filled caches; XLA's AVX2 code (valgrind runs no AVX-512).", "",
-             "| config | cache | tokens | read MiB/step | model MiB/step | growth MiB | XLA growth MiB | "
-             "model growth MiB | growth / model | XLA growth / model | instructions / step |",
+             "| config | cache | tokens | read MiB/step | model MiB/step | growth MiB | kernel growth MiB | "
+             "model growth MiB | growth / model | kernel growth / model | instructions / step |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["config"], r["format"], r["length"])):
         if "error" in r:
