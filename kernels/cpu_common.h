@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -44,6 +45,14 @@ inline float round_bf16(float x) {  // round to nearest even, as XLA's f32 -> bf
   std::memcpy(&u, &x, 4);
   if ((u & 0x7FFFFFFF) > 0x7F800000) return x;  // NaN
   u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+inline float pow2_minus_127(uint8_t e) {  // a UE8M0 scale byte's 2^(e - 127), built from bits (ldexp is a libm call)
+  if (e == 0) return std::ldexp(1.0f, -127);
+  uint32_t u = uint32_t(e) << 23;
+  float x;
   std::memcpy(&x, &u, 4);
   return x;
 }

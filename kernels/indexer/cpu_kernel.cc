@@ -37,6 +37,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using v4jax_cpu::pool_threads;
+using v4jax_cpu::pow2_minus_127;
 using v4jax_cpu::round_bf16;
 using v4jax_cpu::run_tasks;
 
@@ -106,14 +107,6 @@ inline void fp4_values(const uint8_t* src, __m256 f[8]) {
     f[4 * half + 2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
     f[4 * half + 3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
   }
-}
-
-inline float pow2_minus_127(uint8_t e) {  // the UE8M0 scale 2^(e - 127), built from bits (ldexp is a libm call)
-  if (e == 0) return std::ldexp(1.0f, -127);
-  uint32_t u = uint32_t(e) << 23;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
 }
 
 // The stored keys of one sequence: key t's codes at data + t * bytes, its scales at scales + t * scale_bytes.

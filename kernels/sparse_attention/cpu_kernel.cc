@@ -35,6 +35,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using v4jax_cpu::pool_threads;
+using v4jax_cpu::pow2_minus_127;
 using v4jax_cpu::round_bf16;
 using v4jax_cpu::run_tasks;
 
@@ -63,14 +64,6 @@ inline __m256 e4m3_values(const uint8_t* src, __m256 scale) {
       _mm256_cmpeq_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x78)), _mm256_setzero_si256()));
   const __m256 mag = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub, is_sub);
   return _mm256_mul_ps(_mm256_or_ps(mag, _mm256_castsi256_ps(sign)), scale);
-}
-
-inline float pow2_minus_127(uint8_t e) {  // the UE8M0 scale 2^(e - 127)
-  if (e == 0) return std::ldexp(1.0f, -127);
-  uint32_t u = uint32_t(e) << 23;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
 }
 
 // One sequence's stored entries: entry t's first leaf at a + t * a_bytes, and so on.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kernels import cpu_ffi
+from test_indexer import _ranges
 from kernels.indexer import cpu_kernel, indexer_topk, reference
 from v4jax import kv_cache
 from v4jax.numerics import batch_invariant
@@ -31,16 +32,6 @@ def _inputs(seed, b, s, h, d, n, integer):
     else:
         q, w, keys = (rng.standard_normal(sh) for sh in shapes)
     return (jnp.asarray(a, jnp.float32) for a in (q, w, keys))
-
-
-def _ranges(seed, b, s, n, k):
-    """[lo, hi) per query row, cycling through: fewer than k visible, nothing visible, everything, random."""
-    rng = np.random.default_rng(seed)
-    lo, hi = np.zeros((b * s,), np.int32), np.zeros((b * s,), np.int32)
-    for r in range(b * s):
-        a, c = sorted(rng.integers(0, n + 1, size=2))
-        lo[r], hi[r] = [(n // 3, n // 3 + k // 2), (3, 3), (0, n), (a, c)][r % 4]
-    return jnp.asarray(lo.reshape(b, s)), jnp.asarray(hi.reshape(b, s))
 
 
 def _stored(fmt, keys):
