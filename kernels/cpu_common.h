@@ -1,7 +1,9 @@
 // What the compiled CPU kernels (kernels/*/cpu_kernel.cc, built by kernels/cpu_ffi.py) share: splitting a call's
-// work over XLA's intra-op threads, and float helpers.
+// work over XLA's intra-op threads, and number-format helpers.
 
 #pragma once
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -55,6 +57,21 @@ inline float pow2_minus_127(uint8_t e) {  // a UE8M0 scale byte's 2^(e - 127), b
   float x;
   std::memcpy(&x, &u, 4);
   return x;
+}
+
+// 8 e4m3 bytes -> their values times `scale`: normal codes by their bits (exponent + 120, mantissa moved up),
+// subnormal ones (exponent 0) as mantissa * 2^-9 (e4m3's NaN codes, which the encoders never write, give 480)
+inline __m256 e4m3_values(const uint8_t* src, __m256 scale) {
+  const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
+  const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x7F)), 20),
+                                          _mm256_set1_epi32(120 << 23));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(7))),
+                                   _mm256_set1_ps(1.0f / 512));
+  const __m256 is_sub = _mm256_castsi256_ps(
+      _mm256_cmpeq_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x78)), _mm256_setzero_si256()));
+  const __m256 mag = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub, is_sub);
+  return _mm256_mul_ps(_mm256_or_ps(mag, _mm256_castsi256_ps(sign)), scale);
 }
 
 }  // namespace v4jax_cpu

@@ -36,25 +36,13 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using v4jax_cpu::e4m3_values;
 using v4jax_cpu::pool_threads;
 using v4jax_cpu::pow2_minus_127;
 using v4jax_cpu::round_bf16;
 using v4jax_cpu::run_tasks;
 
 constexpr int kF32 = 0, kBF16 = 1, kFP8 = 2, kFP4 = 3;
-
-// e4m3fn byte -> value (sign, 4 exponent bits biased by 7, 3 mantissa bits; exponent 0: subnormal; 0x7f: NaN)
-struct E4m3Table {
-  float v[256];
-  E4m3Table() {
-    for (int c = 0; c < 256; ++c) {
-      int e = (c >> 3) & 15, m = c & 7;
-      float mag = (e == 15 && m == 7) ? NAN : e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6);
-      v[c] = (c & 128) ? -mag : mag;
-    }
-  }
-};
-const E4m3Table kE4m3;
 
 // the bf16 bit pattern of each e2m1 code (bit 3 sign; magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6), low and high byte
 const __m256i kFp4Lo = _mm256_setr_epi8(0, 0, char(0x80), char(0xC0), 0, 0x40, char(0x80), char(0xC0), 0, 0,
@@ -132,7 +120,8 @@ inline void decode_key(const Keys& keys, int64_t t, int d, float* out) {
   } else if constexpr (Fmt == kFP8) {
     float scale;
     std::memcpy(&scale, keys.scales + t * keys.scale_bytes, 4);
-    for (int j = 0; j < d; ++j) out[j] = kE4m3.v[uint8_t(kp[j])] * scale;
+    for (int j = 0; j < d; j += 8)
+      _mm256_storeu_ps(out + j, e4m3_values(reinterpret_cast<const uint8_t*>(kp) + j, _mm256_set1_ps(scale)));
   } else {
     __m256 f[8];
     const uint8_t* e = keys.scales + t * keys.scale_bytes;

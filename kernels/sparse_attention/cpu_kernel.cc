@@ -34,6 +34,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using v4jax_cpu::e4m3_values;
 using v4jax_cpu::pool_threads;
 using v4jax_cpu::pow2_minus_127;
 using v4jax_cpu::round_bf16;
@@ -49,21 +50,6 @@ inline void bf16_to_f32(const uint16_t* src, int n, float* out) {  // n a multip
     const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
     _mm256_storeu_ps(out + j, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
   }
-}
-
-// 8 e4m3 bytes -> their values times `scale`: normal codes by their bits (exponent + 120, mantissa moved up),
-// subnormal ones (exponent 0) as mantissa * 2^-9
-inline __m256 e4m3_values(const uint8_t* src, __m256 scale) {
-  const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
-  const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x7F)), 20),
-                                          _mm256_set1_epi32(120 << 23));
-  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(7))),
-                                   _mm256_set1_ps(1.0f / 512));
-  const __m256 is_sub = _mm256_castsi256_ps(
-      _mm256_cmpeq_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x78)), _mm256_setzero_si256()));
-  const __m256 mag = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub, is_sub);
-  return _mm256_mul_ps(_mm256_or_ps(mag, _mm256_castsi256_ps(sign)), scale);
 }
 
 // One sequence's stored entries: entry t's first leaf at a + t * a_bytes, and so on.
