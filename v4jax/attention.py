@@ -19,7 +19,7 @@ from flax import nnx
 
 from kernels.indexer import index_scores, indexer_topk, picked_scores, prefix_ranges, visible_ranges
 from kernels.indexer.reference import n_slots, range_mask
-from kernels.sparse_attention import prefix_attention, prefix_kernel_fits, sparse_attention
+from kernels.sparse_attention import sparse_attention, stored_attention, stored_kernel_fits
 from v4jax import kv_cache
 from v4jax.config import ModelConfig
 from v4jax.layers import apply_rope, join_chunks, param, rms_norm, rope_frequencies, split_chunks
@@ -451,8 +451,8 @@ class Attention(nnx.Module):
             elif not sparse:
                 if stored is None:
                     (o, lse), comp = every_visible(c, idx, *ranges, n_comp)
-                elif prefix_kernel_fits(c.q, kv, stored, cfg.kernels):  # the filled entries, read as stored
-                    o, lse = prefix_attention(c.q, kv, idx, stored, *ranges, sink, scale)
+                elif stored_kernel_fits(c.q, kv, stored, cfg.kernels):  # the filled entries, read as stored
+                    o, lse = stored_attention(c.q, kv, idx, stored, sink, scale, lo=ranges[0], hi=ranges[1])
                 else:  # the shortest prefix holding every entry this chunk can see
                     sizes = prefix_sizes(n_comp)
                     branches = [lambda n=n: every_visible(c, idx, *ranges, n)[0] for n in sizes]
@@ -462,12 +462,15 @@ class Attention(nnx.Module):
                 if top is None:
                     top, _ = indexer_topk(ix.q, ix.weights, ix.keys, *ranges, k, q.dtype, implementation=cfg.kernels)
                 if stored is None:
-                    rows, comp = kv, jnp.where(top >= 0, comp_offset + top, -1)
+                    comp = jnp.where(top >= 0, comp_offset + top, -1)
+                    o, lse = attend(c, kv, jnp.concatenate([idx, comp], axis=-1))
+                elif stored_kernel_fits(c.q, kv, stored, cfg.kernels):  # the picked entries, read as stored
+                    o, lse = stored_attention(c.q, kv, idx, stored, sink, scale, picks=top)
                 else:  # the picked rows, decoded, after kv: query i's pick j is row comp_offset + i * k + j
                     picked = kv_cache.gather(stored, top, kv.dtype)  # [b, chunk, k, d]
                     rows = jnp.concatenate([kv, picked.reshape(b, -1, hd)], axis=1)
                     comp = jnp.where(top >= 0, comp_offset + jnp.arange(top.shape[1] * k).reshape(-1, k), -1)
-                o, lse = attend(c, rows, jnp.concatenate([idx, comp], axis=-1))
+                    o, lse = attend(c, rows, jnp.concatenate([idx, comp], axis=-1))
             if kl_on:  # the indexer's scores of the attended entries (all visible ones, in slot order, when dense)
                 slots = jnp.where(comp >= 0, comp - comp_offset, -1)
                 logits = (jnp.where(comp >= 0, index_scores(ix.q, ix.weights, ix.keys, q.dtype), -jnp.inf)

@@ -19,6 +19,12 @@
 // 0 here and the reference's bit decode keeps. The dot's order of additions is not XLA's: scores can differ from
 // the reference's in the last bits (tests/kernels/test_indexer_cpu.py), and so can a pick between two scores that
 // close.
+//
+// MXFP4 keys with one head go through a filter first, once the candidate list has a threshold: the query is
+// rounded to int8 per 32-dim block, each key's codes become bytes 12 + 2 x e2m1 (one table lookup), and their
+// integer dot (vpmaddubsw) with a bound on its error gives an upper bound on the key's score, for about half the
+// time of decoding to fp32. Only keys whose bound reaches the threshold are scored as above, so the picks and
+// their scores are those without the filter (tests/kernels/test_indexer_cpu.py).
 
 #include <immintrin.h>
 
@@ -177,13 +183,10 @@ inline __m256 pow2_minus_127(__m256i e) {
   return _mm256_blendv_ps(normal, _mm256_set1_ps(std::ldexp(1.0f, -127)), zero_byte);
 }
 
-// lane g = qp . key u + g for the kGroup keys from slot u (a short group repeats slot u), MXFP4 decoded in
-// registers (one head). Each block's partial dot is scaled once, which rounds as scaling every value would (the
-// scale is a power of two; barring under- or overflow).
-inline __m128 fp4_dots4(const Keys& keys, int64_t u, int mg, const float* qp, int d) {
+// lane g = qp . key t[g] for kGroup slots t, MXFP4 decoded in registers (one head). Each block's partial dot is
+// scaled once, which rounds as scaling every value would (the scale is a power of two; barring under- or overflow).
+inline __m128 fp4_dots4(const Keys& keys, const int64_t t[kGroup], const float* qp, int d) {
   __m128 total = _mm_setzero_ps();
-  int64_t t[kGroup];
-  for (int g = 0; g < kGroup; ++g) t[g] = g < mg ? u + g : u;
   for (int c = 0; c < d / 64; ++c) {
     const float* q = qp + 64 * c;
     __m256 acc[kGroup];
@@ -207,6 +210,91 @@ inline __m128 fp4_dots4(const Keys& keys, int64_t u, int mg, const float* qp, in
     total = _mm_add_ps(total, _mm_add_ps(_mm256_castps256_ps128(p), _mm256_extractf128_ps(p, 1)));
   }
   return total;
+}
+
+// e2m1 code -> 12 + 2 x its value, as a byte (bit 3 sign; magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6), in both 128-bit
+// lanes: non-negative, the unsigned operand vpmaddubsw takes
+const __m256i kFp4Offset = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15,
+                                            16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
+
+// One head's query for the MXFP4 filter: q rounded to int8 per 32-dim block b, q ~ q8 * 2 f_b, the even dims of each
+// 64-dim chunk, then its odd dims (the low and high nibbles of the key's 32 bytes). A key block's dot with q is then
+// f_b s_k (I_b - c_b), I_b the integer dot of q8 with the codes' bytes (12 + 2 x value), c_b = 12 sum q8, s_k the
+// key block's scale, within f_b s_k e_b: e_b bounds the rounding of q (at most 0.51 x 2 f_b per dim, times
+// |value| <= 6 over 32 dims) and the fp32 roundings of either dot (6 x 2^-15 x sum |q_j|, far above both).
+struct Fp4Filter {
+  alignas(32) int8_t q8[kMaxDim];
+  float f[kMaxDim / 32], c[kMaxDim / 32], e[kMaxDim / 32];
+};
+
+// -> whether q (one head, d dims, original order) can be filtered (finite, every block 0 or of a magnitude whose
+// bound cannot under- or overflow), filling `out`
+bool make_filter(const float* q, int d, Fp4Filter& out) {
+  for (int blk = 0; blk < d / 32; ++blk) {
+    float amax = 0.0f, sum = 0.0f;
+    for (int j = 32 * blk; j < 32 * blk + 32; ++j) {
+      if (!std::isfinite(q[j])) return false;
+      amax = std::max(amax, std::fabs(q[j]));
+      sum += std::fabs(q[j]);
+    }
+    if (amax != 0 && (amax < 1e-18f || amax > 1e18f)) return false;
+    const float sq = amax / 127.0f;
+    out.f[blk] = sq / 2;
+    out.c[blk] = 0.0f;
+    out.e[blk] = sq > 0 ? (32 * 6 * 0.51f * sq + 6 * std::ldexp(1.0f, -15) * sum) / out.f[blk] : 0.0f;
+  }
+  for (int p = 0; p < d; ++p) {  // p: 64 c + i (i < 32: dim 64 c + 2 i), or 64 c + 32 + i (dim 64 c + 2 i + 1)
+    const int i = p % 64 % 32, j = p / 64 * 64 + 2 * i + p % 64 / 32, blk = j / 32;
+    const int8_t v = out.f[blk] > 0 ? int8_t(std::clamp(std::lrint(q[j] / (2 * out.f[blk])), -127L, 127L)) : 0;
+    out.q8[p] = v;
+    out.c[blk] += 12.0f * v;
+  }
+  return true;
+}
+
+// lane g: an upper bound on w * relu(q . key t[g]) for kGroup slots t (consecutive: scale bytes in one load)
+inline __m128 fp4_bound4(const Keys& keys, const int64_t t[kGroup], bool consecutive, const Fp4Filter& flt, float w,
+                         int d) {
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m128 bound = _mm_setzero_ps();
+  for (int c = 0; c < d / 64; ++c) {
+    const __m256i qe = _mm256_load_si256(reinterpret_cast<const __m256i*>(flt.q8 + 64 * c));
+    const __m256i qo = _mm256_load_si256(reinterpret_cast<const __m256i*>(flt.q8 + 64 * c + 32));
+    __m256i acc[kGroup];
+    for (int g = 0; g < kGroup; ++g) {
+      const __m256i x =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys.data + t[g] * keys.bytes + 32 * c));
+      const __m256i lo = _mm256_shuffle_epi8(kFp4Offset, _mm256_and_si256(x, nib));
+      const __m256i hi = _mm256_shuffle_epi8(kFp4Offset, _mm256_and_si256(_mm256_srli_epi16(x, 4), nib));
+      // pairs <= 2 x 24 x 127: no saturation; lanes 0-3 hold block 2c, lanes 4-7 block 2c + 1
+      acc[g] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, qe), _mm256_maddubs_epi16(hi, qo)), ones);
+    }
+    // lane g: slot g's integer dot over block 2c; lane 4 + g: over block 2c + 1
+    const __m256 h = _mm256_cvtepi32_ps(
+        _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3])));
+    __m256i e8;  // the scale bytes in h's lanes
+    const uint8_t* s = keys.scales + 2 * c;
+    const int64_t sb = keys.scale_bytes;
+    if (consecutive && sb == 2) {
+      const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
+      e8 = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + t[0] * sb)),
+                                                 order));
+    } else {
+      e8 = _mm256_setr_epi32(s[t[0] * sb], s[t[1] * sb], s[t[2] * sb], s[t[3] * sb], s[t[0] * sb + 1],
+                             s[t[1] * sb + 1], s[t[2] * sb + 1], s[t[3] * sb + 1]);
+    }
+    const auto per_block = [&](const float* v) {  // lanes 0-3: block 2c's value; lanes 4-7: block 2c + 1's
+      return _mm256_set_m128(_mm_set1_ps(v[2 * c + 1]), _mm_set1_ps(v[2 * c]));
+    };
+    // f s_k (I - c -+ e): the dot's upper end, or its lower end where w < 0 (w * relu is then decreasing)
+    const __m256 end = w >= 0 ? _mm256_add_ps(_mm256_sub_ps(h, per_block(flt.c)), per_block(flt.e))
+                              : _mm256_sub_ps(_mm256_sub_ps(h, per_block(flt.c)), per_block(flt.e));
+    const __m256 a = _mm256_mul_ps(_mm256_mul_ps(pow2_minus_127(e8), per_block(flt.f)), end);
+    bound = _mm_add_ps(bound, _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)));
+  }
+  bound = _mm_mul_ps(_mm_max_ps(_mm_setzero_ps(), bound), _mm_set1_ps(w));  // NaN stays NaN
+  const __m128 abs = _mm_andnot_ps(_mm_set1_ps(-0.0f), bound);
+  return _mm_add_ps(bound, _mm_mul_ps(abs, _mm_set1_ps(std::ldexp(1.0f, -20))));  // the rounding of * w
 }
 
 // lane g = a . keys[g] for the kGroup keys at keys + g * d (d a multiple of 8)
@@ -258,7 +346,9 @@ inline void score_chunk(const Keys& keys, const float* qp, const float* w, int h
       if (heads == 1) {  // decoded in registers
         __m128 dots;
         if constexpr (Fmt == kFP4) {
-          dots = fp4_dots4(keys, u, mg, qp, d);
+          int64_t t[kGroup];
+          for (int g = 0; g < kGroup; ++g) t[g] = g < mg ? u + g : u;  // a short group repeats slot u
+          dots = fp4_dots4(keys, t, qp, d);
         } else {
           __m256 acc[kGroup];
           for (int g = 0; g < kGroup; ++g) acc[g] = key_dot<Fmt>(keys, g < mg ? u + g : u, qp, d);
@@ -281,27 +371,73 @@ inline void score_chunk(const Keys& keys, const float* qp, const float* w, int h
   }
 }
 
+// The least float that rounds to bf16 at or above x (a bf16 value; -inf where x is not finite or near 0)
+inline float bf16_bar(float x) {
+  if (!std::isfinite(x) || std::fabs(x) < 1e-30f) return -INFINITY;
+  uint32_t i;
+  std::memcpy(&i, &x, 4);
+  i = x > 0 ? i - 0x8000 : i + 0x8000;  // half a bf16 step below x
+  std::memcpy(&x, &i, 4);
+  return x;
+}
+
 // The best k of slots [t0, t1) for one query row: qp [heads, d] in decoded_order, w [heads]. Leaves them in
 // `cand`, best first (at most k; fewer if fewer slots). Scores a chunk of slots at a time, then keeps those
-// that beat the running threshold, 8 compares per instruction.
+// that beat the running threshold, 8 compares per instruction. With `flt` (MXFP4 keys, one head), once there is a
+// threshold, scores only the slots whose filter bound reaches it.
 template <int Fmt>
 void topk_row(const Keys& keys, const float* qp, const float* w, int heads, int d, int64_t t0, int64_t t1, int64_t k,
-              bool bf16_scores, std::vector<Cand>& cand) {
+              bool bf16_scores, const Fp4Filter* flt, std::vector<Cand>& cand) {
   alignas(32) float scores[kChunk + kGroup];
   cand.clear();
+  // With every weight negative (or -0) no score exceeds -0: once k slots score -0, no later slot can enter.
+  bool negative = true;
+  for (int h = 0; h < heads; ++h) negative = negative && std::signbit(w[h]) && !std::isnan(w[h]);
   int32_t thr = 0;  // once `cand` was pruned to k: the k-th best's order_key; later slots must beat it
-  bool pruned = false;
+  float bar = 0.0f;  // and (the filter) a score before any bf16 rounding below this one, or with `above`, at or
+  bool above = false;  // below it, cannot
+  bool pruned = false, full = false;
   auto keep = [&](int32_t key, int64_t slot, float score) {
     cand.push_back({key, int32_t(slot), score});
     if (int64_t(cand.size()) >= 4 * k + 64) {
       std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better);
       cand.resize(k);
+      const float kth = cand[k - 1].score;
       thr = cand[k - 1].key;  // the worst kept; a later slot with an equal score ranks below it
+      above = kth == 0 && !std::signbit(kth);  // +0: a positive score beats it
+      bar = kth != 0 ? (bf16_scores ? bf16_bar(kth) : kth) : above ? 0.0f : -INFINITY;  // -0: +0 beats it
+      full = negative && kth == 0 && std::signbit(kth);
       pruned = true;
     }
   };
-  for (int64_t t = t0; t < t1; t += kChunk) {
+  for (int64_t t = t0; t < t1 && !full; t += kChunk) {
     const int m = int(std::min<int64_t>(kChunk, t1 - t));
+    if constexpr (Fmt == kFP4) {
+      if (flt && pruned) {
+        int64_t pass[kChunk + kGroup];  // the slots whose bound reaches the bar
+        int n_pass = 0;
+        for (int j = 0; j < m; j += kGroup) {
+          const int mg = std::min(kGroup, m - j);
+          int64_t u[kGroup];
+          for (int g = 0; g < kGroup; ++g) u[g] = t + j + (g < mg ? g : 0);  // a short group repeats its first
+          const __m128 bound = fp4_bound4(keys, u, mg == kGroup, *flt, w[0], d);
+          const __m128 reach = above ? _mm_cmp_ps(bound, _mm_set1_ps(bar), _CMP_NLE_UQ)  // (or NaN)
+                                     : _mm_cmp_ps(bound, _mm_set1_ps(bar), _CMP_NLT_UQ);
+          int mask = _mm_movemask_ps(reach) & ((1 << mg) - 1);
+          for (; mask; mask &= mask - 1) pass[n_pass++] = t + j + __builtin_ctz(mask);
+        }
+        for (int j = n_pass; j % kGroup; ++j) pass[j] = pass[n_pass - 1];  // a short group repeats its last slot
+        for (int j = 0; j < n_pass; j += kGroup) {  // scored as score_chunk and the loop below do
+          float sc[kGroup];
+          _mm_storeu_ps(sc, relu_times(fp4_dots4(keys, pass + j, qp, d), w[0]));
+          for (int g = 0; g < std::min(kGroup, n_pass - j); ++g) {
+            const float score = bf16_scores ? round_bf16(sc[g]) : sc[g];
+            if (order_key(score) > thr) keep(order_key(score), pass[j + g], score);
+          }
+        }
+        continue;
+      }
+    }
     score_chunk<Fmt>(keys, qp, w, heads, d, t, m, scores);
     if (bf16_scores)
       for (int j = 0; j < m; ++j) scores[j] = round_bf16(scores[j]);
@@ -343,6 +479,9 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   std::vector<float> qp(rows * heads * d);  // every row's queries in decoded_order
   for (int64_t hr = 0; hr < rows * heads; ++hr)  // (row, head) pairs
     for (int64_t j = 0; j < d; ++j) qp[hr * d + j] = q.typed_data()[hr * d + order[j]];
+  std::vector<Fp4Filter> filters(fmt == kFP4 && heads == 1 ? rows : 0);  // one head: every row's filter
+  std::vector<bool> filtered(filters.size());
+  for (size_t r = 0; r < filters.size(); ++r) filtered[r] = make_filter(q.typed_data() + r * d, int(d), filters[r]);
 
   // tasks: each row's visible range, in parts of at least kMinPart slots, at most one per thread
   struct Task {
@@ -367,11 +506,12 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     std::vector<Cand>& cand = found[i];
     cand.reserve(4 * k + 64);
     const int hd = int(heads), di = int(d);
+    const Fp4Filter* flt = t.row < int64_t(filters.size()) && filtered[t.row] ? &filters[t.row] : nullptr;
     switch (fmt) {
-      case kF32: topk_row<kF32>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, cand); break;
-      case kBF16: topk_row<kBF16>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, cand); break;
-      case kFP8: topk_row<kFP8>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, cand); break;
-      default: topk_row<kFP4>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, cand);
+      case kF32: topk_row<kF32>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, nullptr, cand); break;
+      case kBF16: topk_row<kBF16>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, nullptr, cand); break;
+      case kFP8: topk_row<kFP8>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, nullptr, cand); break;
+      default: topk_row<kFP4>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, flt, cand);
     }
   });
 

@@ -1,9 +1,9 @@
 """Sparse attention over index lists (window ++ compressed entries) with an attention sink (architecture §3.4.6).
 
 `sparse_attention` picks the implementation: the Pallas kernels (pallas.py; Triton kernels on GPU, Mosaic
-kernels on TPU) where the backend has them, the pure-jnp reference (reference.py) elsewhere. `prefix_attention`
-is the compiled CPU kernel (cpu_kernel.py) for a cached step's attention over stored entries, where
-`prefix_kernel_fits` says so.
+kernels on TPU) where the backend has them, the pure-jnp reference (reference.py) elsewhere. `stored_attention`
+is the compiled CPU kernel (cpu_kernel.py) for a cached step's attention over stored entries (a range of them, or
+the ones CSA's indexer picked), where `stored_kernel_fits` says so.
 """
 
 from __future__ import annotations
@@ -34,26 +34,29 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, idx: jax.Arra
                                                                             target=target), (q, kv, idx), (sink,))
 
 
-# query rows x heads per sequence up to which a cached step runs prefix_attention on a CPU (measured: the decode
+# query rows x heads per sequence up to which a cached step runs stored_attention on a CPU (measured: the decode
 # steps of the long-context demo (4 heads) and the tiny preset (8) ran faster with it; see docs/inference.md)
 CPU_KERNEL_ROWS = 16
 
 
-def prefix_kernel_fits(q: jax.Array, kv: jax.Array, entries, implementation: str | None) -> bool:
-    """Whether a cached step's attention over stored entries runs prefix_attention: implementation None / "auto", a
+def stored_kernel_fits(q: jax.Array, kv: jax.Array, entries, implementation: str | None) -> bool:
+    """Whether a cached step's attention over stored entries runs stored_attention: implementation None / "auto", a
     CPU target, a decode-shaped query (s x heads <= CPU_KERNEL_ROWS), not inside the batch-invariant mode (the
     kernel adds in its own order), and operands the kernel reads."""
     return (implementation in (None, "auto") and target_platform() == "cpu" and not in_batch_invariant()
             and q.shape[1] * q.shape[2] <= CPU_KERNEL_ROWS and cpu_kernel.usable(q, kv, entries))
 
 
-def prefix_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, entries, lo: jax.Array, hi: jax.Array,
-                     sink: jax.Array, scale: float):
-    """sparse_attention(q, [kv ; entries decoded], sink, idx ++ the visible entry slots lo <= t < hi, scale,
-    return_lse=True) computed by the CPU kernel from the stored entries (cpu_kernel.prefix_attention), on each
-    device's share of the batch."""
-    return per_batch_shard(lambda q, kv, idx, entries, lo, hi, sink: cpu_kernel.prefix_attention(
-        q, kv, idx, entries, lo, hi, sink, scale), (q, kv, idx, entries, lo, hi), (sink,))
+def stored_attention(q: jax.Array, kv: jax.Array, idx: jax.Array, entries, sink: jax.Array, scale: float, *,
+                     lo: jax.Array | None = None, hi: jax.Array | None = None, picks: jax.Array | None = None):
+    """sparse_attention(q, [kv ; entries decoded], sink, idx ++ the entries the row sees, scale, return_lse=True),
+    where a row sees the entry slots lo <= t < hi or the slots in picks [b, s, k] (-1 = unused), computed by the CPU
+    kernel from the stored entries (cpu_kernel.stored_attention), on each device's share of the batch."""
+    if picks is not None:
+        return per_batch_shard(lambda q, kv, idx, entries, picks, sink: cpu_kernel.stored_attention(
+            q, kv, idx, entries, sink, scale, picks=picks), (q, kv, idx, entries, picks), (sink,))
+    return per_batch_shard(lambda q, kv, idx, entries, lo, hi, sink: cpu_kernel.stored_attention(
+        q, kv, idx, entries, sink, scale, lo=lo, hi=hi), (q, kv, idx, entries, lo, hi), (sink,))
 
 
-__all__ = ["prefix_attention", "prefix_kernel_fits", "sparse_attention"]
+__all__ = ["sparse_attention", "stored_attention", "stored_kernel_fits"]

@@ -1,18 +1,20 @@
-// Attention of a few query rows (a decode step) over their window rows and a range of stored compressed entries,
-// with the sink, on x86-64 CPUs with AVX2 + FMA, as an XLA FFI custom call (built by kernels/cpu_ffi.py). The math
-// is reference.py's sparse_attention over keys = [kv[idx[b, s, :]] ; entries[b, lo[b, s] .. hi[b, s] - 1]]:
+// Attention of a few query rows (a decode step) over their window rows and some stored compressed entries, with
+// the sink, on x86-64 CPUs with AVX2 + FMA, as an XLA FFI custom call (built by kernels/cpu_ffi.py). The math is
+// reference.py's sparse_attention over keys = [kv[idx[b, s, :]] ; the stored entries the row sees], which are
+// either a range of slots, entries[b, lo[b, s] .. hi[b, s] - 1] (an HCA layer, CSA's dense phase), or a list of
+// slots, entries[b, picks[b, s, :]] (CSA's top-k; -1 = unused):
 //
 //     z_k = scale * q . key_k,   o = sum_k exp(z_k - m) key_k / (sum_k exp(z_k - m) + exp(sink - m)),
 //     lse = m + log(sum_k exp(z_k - m) + exp(sink - m))
 //
-// What it adds over the reference in a cached step (an HCA layer, CSA's dense phase): each stored entry is read
-// once, in its stored format, and decoded into a block buffer that stays in L1 (XLA:CPU decodes the whole filled
-// prefix to memory, copies it after the window rows and gathers it again); the softmax is taken online, block by
-// block (a running max rescales the sums), so nothing is read twice; a long range is split over XLA's intra-op
-// threads and the partial sums merged. Where the compute dtype is bf16, keys are rounded to it as the reference
-// decodes them, and so are the probabilities that weight the values; the rounding then happens relative to the
-// running max, not the final one, and exp is glibc's, not XLA's: outputs agree with the reference to rounding
-// (tests/kernels/test_sparse_attention_cpu.py), not bit for bit.
+// What it adds over the reference in a cached step: each stored entry it attends is read once, in its stored
+// format, and decoded into a block buffer that stays in L1 (XLA:CPU decodes the whole filled prefix, or the picked
+// rows, to memory, copies them after the window rows and gathers them again for the score dot); the softmax is
+// taken online, block by block (a running max rescales the sums), so nothing is read twice; a long range or list is
+// split over XLA's intra-op threads and the partial sums merged. Where the compute dtype is bf16, keys are rounded
+// to it as the reference decodes them, and so are the probabilities that weight the values; the rounding then
+// happens relative to the running max, not the final one, and exp is glibc's, not XLA's: outputs agree with the
+// reference to rounding (tests/kernels/test_sparse_attention_cpu.py), not bit for bit.
 //
 // Entry formats (cpu_kernel.py's F32 .. FP8): 0 fp32 [b, n, d]; 1 bf16 [b, n, d]; 2 Fp8Entries: the first dn dims
 // as e4m3 bytes [b, n, dn] with one UE8M0 scale byte per 64 [b, n, >= dn / 64], the last d - dn dims bf16
@@ -41,9 +43,9 @@ using v4jax_cpu::round_bf16;
 using v4jax_cpu::run_tasks;
 
 constexpr int kF32 = 0, kBF16 = 1, kFP8 = 2;
-constexpr int kBlock = 32;          // keys decoded and scored together
+constexpr int kBlock = 8;           // keys decoded and scored together
 constexpr int kMaxDim = 1024;       // head dim at most
-constexpr int64_t kMinPart = 2048;  // entries per task at least when a row's range is split across threads
+constexpr int64_t kMinPart = 256;  // entries per task at least when a row's entries are split across threads
 
 inline void bf16_to_f32(const uint16_t* src, int n, float* out) {  // n a multiple of 8
   for (int j = 0; j < n; j += 8) {
@@ -122,34 +124,39 @@ void add_block(Partial& part, const float* q, int heads, int d, float scale, boo
   }
 }
 
-ffi::Error PrefixAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv,
+ffi::Error StoredAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv,
                                ffi::Buffer<ffi::S32> idx, ffi::AnyBuffer ent_a, ffi::AnyBuffer ent_b,
                                ffi::AnyBuffer ent_c, ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
-                               ffi::Buffer<ffi::F32> sink, ffi::ResultBuffer<ffi::F32> out,
-                               ffi::ResultBuffer<ffi::F32> lse, int64_t fmt, float scale, bool bf16) {
+                               ffi::Buffer<ffi::S32> picks, ffi::Buffer<ffi::F32> sink,
+                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t fmt,
+                               float scale, bool bf16, bool picked) {
   const auto qd = q.dimensions(), kd = kv.dimensions(), id = idx.dimensions(), ad = ent_a.dimensions();
-  if (qd.size() != 4 || kd.size() != 3 || id.size() != 3 || ad.size() != 3)
-    return ffi::Error::InvalidArgument("prefix_attention: q [b, s, h, d], kv [b, m, d], idx [b, s, w], entries "
-                                       "[b, n, .]");
+  const auto pd = picks.dimensions();
+  if (qd.size() != 4 || kd.size() != 3 || id.size() != 3 || ad.size() != 3 || pd.size() != 3 ||
+      (picked && (pd[0] != qd[0] || pd[1] != qd[1])))
+    return ffi::Error::InvalidArgument("stored_attention: q [b, s, h, d], kv [b, m, d], idx [b, s, w], entries "
+                                       "[b, n, .], picks [b, s, k]");
   const int64_t b = qd[0], s = qd[1], heads = qd[2], d = qd[3], m_rows = kd[1], w = id[2], n = ad[1];
+  const int64_t n_picks = picked ? pd[2] : 0;
   const bool kv_bf16 = kv.element_type() == ffi::DataType::BF16;
   if (d % 8 || d > kMaxDim || fmt < kF32 || fmt > kFP8 || (fmt == kFP8 && ad[2] % 64) ||
       (!kv_bf16 && kv.element_type() != ffi::DataType::F32))
-    return ffi::Error::InvalidArgument("prefix_attention: entry format " + std::to_string(fmt) + ", head dim " +
+    return ffi::Error::InvalidArgument("stored_attention: entry format " + std::to_string(fmt) + ", head dim " +
                                        std::to_string(d) + " or kv dtype not supported");
   const int64_t a_item = fmt == kF32 ? 4 : fmt == kBF16 ? 2 : 1;
   const auto bd = ent_b.dimensions(), cd = ent_c.dimensions();
   const int64_t a_row = ad[2] * a_item, b_row = fmt == kFP8 ? bd[2] : 0, c_row = fmt == kFP8 ? cd[2] * 2 : 0;
 
+  // a task: row `row`'s entries [t0, t1) (slots of the range, or positions in its picks), its window keys too
   struct Task {
     int64_t row, t0, t1;
-    bool window;  // this task also takes the row's window keys
+    bool window;
   };
   std::vector<Task> tasks;
   const int64_t threads = pool_threads(pool);
   for (int64_t r = 0; r < b * s; ++r) {
-    const int64_t t0 = std::max<int64_t>(lo.typed_data()[r], 0);
-    const int64_t t1 = std::max(t0, std::min<int64_t>(hi.typed_data()[r], n));
+    const int64_t t0 = picked ? 0 : std::max<int64_t>(lo.typed_data()[r], 0);
+    const int64_t t1 = picked ? n_picks : std::max(t0, std::min<int64_t>(hi.typed_data()[r], n));
     const int64_t parts = std::clamp<int64_t>((t1 - t0) / kMinPart, 1, threads);
     for (int64_t p = 0; p < parts; ++p)
       tasks.push_back({r, t0 + (t1 - t0) * p / parts, t0 + (t1 - t0) * (p + 1) / parts, p == 0});
@@ -182,7 +189,10 @@ ffi::Error PrefixAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
         if (++filled == kBlock) flush();
       }
     }
-    for (int64_t t = task.t0; t < task.t1; ++t) {
+    const int32_t* pr = picks.typed_data() + task.row * n_picks;
+    for (int64_t j = task.t0; j < task.t1; ++j) {
+      const int64_t t = picked ? pr[j] : j;
+      if (picked && (t < 0 || t >= n)) continue;
       float* out_row = buf.data() + size_t(filled) * d;
       switch (fmt) {
         case kF32: decode_entry<kF32>(e, t, int(d), bf16, out_row); break;
@@ -220,7 +230,7 @@ ffi::Error PrefixAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(V4jaxPrefixAttention, PrefixAttentionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(V4jaxStoredAttention, StoredAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -231,9 +241,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(V4jaxPrefixAttention, PrefixAttentionImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("fmt")
                                   .Attr<float>("scale")
-                                  .Attr<bool>("bf16"));
+                                  .Attr<bool>("bf16")
+                                  .Attr<bool>("picked"));

@@ -96,6 +96,60 @@ def test_random_scores_and_picks(fmt, h):
     np.testing.assert_allclose(np.asarray(got16[1])[ok], np.asarray(want16[1])[ok], rtol=2**-8)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fp4_filter_keeps_every_pick(d, dtype):
+    """MXFP4 keys with one head go through the kernel's integer filter (the query rounded to int8 per 32-dim
+    block, plus an error bound) before being scored: it must never drop a key the top-k needs. Queries: large
+    integers (up to 3,000) on a fifth of the dims, small ones (up to 3) elsewhere, which the int8 rounding
+    loses; keys: 40 families sharing their values on the large dims, random on the others, so that within the
+    leading family the picks differ only through the small dims (without the bound the filter drops them: checked
+    by hand). Keys hold e2m1 values with a 6 in every 32-dim block (block scale 1: stored exactly), so every score
+    is an exact fp32 value: picks (ties by slot), scores and signs must equal the definition's exactly, for
+    weights of either sign."""
+    rng = np.random.default_rng(d)
+    b, s, n, k = 1, 4, 6000, 20
+    big = np.zeros(d, bool)
+    big[rng.permutation(d)[:d // 5]] = True
+    big[::32] = False  # the 6s
+    e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    values = rng.choice(e2m1, (n, d)) * rng.choice([-1, 1], (n, d))
+    family = rng.choice(e2m1, (40, d)) * rng.choice([-1, 1], (40, d))
+    values[:, big] = family[rng.integers(0, 40, n)][:, big]
+    values[:, ::32] = 6.0
+    keys = jnp.asarray(values[None], jnp.float32)
+    q = np.where(big, rng.integers(-3000, 3001, (b, s, 1, d)), rng.integers(-3, 4, (b, s, 1, d)))
+    q, w = jnp.asarray(q, jnp.float32), jnp.asarray([[[1.5], [-0.5], [0.25], [-2.0]]], jnp.float32)
+    lo, hi = jnp.zeros((b, s), jnp.int32), jnp.asarray([[n, n - 77, n // 2, n]], jnp.int32)
+    stored = _stored("fp4", keys)
+    np.testing.assert_array_equal(kv_cache.read(stored, jnp.float32), keys)
+    got, want = _kernel(q, w, stored, lo, hi, k, dtype), _definition(q, w, stored, lo, hi, k, dtype)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(np.signbit(got[1]), np.signbit(want[1]))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_zero_threshold(fmt):
+    """The first 3,000 slots score 0 (their dots are negative), the next 3,000 mostly do not: with a positive
+    weight the later slots must still enter after k zeros filled the top-k (+0 is beaten by any positive score);
+    with a negative weight every score is -0 or below, so the first k slots are the picks (the kernel stops
+    scanning once k slots score -0). Integers: exact scores, compared with the definition exactly."""
+    rng = np.random.default_rng(3)
+    n, d, k = 6000, 64, 50
+    q = jnp.asarray(rng.integers(1, 3, (1, 2, 1, d)), jnp.float32)
+    keys = np.abs(rng.integers(-2, 3, (1, n, d))).astype(np.float32)
+    keys[:, : n // 2] *= -1
+    w = jnp.asarray([[[1.0], [-1.0]]], jnp.float32)
+    lo, hi = jnp.zeros((1, 2), jnp.int32), jnp.full((1, 2), n, jnp.int32)
+    stored = _stored(fmt, jnp.asarray(keys))
+    got, want = _kernel(q, w, stored, lo, hi, k, jnp.float32), _definition(q, w, stored, lo, hi, k, jnp.float32)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(np.signbit(got[1]), np.signbit(want[1]))
+    assert np.asarray(want[0])[0, 0].min() >= n // 2 and np.asarray(want[0])[0, 1].max() < k
+
+
 def _runs_kernel(q, keys, **kw) -> bool:
     b, s = q.shape[:2]
     lo = hi = jnp.zeros((b, s), jnp.int32)

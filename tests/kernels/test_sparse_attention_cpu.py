@@ -1,6 +1,6 @@
-"""kernels/sparse_attention/cpu_kernel: the compiled CPU prefix attention (window rows ++ a range of stored entries,
-read in their storage format, online softmax) against reference.sparse_attention over the decoded rows, and when a
-cached step runs it."""
+"""kernels/sparse_attention/cpu_kernel: the compiled CPU attention over stored entries (window rows ++ a range of
+stored entries or a list of picked ones, read in their storage format, online softmax) against
+reference.sparse_attention over the decoded rows, and when a cached step runs it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kernels import cpu_ffi
-from kernels.sparse_attention import CPU_KERNEL_ROWS, cpu_kernel, prefix_kernel_fits, reference
+from kernels.sparse_attention import CPU_KERNEL_ROWS, cpu_kernel, reference, stored_kernel_fits
 from v4jax import kv_cache
 from v4jax.numerics import batch_invariant
 
@@ -37,38 +37,53 @@ def _operands(seed, b, s, h, d, m, w, n, fmt, dtype, rope=64):
     return q, kv, idx, entries, jnp.asarray(lo), jnp.asarray(hi), sink
 
 
+def _picks(seed, b, s, n, k):
+    """Distinct random slots [b, s, k] per row, some -1 (the first row's only -1 in its last place; the last row's
+    all -1)."""
+    rng = np.random.default_rng(seed)
+    picks = np.stack([rng.permutation(n)[:k] for _ in range(b * s)]).reshape(b, s, k).astype(np.int32)
+    picks[rng.random((b, s, k)) < 0.2] = -1
+    picks.reshape(b * s, k)[0] = np.append(rng.permutation(n)[:k - 1], -1)
+    picks.reshape(b * s, k)[-1] = -1
+    return jnp.asarray(picks)
+
+
 @functools.partial(jax.jit, static_argnames="scale")
-def _reference(q, kv, idx, entries, lo, hi, sink, scale):
+def _reference(q, kv, idx, entries, sink, scale, lo=None, hi=None, picks=None):
     """What a cached step computed before the kernel: the entries decoded to kv's dtype after the window rows,
-    every slot in [lo, hi) appended to the index list."""
+    every slot in [lo, hi) (or in picks) appended to the index list."""
     rows = kv_cache.read(entries, kv.dtype)
-    n = rows.shape[1]
-    t = jnp.arange(n)
-    comp = jnp.where((t >= lo[..., None]) & (t < hi[..., None]), kv.shape[1] + t, -1)
+    if picks is None:
+        t = jnp.arange(rows.shape[1])
+        comp = jnp.where((t >= lo[..., None]) & (t < hi[..., None]), kv.shape[1] + t, -1)
+    else:
+        comp = jnp.where(picks >= 0, kv.shape[1] + picks, -1)
     return reference.sparse_attention(q, jnp.concatenate([kv, rows], 1), sink, jnp.concatenate([idx, comp], -1),
                                       scale, return_lse=True)
 
 
 @functools.partial(jax.jit, static_argnames="scale")
-def _kernel(q, kv, idx, entries, lo, hi, sink, scale):
-    return cpu_kernel.prefix_attention(q, kv, idx, entries, lo, hi, sink, scale)
+def _kernel(q, kv, idx, entries, sink, scale, lo=None, hi=None, picks=None):
+    return cpu_kernel.stored_attention(q, kv, idx, entries, sink, scale, lo=lo, hi=hi, picks=picks)
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 1, 4, 128, 20, 16, 5000), (1, 3, 1, 192, 9, 8, 77)])
-def test_matches_the_reference(fmt, dtype, shape):
+@pytest.mark.parametrize("seen", ["range", "picks"])
+def test_matches_the_reference(fmt, dtype, shape, seen):
     """Outputs and log-denominators against the reference over the decoded rows: in fp32 within 2e-6 of the
     largest output (the kernel adds in its own order, block by block, and exp is glibc's); in bf16 within one bf16
-    step of it (probabilities are rounded to bf16 relative to a running max, not the final one). 5,000 entries
-    are split over the threads and many 32-key blocks; 77 leave a short last block; head dim 192 with FP8's 128
-    e4m3 dims in two scale blocks. A row that sees no key returns 0 and lse = sink exactly."""
+    step of it (probabilities are rounded to bf16 relative to a running max, not the final one). A range of 5,000
+    entries, or 600 picks of them, is split over the threads and many 32-key blocks; 77 entries leave a short last
+    block; head dim 192 with FP8's 128 e4m3 dims in two scale blocks. A row that sees no key returns 0 and
+    lse = sink exactly."""
     b, s, h, d, m, w, n = shape
-    ops = _operands(sum(shape), b, s, h, d, m, w, n, fmt, dtype)
-    q, kv, idx, entries, lo, hi, sink = ops
+    q, kv, idx, entries, lo, hi, sink = _operands(sum(shape), b, s, h, d, m, w, n, fmt, dtype)
     idx = idx.at[-1, -1].set(-1)  # the last row: no window key either
-    ops = (q, kv, idx, entries, lo, hi, sink)
-    (o, lse), (ro, rlse) = _kernel(*ops, d**-0.5), _reference(*ops, d**-0.5)
+    seen_by = dict(lo=lo, hi=hi) if seen == "range" else dict(picks=_picks(sum(shape), b, s, n, min(n, 600)))
+    ops = (q, kv, idx, entries, sink, d**-0.5)
+    (o, lse), (ro, rlse) = _kernel(*ops, **seen_by), _reference(*ops, **seen_by)
     o, ro = np.asarray(o, np.float32), np.asarray(ro, np.float32)
     top = np.abs(ro).max()
     step = 2.0 ** (np.floor(np.log2(top)) - 7)  # bf16's spacing at the largest output
@@ -78,15 +93,23 @@ def test_matches_the_reference(fmt, dtype, shape):
     np.testing.assert_array_equal(np.asarray(lse)[-1, -1], np.asarray(sink))
 
 
+def test_takes_either_a_range_or_picks():
+    q, kv, idx, entries, lo, hi, sink = _operands(0, 1, 1, 1, 128, 4, 2, 8, "bf16", jnp.float32)
+    with pytest.raises(ValueError, match="either lo and hi"):
+        cpu_kernel.stored_attention(q, kv, idx, entries, sink, 1.0)
+    with pytest.raises(ValueError, match="either lo and hi"):
+        cpu_kernel.stored_attention(q, kv, idx, entries, sink, 1.0, lo=lo, hi=hi, picks=_picks(0, 1, 1, 8, 4))
+
+
 def test_when_a_cached_step_runs_it():
     """On a CPU with implementation None / 'auto': for up to CPU_KERNEL_ROWS query rows x heads, outside the
     batch-invariant mode, for the formats it reads."""
     kv = jnp.zeros((1, 4, 128))
     entries = kv_cache.empty_kv("fp8", (1, 8), 128, 64)
-    assert prefix_kernel_fits(jnp.zeros((1, 1, CPU_KERNEL_ROWS, 128)), kv, entries, None)
-    assert prefix_kernel_fits(jnp.zeros((1, 2, 4, 128)), kv, entries, "auto")
-    assert not prefix_kernel_fits(jnp.zeros((1, 1, CPU_KERNEL_ROWS + 1, 128)), kv, entries, None)
-    assert not prefix_kernel_fits(jnp.zeros((1, 1, 4, 128)), kv, entries, "reference")
-    assert not prefix_kernel_fits(jnp.zeros((1, 1, 4, 128)), kv, jnp.zeros((1, 8, 128), jnp.float16), None)
+    assert stored_kernel_fits(jnp.zeros((1, 1, CPU_KERNEL_ROWS, 128)), kv, entries, None)
+    assert stored_kernel_fits(jnp.zeros((1, 2, 4, 128)), kv, entries, "auto")
+    assert not stored_kernel_fits(jnp.zeros((1, 1, CPU_KERNEL_ROWS + 1, 128)), kv, entries, None)
+    assert not stored_kernel_fits(jnp.zeros((1, 1, 4, 128)), kv, entries, "reference")
+    assert not stored_kernel_fits(jnp.zeros((1, 1, 4, 128)), kv, jnp.zeros((1, 8, 128), jnp.float16), None)
     with batch_invariant():
-        assert not prefix_kernel_fits(jnp.zeros((1, 1, 4, 128)), kv, entries, None)
+        assert not stored_kernel_fits(jnp.zeros((1, 1, 4, 128)), kv, entries, None)
