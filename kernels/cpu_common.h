@@ -59,19 +59,38 @@ inline float pow2_minus_127(uint8_t e) {  // a UE8M0 scale byte's 2^(e - 127), b
   return x;
 }
 
-// 8 e4m3 bytes -> their values times `scale`: normal codes by their bits (exponent + 120, mantissa moved up),
-// subnormal ones (exponent 0) as mantissa * 2^-9 (e4m3's NaN codes, which the encoders never write, give 480)
-inline __m256 e4m3_values(const uint8_t* src, __m256 scale) {
-  const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
-  const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x7F)), 20),
-                                          _mm256_set1_epi32(120 << 23));
-  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(7))),
-                                   _mm256_set1_ps(1.0f / 512));
-  const __m256 is_sub = _mm256_castsi256_ps(
-      _mm256_cmpeq_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x78)), _mm256_setzero_si256()));
-  const __m256 mag = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub, is_sub);
-  return _mm256_mul_ps(_mm256_or_ps(mag, _mm256_castsi256_ps(sign)), scale);
+// 32 e4m3 bytes -> their values times `scale`, at out[0 .. 32). Each value is built as a bf16 bit pattern, then
+// widened to fp32: for a normal code (exponent e > 0) the high byte is the sign and e + 120 without its lowest bit
+// (a table lookup on the code's high nibble), the low byte e's lowest bit and the mantissa (the low nibble, shifted
+// up); a subnormal code (e = 0: mantissa * 2^-9) takes both bytes from tables on its mantissa. e4m3's NaN codes,
+// which the encoders never write, give 480.
+inline void e4m3_decode32(const uint8_t* src, float scale, float* out) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), nib = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(x, nib), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
+  const __m256i high_of_hi = _mm256_setr_epi8(60, 61, 62, 63, 64, 65, 66, 67, -68, -67, -66, -65, -64, -63, -62, -61,
+                                              60, 61, 62, 63, 64, 65, 66, 67, -68, -67, -66, -65, -64, -63, -62, -61);
+  const __m256i sub_high = _mm256_setr_epi8(0, 59, 59, 59, 60, 60, 60, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 59, 59, 59, 60,
+                                            60, 60, 60, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m256i sub_low = _mm256_setr_epi8(0, 0, -128, -64, 0, 32, 64, 96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -128, -64, 0,
+                                           32, 64, 96, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m256i sub = _mm256_cmpeq_epi8(_mm256_and_si256(x, _mm256_set1_epi8(0x78)), _mm256_setzero_si256());
+  const __m256i high = _mm256_blendv_epi8(
+      _mm256_shuffle_epi8(high_of_hi, hi),
+      _mm256_or_si256(_mm256_shuffle_epi8(sub_high, lo), _mm256_and_si256(x, _mm256_set1_epi8(char(0x80)))), sub);
+  const __m256i low = _mm256_blendv_epi8(_mm256_and_si256(_mm256_slli_epi16(x, 4), _mm256_set1_epi8(char(0xF0))),
+                                         _mm256_shuffle_epi8(sub_low, lo), sub);
+  // bf16 words: w0 holds values 0-7 | 16-23, w1 8-15 | 24-31 (unpacks work within 128-bit lanes)
+  const __m256i w0 = _mm256_unpacklo_epi8(low, high), w1 = _mm256_unpackhi_epi8(low, high);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256 f0 = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w0)), s);  // 0-3 | 16-19
+  const __m256 f1 = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w0)), s);  // 4-7 | 20-23
+  const __m256 f2 = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1)), s);  // 8-11 | 24-27
+  const __m256 f3 = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1)), s);  // 12-15 | 28-31
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(f0, f1, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(f2, f3, 0x20));
+  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(f0, f1, 0x31));
+  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(f2, f3, 0x31));
 }
 
 }  // namespace v4jax_cpu

@@ -42,7 +42,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using v4jax_cpu::e4m3_values;
+using v4jax_cpu::e4m3_decode32;
 using v4jax_cpu::pool_threads;
 using v4jax_cpu::pow2_minus_127;
 using v4jax_cpu::round_bf16;
@@ -126,8 +126,7 @@ inline void decode_key(const Keys& keys, int64_t t, int d, float* out) {
   } else if constexpr (Fmt == kFP8) {
     float scale;
     std::memcpy(&scale, keys.scales + t * keys.scale_bytes, 4);
-    for (int j = 0; j < d; j += 8)
-      _mm256_storeu_ps(out + j, e4m3_values(reinterpret_cast<const uint8_t*>(kp) + j, _mm256_set1_ps(scale)));
+    for (int j = 0; j < d; j += 32) e4m3_decode32(reinterpret_cast<const uint8_t*>(kp) + j, scale, out + j);
   } else {
     __m256 f[8];
     const uint8_t* e = keys.scales + t * keys.scale_bytes;
@@ -470,7 +469,7 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     return ffi::Error::InvalidArgument("indexer_topk: q must be [b, s, i, d] and keys [b, n, .]");
   const int64_t b = qd[0], s = qd[1], heads = qd[2], d = qd[3], n = kd[1], rows = b * s;
   const int64_t k = out_slots->dimensions()[2];
-  if (d % 8 || d > kMaxDim || (fmt == kBF16 && d % 16) || (fmt == kFP4 && d % 64) || fmt < kF32 || fmt > kFP4)
+  if (d % 8 || d > kMaxDim || (fmt == kBF16 && d % 16) || (fmt == kFP8 && d % 32) || (fmt == kFP4 && d % 64) || fmt < kF32 || fmt > kFP4)
     return ffi::Error::InvalidArgument("indexer_topk: key format " + std::to_string(fmt) + " with head dim " +
                                        std::to_string(d) + " is not supported");
   const int64_t bytes = kd[2] * (fmt == kF32 ? 4 : fmt == kBF16 ? 2 : 1);

@@ -20,7 +20,7 @@ from kernels import cpu_ffi
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernel.cc")
 TARGET = "v4jax_indexer_topk"
 F32, BF16, FP8, FP4 = range(4)  # cpu_kernel.cc's key formats
-DIM_MULTIPLE = {F32: 8, BF16: 16, FP8: 8, FP4: 64}
+DIM_MULTIPLE = {F32: 8, BF16: 16, FP8: 32, FP4: 64}
 
 
 def _registered() -> str | None:

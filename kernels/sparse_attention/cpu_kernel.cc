@@ -36,7 +36,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using v4jax_cpu::e4m3_values;
+using v4jax_cpu::e4m3_decode32;
 using v4jax_cpu::pool_threads;
 using v4jax_cpu::pow2_minus_127;
 using v4jax_cpu::round_bf16;
@@ -72,8 +72,7 @@ inline void decode_entry(const Entries& e, int64_t t, int d, bool round, float* 
   } else {  // e4m3 x 2^k has at most 4 significant bits: exact in bf16, nothing to round
     const uint8_t* codes = reinterpret_cast<const uint8_t*>(e.a + t * e.a_bytes);
     const uint8_t* scales = reinterpret_cast<const uint8_t*>(e.b + t * e.b_bytes);
-    for (int j = 0; j < e.dn; j += 8)
-      _mm256_storeu_ps(out + j, e4m3_values(codes + j, _mm256_set1_ps(pow2_minus_127(scales[j / 64]))));
+    for (int j = 0; j < e.dn; j += 32) e4m3_decode32(codes + j, pow2_minus_127(scales[j / 64]), out + j);
     bf16_to_f32(reinterpret_cast<const uint16_t*>(e.c + t * e.c_bytes), d - e.dn, out + e.dn);
   }
 }

@@ -93,6 +93,27 @@ def test_matches_the_reference(fmt, dtype, shape, seen):
     np.testing.assert_array_equal(np.asarray(lse)[-1, -1], np.asarray(sink))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decodes_every_fp8_code(dtype):
+    """Each query row attends one stored entry alone (no window key, a sink of -inf): its output is that entry,
+    decoded. The entries' e4m3 bytes run through every code the encoders write (all but the two NaN codes:
+    subnormals, zeros of both signs, the largest), under scale bytes 127 (1), 120 (2^-7) and 140 (2^13); the
+    output must equal kv_cache.read's decode exactly."""
+    codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)
+    n, d, rope = 3, 576, 64  # 512 e4m3 dims: 8 scale blocks
+    rng = np.random.default_rng(0)
+    nope = np.stack([np.resize(np.roll(codes, 100 * i), d - rope) for i in range(n)])
+    scale = rng.choice([127, 120, 140], (n, 8)).astype(np.uint8)
+    entries = kv_cache.Fp8Entries(jnp.asarray(nope[None]), jnp.asarray(scale[None]),
+                                  jnp.asarray(rng.standard_normal((1, n, rope)), jnp.bfloat16))
+    q = jnp.asarray(rng.standard_normal((1, n, 1, d)), dtype)
+    kv, idx = jnp.zeros((1, 1, d), dtype), jnp.full((1, n, 1), -1, jnp.int32)
+    picks = jnp.arange(n, dtype=jnp.int32)[None, :, None]  # row i: entry i
+    o, _ = _kernel(q, kv, idx, entries, jnp.full((1,), -jnp.inf), d**-0.5, picks=picks)
+    want = kv_cache.read(entries, dtype)[0]
+    np.testing.assert_array_equal(np.asarray(o[0, :, 0], np.float32), np.asarray(want, np.float32))
+
+
 def test_takes_either_a_range_or_picks():
     q, kv, idx, entries, lo, hi, sink = _operands(0, 1, 1, 1, 128, 4, 2, 8, "bf16", jnp.float32)
     with pytest.raises(ValueError, match="either lo and hi"):
