@@ -182,6 +182,20 @@ inline __m256 pow2_minus_127(__m256i e) {
   return _mm256_blendv_ps(normal, _mm256_set1_ps(std::ldexp(1.0f, -127)), zero_byte);
 }
 
+// The UE8M0 scale bytes of blocks 2c (lanes 0-3) and 2c + 1 (lanes 4-7) of the kGroup slots t, as int32 lanes;
+// `consecutive` slots (t[g] = t[0] + g) with two scale bytes each come in one 8-byte load
+inline __m256i block_scale_bytes(const Keys& keys, const int64_t t[kGroup], int c, bool consecutive) {
+  const uint8_t* s = keys.scales + 2 * c;
+  const int64_t sb = keys.scale_bytes;
+  if (consecutive && sb == 2) {
+    const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
+    return _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + t[0] * sb)),
+                                                 order));
+  }
+  return _mm256_setr_epi32(s[t[0] * sb], s[t[1] * sb], s[t[2] * sb], s[t[3] * sb], s[t[0] * sb + 1],
+                           s[t[1] * sb + 1], s[t[2] * sb + 1], s[t[3] * sb + 1]);
+}
+
 // lane g = qp . key t[g] for kGroup slots t, MXFP4 decoded in registers (one head). Each block's partial dot is
 // scaled once, which rounds as scaling every value would (the scale is a power of two; barring under- or overflow).
 inline __m128 fp4_dots4(const Keys& keys, const int64_t t[kGroup], const float* qp, int d) {
@@ -201,11 +215,7 @@ inline __m128 fp4_dots4(const Keys& keys, const int64_t t[kGroup], const float* 
     }
     // lane g: slot g's dot over block 2c; lane 4 + g: over block 2c + 1
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    const uint8_t* s = keys.scales + 2 * c;
-    const int64_t sb = keys.scale_bytes;
-    const __m256i e = _mm256_setr_epi32(s[t[0] * sb], s[t[1] * sb], s[t[2] * sb], s[t[3] * sb], s[t[0] * sb + 1],
-                                        s[t[1] * sb + 1], s[t[2] * sb + 1], s[t[3] * sb + 1]);
-    const __m256 p = _mm256_mul_ps(h, pow2_minus_127(e));
+    const __m256 p = _mm256_mul_ps(h, pow2_minus_127(block_scale_bytes(keys, t, c, false)));
     total = _mm_add_ps(total, _mm_add_ps(_mm256_castps256_ps128(p), _mm256_extractf128_ps(p, 1)));
   }
   return total;
@@ -271,24 +281,14 @@ inline __m128 fp4_bound4(const Keys& keys, const int64_t t[kGroup], bool consecu
     // lane g: slot g's integer dot over block 2c; lane 4 + g: over block 2c + 1
     const __m256 h = _mm256_cvtepi32_ps(
         _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3])));
-    __m256i e8;  // the scale bytes in h's lanes
-    const uint8_t* s = keys.scales + 2 * c;
-    const int64_t sb = keys.scale_bytes;
-    if (consecutive && sb == 2) {
-      const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
-      e8 = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + t[0] * sb)),
-                                                 order));
-    } else {
-      e8 = _mm256_setr_epi32(s[t[0] * sb], s[t[1] * sb], s[t[2] * sb], s[t[3] * sb], s[t[0] * sb + 1],
-                             s[t[1] * sb + 1], s[t[2] * sb + 1], s[t[3] * sb + 1]);
-    }
     const auto per_block = [&](const float* v) {  // lanes 0-3: block 2c's value; lanes 4-7: block 2c + 1's
       return _mm256_set_m128(_mm_set1_ps(v[2 * c + 1]), _mm_set1_ps(v[2 * c]));
     };
     // f s_k (I - c -+ e): the dot's upper end, or its lower end where w < 0 (w * relu is then decreasing)
     const __m256 end = w >= 0 ? _mm256_add_ps(_mm256_sub_ps(h, per_block(flt.c)), per_block(flt.e))
                               : _mm256_sub_ps(_mm256_sub_ps(h, per_block(flt.c)), per_block(flt.e));
-    const __m256 a = _mm256_mul_ps(_mm256_mul_ps(pow2_minus_127(e8), per_block(flt.f)), end);
+    const __m256 a =
+        _mm256_mul_ps(_mm256_mul_ps(pow2_minus_127(block_scale_bytes(keys, t, c, consecutive)), per_block(flt.f)), end);
     bound = _mm_add_ps(bound, _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)));
   }
   bound = _mm_mul_ps(_mm_max_ps(_mm_setzero_ps(), bound), _mm_set1_ps(w));  // NaN stays NaN
@@ -469,7 +469,8 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     return ffi::Error::InvalidArgument("indexer_topk: q must be [b, s, i, d] and keys [b, n, .]");
   const int64_t b = qd[0], s = qd[1], heads = qd[2], d = qd[3], n = kd[1], rows = b * s;
   const int64_t k = out_slots->dimensions()[2];
-  if (d % 8 || d > kMaxDim || (fmt == kBF16 && d % 16) || (fmt == kFP8 && d % 32) || (fmt == kFP4 && d % 64) || fmt < kF32 || fmt > kFP4)
+  if (d % 8 || d > kMaxDim || (fmt == kBF16 && d % 16) || (fmt == kFP8 && d % 32) || (fmt == kFP4 && d % 64) ||
+      fmt < kF32 || fmt > kFP4)
     return ffi::Error::InvalidArgument("indexer_topk: key format " + std::to_string(fmt) + " with head dim " +
                                        std::to_string(d) + " is not supported");
   const int64_t bytes = kd[2] * (fmt == kF32 ? 4 : fmt == kBF16 ? 2 : 1);
