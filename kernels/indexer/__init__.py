@@ -30,16 +30,20 @@ def _check(q, w, keys, lo, hi, k):
         raise ValueError(f"indexer_topk k={k} must be in [1, n={n}]: pass min(index_topk, n)")
 
 
-# query rows x heads per sequence up to which the CPU kernel beats XLA's dot (bench kernels: one head of 64 dims,
-# 2 and 4 heads of 128 faster, 16 heads of 128 slower)
-CPU_KERNEL_ROWS = 4
+# Query rows x heads per sequence up to which the CPU kernel beats XLA's dot and top_k: CPU_KERNEL_ROWS for any
+# head count (one head of 64 dims, 2 and 4 heads of 128 measured faster), CPU_KERNEL_LANE_ROWS for a multiple of 8
+# heads, which the kernel puts in the lanes of its score dot (one row, 65,536 keys of 128 dims, fp32 scores: 8, 16
+# and 32 heads 0.33-0.80x the reference's time, 64 heads 0.86-1.09x; docs/kernels.md).
+CPU_KERNEL_ROWS, CPU_KERNEL_LANE_ROWS = 4, 32
 
 
 def cpu_kernel_fits(q, keys, dtype) -> bool:
-    """Whether "auto" runs the CPU kernel: a CPU target, a decode-shaped query (s x heads <= CPU_KERNEL_ROWS), not
-    inside the batch-invariant mode (the kernel sums in its own order), and operands the kernel reads."""
-    return (target_platform() == "cpu" and q.shape[1] * q.shape[2] <= CPU_KERNEL_ROWS and not in_batch_invariant()
-            and cpu_kernel.usable(q, keys, dtype))
+    """Whether "auto" runs the CPU kernel: a CPU target, a decode-shaped query (s x heads <= CPU_KERNEL_ROWS, or
+    <= CPU_KERNEL_LANE_ROWS with heads a multiple of 8), not inside the batch-invariant mode (the kernel sums in its
+    own order), and operands the kernel reads."""
+    rows, heads = q.shape[1] * q.shape[2], q.shape[2]
+    few = rows <= CPU_KERNEL_ROWS or (heads % 8 == 0 and rows <= CPU_KERNEL_LANE_ROWS)
+    return target_platform() == "cpu" and few and not in_batch_invariant() and cpu_kernel.usable(q, keys, dtype)
 
 
 def indexer_topk(q: jax.Array, w: jax.Array, keys: jax.Array, lo: jax.Array, hi: jax.Array, k: int, dtype, *,
@@ -54,9 +58,9 @@ def indexer_topk(q: jax.Array, w: jax.Array, keys: jax.Array, lo: jax.Array, hi:
     (picked_scores gives differentiable scores for the picks).
 
     implementation (ModelConfig.kernels' values): None / "auto" (the Pallas kernel on GPU / TPU; on a CPU the
-    compiled CPU kernel for up to CPU_KERNEL_ROWS query rows x heads per sequence outside the batch-invariant
-    mode, else the reference), "pallas" (error elsewhere), "pallas_interpret" (the kernel in Pallas interpret
-    mode: any backend, slow; for tests) or "reference". block_sizes: as tuning.BLOCKS' entries.
+    compiled CPU kernel for a decode-shaped query (cpu_kernel_fits) outside the batch-invariant mode, else the
+    reference), "pallas" (error elsewhere), "pallas_interpret" (the kernel in Pallas interpret mode: any backend,
+    slow; for tests) or "reference". block_sizes: as tuning.BLOCKS' entries.
     """
     _check(q, w, keys, lo, hi, k)
     impl = resolve("indexer", implementation, PALLAS_BACKENDS)

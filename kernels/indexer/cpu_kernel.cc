@@ -7,10 +7,11 @@
 // over the slots lo[b, s] <= t < hi[b, s]; the top k, best first, equal scores lower slot first (XLA's total order
 // of floats: -0 below +0); -1 / -inf fill a row with fewer than k visible slots. What it adds over the reference:
 // each stored key is read once, in its packed format, and decoded in registers (one head) or into a buffer that
-// stays in L1 (XLA:CPU decodes a whole span to memory and reads it back); the top-k keeps a candidate list that a
-// threshold prunes, 8 compares per instruction (XLA's top_k sorts every span into the running top-k); a long range
-// is split across XLA's intra-op threads, each keeping its own best k, merged at the end (exact: the union of the
-// parts' best k holds the row's).
+// stays in L1 (XLA:CPU decodes a whole span to memory and reads it back), with a multiple of 8 heads in the lanes
+// of the score dot (each decoded key value broadcast against 8 or 16 heads' queries); the top-k keeps a candidate
+// list that a threshold prunes, 8 compares per instruction (XLA's top_k sorts every span into the running top-k);
+// a long range is split across XLA's intra-op threads, each keeping its own best k, merged at the end (exact: the
+// union of the parts' best k holds the row's).
 //
 // Key formats (cpu_kernel.py's F32 .. FP4): 0 fp32 [b, n, d]; 1 bf16 [b, n, d]; 2 Fp8Keys (e4m3 bytes [b, n, d],
 // one fp32 scale per key [b, n, 1]); 3 Fp4Keys (MXFP4: e2m1 codes two per byte, low nibble = even dim [b, n, d / 2],
@@ -307,6 +308,47 @@ inline __m128 dot4(const float* a, const float* keys, int d) {
   return hsum4(acc);
 }
 
+// The relu(x) * w terms of 8 heads (relu_times, 8 lanes)
+inline __m256 relu_times8(__m256 x, __m256 w) {
+  const __m256 zero = _mm256_setzero_ps();
+  return _mm256_mul_ps(_mm256_add_ps(_mm256_max_ps(zero, x), zero), w);
+}
+
+// Heads in lanes, 8 * B of them from head h0: adds their terms for the kGroup keys at keys + g * d to sum[g] (or
+// starts it, `first`). qt [d, heads]: every key value is broadcast against the heads' query values, so a decoded
+// key is read once per dim for all of them, not once per head.
+template <int B>
+inline void heads_terms(const float* qt, const float* w, int heads, int h0, const float* keys, int d,
+                        __m256 sum[kGroup], bool first) {
+  __m256 acc[kGroup][B];
+  for (int g = 0; g < kGroup; ++g)
+    for (int b = 0; b < B; ++b) acc[g][b] = _mm256_setzero_ps();
+  for (int j = 0; j < d; ++j) {
+    __m256 qj[B];
+    for (int b = 0; b < B; ++b) qj[b] = _mm256_loadu_ps(qt + j * heads + h0 + 8 * b);
+    for (int g = 0; g < kGroup; ++g) {
+      const __m256 x = _mm256_broadcast_ss(keys + g * d + j);
+      for (int b = 0; b < B; ++b) acc[g][b] = _mm256_fmadd_ps(qj[b], x, acc[g][b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    const __m256 wb = _mm256_loadu_ps(w + h0 + 8 * b);
+    for (int g = 0; g < kGroup; ++g) {
+      const __m256 term = relu_times8(acc[g][b], wb);
+      sum[g] = first && b == 0 ? term : _mm256_add_ps(sum[g], term);
+    }
+  }
+}
+
+// lane g = sum_h w[h] relu(qt[., h] . keys[g]) for the kGroup keys at keys + g * d; heads a multiple of 8, qt
+// [d, heads]. The first heads' terms start each sum (a sum of -0 terms stays -0).
+inline __m128 heads_dot4(const float* qt, const float* w, int heads, const float* keys, int d) {
+  __m256 sum[kGroup];
+  int h0 = 0;
+  for (; h0 + 16 <= heads; h0 += 16) heads_terms<2>(qt, w, heads, h0, keys, d, sum, h0 == 0);
+  if (h0 < heads) heads_terms<1>(qt, w, heads, h0, keys, d, sum, h0 == 0);
+  return hsum4(sum);
+}
 
 // XLA's top_k order of floats, as integers: the total order (-NaN < -inf < ... < -0 < +0 < ... < +inf < NaN)
 inline int32_t order_key(float x) {
@@ -332,7 +374,7 @@ inline void best_first(std::vector<Cand>& cand, int64_t k) {
   std::sort(cand.begin(), cand.end(), better);
 }
 
-// scores[j] = sum_h w[h] relu(qp[h] . key t + j) for j < m (m <= kChunk, a multiple of kGroup or the range's
+// scores[j] = sum_h w[h] relu(q[h] . key t + j) for j < m (m <= kChunk, a multiple of kGroup or the range's
 // end; a short last group repeats slot t, its scores unused), before the rounding to bf16.
 template <int Fmt>
 inline void score_chunk(const Keys& keys, const float* qp, const float* w, int heads, int d, int64_t t, int m,
@@ -363,6 +405,10 @@ inline void score_chunk(const Keys& keys, const float* qp, const float* w, int h
     } else {
       for (int g = 0; g < kGroup; ++g) decode_key<Fmt>(keys, g < mg ? u + g : u, d, buf + g * d);
     }
+    if (heads % 8 == 0) {
+      _mm_storeu_ps(scores + j, heads_dot4(qp, w, heads, group, d));
+      continue;
+    }
     // the first head's term starts the sum, so that a sum of -0 terms stays -0, as the reference's
     __m128 score = relu_times(dot4(qp, group, d), w[0]);
     for (int h = 1; h < heads; ++h) score = _mm_add_ps(score, relu_times(dot4(qp + h * d, group, d), w[h]));
@@ -380,10 +426,10 @@ inline float bf16_bar(float x) {
   return x;
 }
 
-// The best k of slots [t0, t1) for one query row: qp [heads, d] in decoded_order, w [heads]. Leaves them in
-// `cand`, best first (at most k; fewer if fewer slots). Scores a chunk of slots at a time, then keeps those
-// that beat the running threshold, 8 compares per instruction. With `flt` (MXFP4 keys, one head), once there is a
-// threshold, scores only the slots whose filter bound reaches it.
+// The best k of slots [t0, t1) for one query row: qp [heads, d] in decoded_order ([d, heads] for a multiple of 8
+// heads: heads_dot4), w [heads]. Leaves them in `cand`, best first (at most k; fewer if fewer slots). Scores a
+// chunk of slots at a time, then keeps those that beat the running threshold, 8 compares per instruction. With
+// `flt` (MXFP4 keys, one head), once there is a threshold, scores only the slots whose filter bound reaches it.
 template <int Fmt>
 void topk_row(const Keys& keys, const float* qp, const float* w, int heads, int d, int64_t t0, int64_t t1, int64_t k,
               bool bf16_scores, const Fp4Filter* flt, std::vector<Cand>& cand) {
@@ -476,9 +522,13 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int64_t bytes = kd[2] * (fmt == kF32 ? 4 : fmt == kBF16 ? 2 : 1);
   const int64_t scale_bytes = sd[sd.size() - 1] * (fmt == kFP8 ? 4 : 1);
   const std::vector<int> order = decoded_order(int(fmt), int(d));
-  std::vector<float> qp(rows * heads * d);  // every row's queries in decoded_order
-  for (int64_t hr = 0; hr < rows * heads; ++hr)  // (row, head) pairs
-    for (int64_t j = 0; j < d; ++j) qp[hr * d + j] = q.typed_data()[hr * d + order[j]];
+  // every row's queries in decoded_order: [heads, d], or [d, heads] for heads in lanes (a multiple of 8)
+  std::vector<float> qp(rows * heads * d);
+  const bool lanes = heads % 8 == 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t j = 0; j < d; ++j)
+        qp[r * heads * d + (lanes ? j * heads + h : h * d + j)] = q.typed_data()[(r * heads + h) * d + order[j]];
   std::vector<Fp4Filter> filters(fmt == kFP4 && heads == 1 ? rows : 0);  // one head: every row's filter
   std::vector<bool> filtered(filters.size());
   for (size_t r = 0; r < filters.size(); ++r) filtered[r] = make_filter(q.typed_data() + r * d, int(d), filters[r]);

@@ -55,15 +55,18 @@ def _definition(q, w, keys, lo, hi, k, dtype):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("shape", [(2, 4, 1, 64, 701, 6), (1, 3, 3, 128, 530, 40), (2, 1, 1, 128, 9, 9)])
+@pytest.mark.parametrize("shape", [(2, 4, 1, 64, 701, 6), (1, 3, 3, 128, 530, 40), (2, 1, 1, 128, 9, 9),
+                                   (1, 4, 16, 64, 530, 40), (2, 2, 24, 64, 301, 20)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_exact_with_ties(fmt, shape, dtype):
     """Integer inputs: every score is exact, so picks, order (ties, -0 below +0 as in lax.top_k: lower slot
     first), scores and the -1 / -inf fill equal the definition's exactly. Shapes: one head (keys decoded in
     registers) and three (decoded once per key), a slot count that is no multiple of the 4-key group or the
-    256-slot chunk, k small enough that the candidates are pruned many times, and k = n."""
+    256-slot chunk, k small enough that the candidates are pruned many times, and k = n; 16 and 24 heads (in the
+    lanes of the score dot: a block of 16, then 8). Two all-zero keys in the first query's range: zero scores."""
     b, s, h, d, n, k = shape
     q, w, keys = _inputs(sum(shape), b, s, h, d, n, integer=True)
+    keys = keys.at[:, n // 3:n // 3 + 2].set(0)
     keys = keys.at[:, n // 2:].set(keys[:, :n - n // 2])  # every key twice: ties across chunks
     lo, hi = _ranges(n, b, s, n, k)
     stored = _stored(fmt, keys)
@@ -77,7 +80,7 @@ def test_exact_with_ties(fmt, shape, dtype):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("h", [1, 2])
+@pytest.mark.parametrize("h", [1, 2, 16, 24])
 def test_random_scores_and_picks(fmt, h):
     """Normal draws: the kernel adds in another order than XLA's dot, so its fp32 scores may differ in the last
     bits (within 2e-6 of the largest score here: a sum over heads with weights of either sign cancels); the picks
@@ -159,14 +162,18 @@ def _runs_kernel(q, keys, **kw) -> bool:
 
 
 def test_when_indexer_topk_runs_the_kernel():
-    """'auto' on a CPU: the kernel for up to CPU_KERNEL_ROWS query rows x heads, outside the batch-invariant mode
-    (whose fixed order of additions the kernel does not follow), for the formats it reads; else the reference."""
-    from kernels.indexer import CPU_KERNEL_ROWS
+    """'auto' on a CPU: the kernel for up to CPU_KERNEL_ROWS query rows x heads, or CPU_KERNEL_LANE_ROWS with a
+    multiple of 8 heads, outside the batch-invariant mode (whose fixed order of additions the kernel does not
+    follow), for the formats it reads; else the reference."""
+    from kernels.indexer import CPU_KERNEL_LANE_ROWS, CPU_KERNEL_ROWS
     keys = jnp.zeros((1, 64, 64), jnp.bfloat16)
     assert _runs_kernel(jnp.zeros((1, 1, 1, 64)), keys)
     assert _runs_kernel(jnp.zeros((1, 1, CPU_KERNEL_ROWS, 64)), _stored("fp4", keys.astype(jnp.float32)))
     assert not _runs_kernel(jnp.zeros((1, 1, CPU_KERNEL_ROWS + 1, 64)), keys)
     assert not _runs_kernel(jnp.zeros((1, 2, CPU_KERNEL_ROWS, 64)), keys)
+    assert _runs_kernel(jnp.zeros((1, 1, CPU_KERNEL_LANE_ROWS, 64)), keys)
+    assert _runs_kernel(jnp.zeros((1, CPU_KERNEL_LANE_ROWS // 8, 8, 64)), keys)
+    assert not _runs_kernel(jnp.zeros((1, 2, CPU_KERNEL_LANE_ROWS, 64)), keys)
     assert not _runs_kernel(jnp.zeros((1, 1, 1, 64)), keys, implementation="reference")
     assert not _runs_kernel(jnp.zeros((1, 1, 1, 32)), _stored("fp4", jnp.zeros((1, 64, 32))))  # FP4 wants d % 64
     with batch_invariant():
