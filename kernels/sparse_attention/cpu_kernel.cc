@@ -77,33 +77,71 @@ inline void decode_entry(const Entries& e, int64_t t, int d, bool round, float* 
   }
 }
 
-inline float dot(const float* a, const float* b, int d) {  // d a multiple of 8
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int j = 0;
-  for (; j + 16 <= d; j += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+// lane j = the sum of acc[j]'s 8 lanes, j < 4
+inline __m128 hsum4(const __m256 acc[4]) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// z[h * kBlock + j] = scale * q[h] . keys[j] for H heads and the 4 keys from keys (rows of d): 4H accumulators,
+// so that a loaded query chunk serves 4 keys and a loaded key chunk H heads (the loop is not load-bound)
+template <int H>
+inline void score_tile(const float* q, const float* keys, int d, float scale, float* z) {
+  __m256 acc[H][4];
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
+  for (int i = 0; i < d; i += 8) {
+    __m256 qi[H];
+    for (int h = 0; h < H; ++h) qi[h] = _mm256_loadu_ps(q + h * d + i);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 k = _mm256_loadu_ps(keys + j * d + i);
+      for (int h = 0; h < H; ++h) acc[h][j] = _mm256_fmadd_ps(qi[h], k, acc[h][j]);
+    }
   }
-  if (j < d) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  for (int h = 0; h < H; ++h) _mm_storeu_ps(z + h * kBlock, _mm_mul_ps(hsum4(acc[h]), _mm_set1_ps(scale)));
+}
+
+// acc[h] (rows of d from acc) += sum_j p[h * kBlock + j] keys[j] for H heads and the 4 keys from keys: per 8 dims,
+// the H sums stay in registers over the 4 keys (one load and one store per 4 FMAs, not per FMA)
+template <int H>
+inline void accumulate_tile(float* acc, const float* p, const float* keys, int d) {
+  __m256 pv[H][4];
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < 4; ++j) pv[h][j] = _mm256_set1_ps(p[h * kBlock + j]);
+  for (int i = 0; i < d; i += 8) {
+    __m256 a[H];
+    for (int h = 0; h < H; ++h) a[h] = _mm256_loadu_ps(acc + h * d + i);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 k = _mm256_loadu_ps(keys + j * d + i);
+      for (int h = 0; h < H; ++h) a[h] = _mm256_fmadd_ps(pv[h][j], k, a[h]);
+    }
+    for (int h = 0; h < H; ++h) _mm256_storeu_ps(acc + h * d + i, a[h]);
+  }
 }
 
 // The online softmax of one query row over some of its keys: per head the running max m, the sum l of
-// exp(z - m) and acc = sum of exp(z - m) key (the sink is added when the parts are merged).
+// exp(z - m) and acc = sum of exp(z - m) key (the sink is added when the parts are merged); z and p: one block's
+// scores and probabilities, [heads, kBlock].
 struct Partial {
-  std::vector<float> m, l, acc;
-  Partial(int heads, int d) : m(heads, -INFINITY), l(heads, 0.0f), acc(size_t(heads) * d, 0.0f) {}
+  std::vector<float> m, l, acc, z, p;
+  Partial(int heads, int d)
+      : m(heads, -INFINITY), l(heads, 0.0f), acc(size_t(heads) * d, 0.0f), z(size_t(heads) * kBlock),
+        p(size_t(heads) * kBlock, 0.0f) {}
 };
 
-// Adds n (<= kBlock) decoded keys buf [n, d] to `part`: q [heads, d] (fp32), scale, round: the compute dtype is bf16.
+// Adds n (<= kBlock) decoded keys buf [kBlock, d] to `part` (rows from n on are read but not used): q [heads, d]
+// (fp32), scale, round: the compute dtype is bf16. Scores and sums go in tiles of 2 heads x 4 keys.
 void add_block(Partial& part, const float* q, int heads, int d, float scale, bool round, const float* buf, int n) {
-  float z[kBlock];
+  float* z = part.z.data();
+  float* p = part.p.data();
+  for (int j = 0; j < kBlock; j += 4) {
+    int h = 0;
+    for (; h + 2 <= heads; h += 2) score_tile<2>(q + h * d, buf + j * d, d, scale, z + h * kBlock + j);
+    if (h < heads) score_tile<1>(q + h * d, buf + j * d, d, scale, z + h * kBlock + j);
+  }
   for (int h = 0; h < heads; ++h) {
     float top = -INFINITY;
-    for (int j = 0; j < n; ++j) top = std::max(top, z[j] = dot(q + h * d, buf + j * d, d) * scale);
+    for (int j = 0; j < n; ++j) top = std::max(top, z[h * kBlock + j]);
     float* acc = part.acc.data() + size_t(h) * d;
     if (top > part.m[h]) {  // a new max: rescale what was summed
       const float alpha = std::exp(part.m[h] - top);
@@ -112,15 +150,25 @@ void add_block(Partial& part, const float* q, int heads, int d, float scale, boo
       for (int i = 0; i < d; i += 8) _mm256_storeu_ps(acc + i, _mm256_mul_ps(_mm256_loadu_ps(acc + i), a));
       part.m[h] = top;
     }
-    for (int j = 0; j < n; ++j) {
-      const float p = std::exp(z[j] - part.m[h]);
-      part.l[h] += p;
-      const __m256 pv = _mm256_set1_ps(round ? round_bf16(p) : p);
-      const float* key = buf + j * d;
-      for (int i = 0; i < d; i += 8)
-        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(key + i), _mm256_loadu_ps(acc + i)));
+    for (int j = 0; j < kBlock; ++j) {
+      const float pj = j < n ? std::exp(z[h * kBlock + j] - part.m[h]) : 0.0f;
+      part.l[h] += pj;
+      p[h * kBlock + j] = round ? round_bf16(pj) : pj;
     }
   }
+  float* acc = part.acc.data();
+  for (int j = 0; j + 4 <= n; j += 4) {
+    int h = 0;
+    for (; h + 2 <= heads; h += 2) accumulate_tile<2>(acc + size_t(h) * d, p + h * kBlock + j, buf + j * d, d);
+    if (h < heads) accumulate_tile<1>(acc + size_t(h) * d, p + h * kBlock + j, buf + j * d, d);
+  }
+  for (int j = n / 4 * 4; j < n; ++j)  // the keys past the last 4 (a task's last block)
+    for (int h = 0; h < heads; ++h) {
+      const __m256 pv = _mm256_set1_ps(p[h * kBlock + j]);
+      float* a = acc + size_t(h) * d;
+      for (int i = 0; i < d; i += 8)
+        _mm256_storeu_ps(a + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(buf + j * d + i), _mm256_loadu_ps(a + i)));
+    }
 }
 
 ffi::Error StoredAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv,

@@ -69,15 +69,16 @@ def _kernel(q, kv, idx, entries, sink, scale, lo=None, hi=None, picks=None):
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 1, 4, 128, 20, 16, 5000), (1, 3, 1, 192, 9, 8, 77)])
+@pytest.mark.parametrize("shape", [(2, 1, 4, 128, 20, 16, 5000), (1, 3, 1, 192, 9, 8, 77),
+                                   (1, 2, 3, 64, 12, 7, 301)])
 @pytest.mark.parametrize("seen", ["range", "picks"])
 def test_matches_the_reference(fmt, dtype, shape, seen):
     """Outputs and log-denominators against the reference over the decoded rows: in fp32 within 2e-6 of the
     largest output (the kernel adds in its own order, block by block, and exp is glibc's); in bf16 within one bf16
     step of it (probabilities are rounded to bf16 relative to a running max, not the final one). A range of 5,000
-    entries, or 600 picks of them, is split over the threads and many 32-key blocks; 77 entries leave a short last
-    block; head dim 192 with FP8's 128 e4m3 dims in two scale blocks. A row that sees no key returns 0 and
-    lse = sink exactly."""
+    entries, or 600 picks of them, is split over the threads and many 8-key blocks; 77 entries leave a short last
+    block; head dim 192 with FP8's 128 e4m3 dims in two scale blocks; 3 heads (tiles of 2 heads, then 1). A row
+    that sees no key returns 0 and lse = sink exactly."""
     b, s, h, d, m, w, n = shape
     q, kv, idx, entries, lo, hi, sink = _operands(sum(shape), b, s, h, d, m, w, n, fmt, dtype)
     idx = idx.at[-1, -1].set(-1)  # the last row: no window key either
