@@ -93,4 +93,10 @@ inline void e4m3_decode32(const uint8_t* src, float scale, float* out) {
   _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(f2, f3, 0x31));
 }
 
+// lane j = the sum of acc[j]'s 8 lanes, j < 4
+inline __m128 hsum4(const __m256 acc[4]) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 }  // namespace v4jax_cpu

@@ -44,6 +44,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using v4jax_cpu::e4m3_decode32;
+using v4jax_cpu::hsum4;
 using v4jax_cpu::pool_threads;
 using v4jax_cpu::pow2_minus_127;
 using v4jax_cpu::round_bf16;
@@ -163,12 +164,6 @@ inline __m256 key_dot(const Keys& keys, int64_t t, const float* qp, int d) {
 constexpr int kMaxDim = 512;  // topk_row's decode buffer holds kGroup keys of up to this many dims
 constexpr int kGroup = 4;  // keys scored together: independent FMA chains, one horizontal sum for all four
 constexpr int kChunk = 256;  // slots scored before their scores are compared with the top-k threshold
-
-// lane g = the sum of acc[g]'s 8 lanes
-inline __m128 hsum4(const __m256 acc[kGroup]) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
 
 // XLA's relu(x) * w: max(0, x) keeps a NaN x (the second operand's on NaN), + 0 turns a -0 into +0
 inline __m128 relu_times(__m128 x, float w) {

@@ -37,6 +37,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using v4jax_cpu::e4m3_decode32;
+using v4jax_cpu::hsum4;
 using v4jax_cpu::pool_threads;
 using v4jax_cpu::pow2_minus_127;
 using v4jax_cpu::round_bf16;
@@ -75,12 +76,6 @@ inline void decode_entry(const Entries& e, int64_t t, int d, bool round, float* 
     for (int j = 0; j < e.dn; j += 32) e4m3_decode32(codes + j, pow2_minus_127(scales[j / 64]), out + j);
     bf16_to_f32(reinterpret_cast<const uint16_t*>(e.c + t * e.c_bytes), d - e.dn, out + e.dn);
   }
-}
-
-// lane j = the sum of acc[j]'s 8 lanes, j < 4
-inline __m128 hsum4(const __m256 acc[4]) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 // z[h * kBlock + j] = scale * q[h] . keys[j] for H heads and the 4 keys from keys (rows of d): 4H accumulators,
