@@ -45,6 +45,7 @@ using v4jax_cpu::run_tasks;
 
 constexpr int kF32 = 0, kBF16 = 1, kFP8 = 2;
 constexpr int kBlock = 8;           // keys decoded and scored together
+static_assert(kBlock % 4 == 0, "add_block scores and sums in tiles of 4 keys");
 constexpr int kMaxDim = 1024;       // head dim at most
 constexpr int64_t kMinPart = 256;  // entries per task at least when a row's entries are split across threads
 
