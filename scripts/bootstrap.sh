@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make <repo>/.venv: a Python 3.12 virtual environment with v4jax installed editable, plus its test extras.
-# Re-installs only when pyproject.toml changed since the last successful install (hash stamp in .venv).
+# Versions: scripts/constraints.txt (the tested set). Re-installs only when pyproject.toml or the constraints
+# changed since the last successful install (hash stamp in .venv).
 #   bash scripts/bootstrap.sh      (run.sh and test.sh call it; call it, do not source it: it exits)
 # Python 3.12 is looked for in: $V4JAX_PYTHON, $(pyenv root)/versions/3.12.*, python3.12 on PATH.
 set -euo pipefail
@@ -42,8 +43,9 @@ if ! is_312 "$VENV/bin/python"; then
   "$PY" -m venv --clear "$VENV" || die "could not create $VENV with $PY"
 fi
 
-hash="$("$VENV/bin/python" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' \
-  "$ROOT/pyproject.toml")"
+CONSTRAINTS="$ROOT/scripts/constraints.txt"
+hash="$("$VENV/bin/python" -c 'import hashlib, sys; print(hashlib.sha256(b"".join(open(p, "rb").read() for p in sys.argv[1:])).hexdigest())' \
+  "$ROOT/pyproject.toml" "$CONSTRAINTS")"
 version="$("$VENV/bin/python" -c 'import platform; print(platform.python_version())')"
 if [ "$(cat "$STAMP" 2>/dev/null)" = "$hash" ]; then
   echo "bootstrap: .venv up to date (Python $version)" >&2
@@ -51,9 +53,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" = "$hash" ]; then
 fi
 
 log="$VENV/pip-install.log"
-if ! (cd "$ROOT" && "$VENV/bin/python" -m pip install -e ".[test]") >"$log" 2>&1; then
+if ! (cd "$ROOT" && "$VENV/bin/python" -m pip install -c "$CONSTRAINTS" -e ".[test]") >"$log" 2>&1; then
   tail -n 40 "$log" >&2
-  die "pip install -e \".[test]\" failed; full log: $log"
+  die "pip install -c scripts/constraints.txt -e \".[test]\" failed; full log: $log"
 fi
 echo "$hash" >"$STAMP"
 echo "bootstrap: installed v4jax and its dependencies into .venv (Python $version)" >&2
