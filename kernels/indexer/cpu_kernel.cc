@@ -21,11 +21,11 @@
 // the reference's in the last bits (tests/kernels/test_indexer_cpu.py), and so can a pick between two scores that
 // close.
 //
-// MXFP4 keys with one head go through a filter first, once the candidate list has a threshold: the query is
-// rounded to int8 per 32-dim block, each key's codes become bytes 12 + 2 x e2m1 (one table lookup), and their
-// integer dot (vpmaddubsw) with a bound on its error gives an upper bound on the key's score, for about half the
-// time of decoding to fp32. Only keys whose bound reaches the threshold are scored as above, so the picks and
-// their scores are those without the filter (tests/kernels/test_indexer_cpu.py).
+// MXFP4 keys go through a filter first, once the candidate list has a threshold: every head's query is rounded to
+// int8 per 32-dim block, each key's codes become bytes 12 + 2 x e2m1 (one table lookup, shared by the heads), and
+// their integer dots (vpmaddubsw: 32 products per instruction, where an fp32 dot does 8) with a bound on their
+// error give an upper bound on the key's score. Only keys whose bound reaches the threshold are scored as above,
+// so the picks and their scores are those without the filter (tests/kernels/test_indexer_cpu.py).
 
 #include <immintrin.h>
 
@@ -217,6 +217,9 @@ inline __m128 fp4_dots4(const Keys& keys, const int64_t t[kGroup], const float* 
   return total;
 }
 
+// e2m1 code -> 2 x |its value|, as a byte, in both 128-bit lanes
+const __m256i kFp4Abs2 = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, 1, 2, 3, 4, 6, 8, 12, 0, 1, 2, 3, 4, 6, 8, 12,
+                                          0, 1, 2, 3, 4, 6, 8, 12);
 // e2m1 code -> 12 + 2 x its value, as a byte (bit 3 sign; magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6), in both 128-bit
 // lanes: non-negative, the unsigned operand vpmaddubsw takes
 const __m256i kFp4Offset = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, 12, 13, 14, 15,
@@ -225,16 +228,20 @@ const __m256i kFp4Offset = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 
 // One head's query for the MXFP4 filter: q rounded to int8 per 32-dim block b, q ~ q8 * 2 f_b, the even dims of each
 // 64-dim chunk, then its odd dims (the low and high nibbles of the key's 32 bytes). A key block's dot with q is then
 // f_b s_k (I_b - c_b), I_b the integer dot of q8 with the codes' bytes (12 + 2 x value), c_b = 12 sum q8, s_k the
-// key block's scale, within f_b s_k e_b: e_b bounds the rounding of q (at most 0.51 x 2 f_b per dim, times
-// |value| <= 6 over 32 dims) and the fp32 roundings of either dot (6 x 2^-15 x sum |q_j|, far above both).
+// key block's scale, within s_k (0.51 f_b A + p_b): each q_j is off by at most f_b (0.51 with fp32's slack), times
+// |value_j|, summed: 0.51 f_b A with A = sum_j 2 |value_j| (the key's own, an integer dot too); p_b = 6 x 2^-15 x
+// sum_j |q_j| bounds the fp32 roundings of either dot (far above both). Kept per 64-dim chunk c in fp4_bound4's
+// lanes (0-3: block 2c, 4-7: block 2c + 1): f, f c, 0.51 f and p.
+constexpr int kMaxFilterHeads = 128;  // fp4_bound4's per-head sums; rows with more heads are not filtered
 struct Fp4Filter {
   alignas(32) int8_t q8[kMaxDim];
-  float f[kMaxDim / 32], c[kMaxDim / 32], e[kMaxDim / 32];
+  alignas(32) float f[kMaxDim / 64][8], fc[kMaxDim / 64][8], fa[kMaxDim / 64][8], p[kMaxDim / 64][8];
 };
 
 // -> whether q (one head, d dims, original order) can be filtered (finite, every block 0 or of a magnitude whose
 // bound cannot under- or overflow), filling `out`
 bool make_filter(const float* q, int d, Fp4Filter& out) {
+  float f[kMaxDim / 32], c[kMaxDim / 32] = {}, pad[kMaxDim / 32];
   for (int blk = 0; blk < d / 32; ++blk) {
     float amax = 0.0f, sum = 0.0f;
     for (int j = 32 * blk; j < 32 * blk + 32; ++j) {
@@ -244,52 +251,81 @@ bool make_filter(const float* q, int d, Fp4Filter& out) {
     }
     if (amax != 0 && (amax < 1e-18f || amax > 1e18f)) return false;
     const float sq = amax / 127.0f;
-    out.f[blk] = sq / 2;
-    out.c[blk] = 0.0f;
-    out.e[blk] = sq > 0 ? (32 * 6 * 0.51f * sq + 6 * std::ldexp(1.0f, -15) * sum) / out.f[blk] : 0.0f;
+    f[blk] = sq / 2;
+    pad[blk] = 6 * std::ldexp(1.0f, -15) * sum;
   }
   for (int p = 0; p < d; ++p) {  // p: 64 c + i (i < 32: dim 64 c + 2 i), or 64 c + 32 + i (dim 64 c + 2 i + 1)
     const int i = p % 64 % 32, j = p / 64 * 64 + 2 * i + p % 64 / 32, blk = j / 32;
-    const int8_t v = out.f[blk] > 0 ? int8_t(std::clamp(std::lrint(q[j] / (2 * out.f[blk])), -127L, 127L)) : 0;
+    const int8_t v = f[blk] > 0 ? int8_t(std::clamp(std::lrint(q[j] / (2 * f[blk])), -127L, 127L)) : 0;
     out.q8[p] = v;
-    out.c[blk] += 12.0f * v;
+    c[blk] += 12.0f * v;
   }
+  for (int blk = 0; blk < d / 32; ++blk)
+    for (int lane = 4 * (blk % 2); lane < 4 * (blk % 2) + 4; ++lane) {
+      out.f[blk / 2][lane] = f[blk];
+      out.fc[blk / 2][lane] = f[blk] * c[blk];  // c: an integer below 2^16; rounded by far less than p
+      out.fa[blk / 2][lane] = 0.51f * f[blk];
+      out.p[blk / 2][lane] = pad[blk];
+    }
   return true;
 }
 
-// lane g: an upper bound on w * relu(q . key t[g]) for kGroup slots t (consecutive: scale bytes in one load)
-inline __m128 fp4_bound4(const Keys& keys, const int64_t t[kGroup], bool consecutive, const Fp4Filter& flt, float w,
-                         int d) {
-  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m128 bound = _mm_setzero_ps();
+// lane g: an upper bound on sum_h w[h] relu(q_h . key t[g]) for kGroup slots t (consecutive: scale bytes in one
+// load), flt[h] head h's filter (heads <= kMaxFilterHeads). Per head, the dot lies within center +- err (the
+// filter's bound); w relu(.) is increasing in the dot where w >= 0 and decreasing where w < 0, so the upper end
+// bounds the one term and the lower end the other. Each chunk of the keys' bytes is made once for every head. With
+// one head, A is taken at its largest (32 x 12 per block): there its tighter bound saves less than it costs.
+// Always inlined, so that a call with heads = 1 is compiled for one head.
+__attribute__((always_inline)) inline __m128 fp4_bound4(const Keys& keys, const int64_t t[kGroup], bool consecutive,
+                                                        const Fp4Filter* flt, const float* w, int heads, int d) {
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), ones8 = _mm256_set1_epi8(1);
+  const auto halves = [](__m256 x) { return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1)); };
+  // lane g: slot g's value over block 2c; lane 4 + g: over block 2c + 1 (integers, exact in fp32: below 2^17)
+  const auto per_slot = [](const __m256i v[kGroup]) {
+    return _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3])));
+  };
+  __m128 center[kMaxFilterHeads], err[kMaxFilterHeads];
   for (int c = 0; c < d / 64; ++c) {
-    const __m256i qe = _mm256_load_si256(reinterpret_cast<const __m256i*>(flt.q8 + 64 * c));
-    const __m256i qo = _mm256_load_si256(reinterpret_cast<const __m256i*>(flt.q8 + 64 * c + 32));
-    __m256i acc[kGroup];
+    __m256i lo[kGroup], hi[kGroup], a[kGroup] = {};  // the even dims' bytes 12 + 2 x value, the odd dims'; A
     for (int g = 0; g < kGroup; ++g) {
       const __m256i x =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys.data + t[g] * keys.bytes + 32 * c));
-      const __m256i lo = _mm256_shuffle_epi8(kFp4Offset, _mm256_and_si256(x, nib));
-      const __m256i hi = _mm256_shuffle_epi8(kFp4Offset, _mm256_and_si256(_mm256_srli_epi16(x, 4), nib));
-      // pairs <= 2 x 24 x 127: no saturation; lanes 0-3 hold block 2c, lanes 4-7 block 2c + 1
-      acc[g] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, qe), _mm256_maddubs_epi16(hi, qo)), ones);
+      const __m256i cl = _mm256_and_si256(x, nib), ch = _mm256_and_si256(_mm256_srli_epi16(x, 4), nib);
+      lo[g] = _mm256_shuffle_epi8(kFp4Offset, cl);
+      hi[g] = _mm256_shuffle_epi8(kFp4Offset, ch);
+      if (heads > 1)
+        a[g] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(kFp4Abs2, cl), ones8),
+                                                  _mm256_maddubs_epi16(_mm256_shuffle_epi8(kFp4Abs2, ch), ones8)),
+                                 ones);
     }
-    // lane g: slot g's integer dot over block 2c; lane 4 + g: over block 2c + 1
-    const __m256 h = _mm256_cvtepi32_ps(
-        _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3])));
-    const auto per_block = [&](const float* v) {  // lanes 0-3: block 2c's value; lanes 4-7: block 2c + 1's
-      return _mm256_set_m128(_mm_set1_ps(v[2 * c + 1]), _mm_set1_ps(v[2 * c]));
-    };
-    // f s_k (I - c -+ e): the dot's upper end, or its lower end where w < 0 (w * relu is then decreasing)
-    const __m256 end = w >= 0 ? _mm256_add_ps(_mm256_sub_ps(h, per_block(flt.c)), per_block(flt.e))
-                              : _mm256_sub_ps(_mm256_sub_ps(h, per_block(flt.c)), per_block(flt.e));
-    const __m256 a =
-        _mm256_mul_ps(_mm256_mul_ps(pow2_minus_127(block_scale_bytes(keys, t, c, consecutive)), per_block(flt.f)), end);
-    bound = _mm_add_ps(bound, _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)));
+    const __m256 abs2 = heads > 1 ? per_slot(a) : _mm256_set1_ps(32 * 12);
+    const __m256 scale = pow2_minus_127(block_scale_bytes(keys, t, c, consecutive));
+    for (int h = 0; h < heads; ++h) {
+      const Fp4Filter& f = flt[h];
+      const __m256i qe = _mm256_load_si256(reinterpret_cast<const __m256i*>(f.q8 + 64 * c));
+      const __m256i qo = _mm256_load_si256(reinterpret_cast<const __m256i*>(f.q8 + 64 * c + 32));
+      __m256i acc[kGroup];  // pairs <= 2 x 24 x 127: no saturation
+      for (int g = 0; g < kGroup; ++g)
+        acc[g] = _mm256_madd_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(lo[g], qe), _mm256_maddubs_epi16(hi[g], qo)), ones);
+      const __m128 cen = halves(
+          _mm256_mul_ps(scale, _mm256_fmsub_ps(_mm256_load_ps(f.f[c]), per_slot(acc), _mm256_load_ps(f.fc[c]))));
+      const __m128 e =
+          halves(_mm256_mul_ps(scale, _mm256_fmadd_ps(_mm256_load_ps(f.fa[c]), abs2, _mm256_load_ps(f.p[c]))));
+      center[h] = c ? _mm_add_ps(center[h], cen) : cen;
+      err[h] = c ? _mm_add_ps(err[h], e) : e;
+    }
   }
-  bound = _mm_mul_ps(_mm_max_ps(_mm_setzero_ps(), bound), _mm_set1_ps(w));  // NaN stays NaN
-  const __m128 abs = _mm_andnot_ps(_mm_set1_ps(-0.0f), bound);
-  return _mm_add_ps(bound, _mm_mul_ps(abs, _mm_set1_ps(std::ldexp(1.0f, -20))));  // the rounding of * w
+  const __m128 zero = _mm_setzero_ps();
+  __m128 bound = zero, mag = zero;  // mag: sum_h |w[h]| relu(upper end), which bounds every term's size
+  for (int h = 0; h < heads; ++h) {
+    const __m128 upper = _mm_max_ps(zero, _mm_add_ps(center[h], err[h]));  // relu; NaN stays NaN
+    const __m128 end = w[h] >= 0 ? upper : _mm_max_ps(zero, _mm_sub_ps(center[h], err[h]));
+    bound = _mm_add_ps(bound, _mm_mul_ps(end, _mm_set1_ps(w[h])));
+    mag = _mm_add_ps(mag, _mm_mul_ps(upper, _mm_set1_ps(std::fabs(w[h]))));
+  }
+  // the roundings of the terms and of either sum over heads (the score's and this one's)
+  return _mm_add_ps(bound, _mm_mul_ps(mag, _mm_set1_ps(std::ldexp(float(heads + 8), -22))));
 }
 
 // lane g = a . keys[g] for the kGroup keys at keys + g * d (d a multiple of 8)
@@ -369,45 +405,45 @@ inline void best_first(std::vector<Cand>& cand, int64_t k) {
   std::sort(cand.begin(), cand.end(), better);
 }
 
-// scores[j] = sum_h w[h] relu(q[h] . key t + j) for j < m (m <= kChunk, a multiple of kGroup or the range's
-// end; a short last group repeats slot t, its scores unused), before the rounding to bf16.
+// lane g = sum_h w[h] relu(q[h] . key t[g]) for kGroup slots t (repeats allowed; `consecutive`: t[g] = t[0] + g),
+// before the rounding to bf16; buf holds kGroup decoded keys.
 template <int Fmt>
-inline void score_chunk(const Keys& keys, const float* qp, const float* w, int heads, int d, int64_t t, int m,
-                        float* scores) {
-  alignas(32) float buf[kGroup * kMaxDim];
-  for (int j = 0; j < m; j += kGroup) {
-    const int64_t u = t + j;
-    const int mg = std::min(kGroup, m - j);
-    if constexpr (Fmt != kFP8) {
-      if (heads == 1) {  // decoded in registers
-        __m128 dots;
-        if constexpr (Fmt == kFP4) {
-          int64_t t[kGroup];
-          for (int g = 0; g < kGroup; ++g) t[g] = g < mg ? u + g : u;  // a short group repeats slot u
-          dots = fp4_dots4(keys, t, qp, d);
-        } else {
-          __m256 acc[kGroup];
-          for (int g = 0; g < kGroup; ++g) acc[g] = key_dot<Fmt>(keys, g < mg ? u + g : u, qp, d);
-          dots = hsum4(acc);
-        }
-        _mm_storeu_ps(scores + j, relu_times(dots, w[0]));
-        continue;
+inline __m128 score_group(const Keys& keys, const int64_t t[kGroup], bool consecutive, const float* qp,
+                          const float* w, int heads, int d, float* buf) {
+  if constexpr (Fmt != kFP8) {
+    if (heads == 1) {  // decoded in registers
+      if constexpr (Fmt == kFP4) {
+        return relu_times(fp4_dots4(keys, t, qp, d), w[0]);
+      } else {
+        __m256 acc[kGroup];
+        for (int g = 0; g < kGroup; ++g) acc[g] = key_dot<Fmt>(keys, t[g], qp, d);
+        return relu_times(hsum4(acc), w[0]);
       }
     }
-    const float* group = buf;  // kGroup keys decoded once, read by every head
-    if (Fmt == kF32 && mg == kGroup) {
-      group = reinterpret_cast<const float*>(keys.data + u * keys.bytes);
-    } else {
-      for (int g = 0; g < kGroup; ++g) decode_key<Fmt>(keys, g < mg ? u + g : u, d, buf + g * d);
-    }
-    if (heads % 8 == 0) {
-      _mm_storeu_ps(scores + j, heads_dot4(qp, w, heads, group, d));
-      continue;
-    }
-    // the first head's term starts the sum, so that a sum of -0 terms stays -0, as the reference's
-    __m128 score = relu_times(dot4(qp, group, d), w[0]);
-    for (int h = 1; h < heads; ++h) score = _mm_add_ps(score, relu_times(dot4(qp + h * d, group, d), w[h]));
-    _mm_storeu_ps(scores + j, score);
+  }
+  const float* group = buf;  // kGroup keys decoded once, read by every head
+  if (Fmt == kF32 && consecutive) {
+    group = reinterpret_cast<const float*>(keys.data + t[0] * keys.bytes);
+  } else {
+    for (int g = 0; g < kGroup; ++g) decode_key<Fmt>(keys, t[g], d, buf + g * d);
+  }
+  if (heads % 8 == 0) return heads_dot4(qp, w, heads, group, d);
+  // the first head's term starts the sum, so that a sum of -0 terms stays -0, as the reference's
+  __m128 score = relu_times(dot4(qp, group, d), w[0]);
+  for (int h = 1; h < heads; ++h) score = _mm_add_ps(score, relu_times(dot4(qp + h * d, group, d), w[h]));
+  return score;
+}
+
+// scores[j] = score of slot t + j for j < m (m <= kChunk, a multiple of kGroup or the range's end; a short last
+// group repeats slot t + j, its scores unused), before the rounding to bf16.
+template <int Fmt>
+inline void score_chunk(const Keys& keys, const float* qp, const float* w, int heads, int d, int64_t t, int m,
+                        float* scores, float* buf) {
+  for (int j = 0; j < m; j += kGroup) {
+    const int mg = std::min(kGroup, m - j);
+    int64_t u[kGroup];
+    for (int g = 0; g < kGroup; ++g) u[g] = t + j + (g < mg ? g : 0);
+    _mm_storeu_ps(scores + j, score_group<Fmt>(keys, u, mg == kGroup, qp, w, heads, d, buf));
   }
 }
 
@@ -424,11 +460,12 @@ inline float bf16_bar(float x) {
 // The best k of slots [t0, t1) for one query row: qp [heads, d] in decoded_order ([d, heads] for a multiple of 8
 // heads: heads_dot4), w [heads]. Leaves them in `cand`, best first (at most k; fewer if fewer slots). Scores a
 // chunk of slots at a time, then keeps those that beat the running threshold, 8 compares per instruction. With
-// `flt` (MXFP4 keys, one head), once there is a threshold, scores only the slots whose filter bound reaches it.
+// `flt` (MXFP4 keys: every head's filter), once there is a threshold, scores only the slots whose filter bound
+// reaches it.
 template <int Fmt>
 void topk_row(const Keys& keys, const float* qp, const float* w, int heads, int d, int64_t t0, int64_t t1, int64_t k,
               bool bf16_scores, const Fp4Filter* flt, std::vector<Cand>& cand) {
-  alignas(32) float scores[kChunk + kGroup];
+  alignas(32) float scores[kChunk + kGroup], buf[kGroup * kMaxDim];
   cand.clear();
   // With every weight negative (or -0) no score exceeds -0: once k slots score -0, no later slot can enter.
   bool negative = true;
@@ -460,7 +497,8 @@ void topk_row(const Keys& keys, const float* qp, const float* w, int heads, int 
           const int mg = std::min(kGroup, m - j);
           int64_t u[kGroup];
           for (int g = 0; g < kGroup; ++g) u[g] = t + j + (g < mg ? g : 0);  // a short group repeats its first
-          const __m128 bound = fp4_bound4(keys, u, mg == kGroup, *flt, w[0], d);
+          const __m128 bound = heads == 1 ? fp4_bound4(keys, u, mg == kGroup, flt, w, 1, d)  // specialized
+                                          : fp4_bound4(keys, u, mg == kGroup, flt, w, heads, d);
           const __m128 reach = above ? _mm_cmp_ps(bound, _mm_set1_ps(bar), _CMP_NLE_UQ)  // (or NaN)
                                      : _mm_cmp_ps(bound, _mm_set1_ps(bar), _CMP_NLT_UQ);
           int mask = _mm_movemask_ps(reach) & ((1 << mg) - 1);
@@ -469,7 +507,7 @@ void topk_row(const Keys& keys, const float* qp, const float* w, int heads, int 
         for (int j = n_pass; j % kGroup; ++j) pass[j] = pass[n_pass - 1];  // a short group repeats its last slot
         for (int j = 0; j < n_pass; j += kGroup) {  // scored as score_chunk and the loop below do
           float sc[kGroup];
-          _mm_storeu_ps(sc, relu_times(fp4_dots4(keys, pass + j, qp, d), w[0]));
+          _mm_storeu_ps(sc, score_group<kFP4>(keys, pass + j, false, qp, w, heads, d, buf));
           for (int g = 0; g < std::min(kGroup, n_pass - j); ++g) {
             const float score = bf16_scores ? round_bf16(sc[g]) : sc[g];
             if (order_key(score) > thr) keep(order_key(score), pass[j + g], score);
@@ -478,7 +516,7 @@ void topk_row(const Keys& keys, const float* qp, const float* w, int heads, int 
         continue;
       }
     }
-    score_chunk<Fmt>(keys, qp, w, heads, d, t, m, scores);
+    score_chunk<Fmt>(keys, qp, w, heads, d, t, m, scores, buf);
     if (bf16_scores)
       for (int j = 0; j < m; ++j) scores[j] = round_bf16(scores[j]);
     int j = 0;
@@ -524,9 +562,6 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t j = 0; j < d; ++j)
         qp[r * heads * d + (lanes ? j * heads + h : h * d + j)] = q.typed_data()[(r * heads + h) * d + order[j]];
-  std::vector<Fp4Filter> filters(fmt == kFP4 && heads == 1 ? rows : 0);  // one head: every row's filter
-  std::vector<bool> filtered(filters.size());
-  for (size_t r = 0; r < filters.size(); ++r) filtered[r] = make_filter(q.typed_data() + r * d, int(d), filters[r]);
 
   // tasks: each row's visible range, in parts of at least kMinPart slots, at most one per thread
   struct Task {
@@ -551,7 +586,11 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     std::vector<Cand>& cand = found[i];
     cand.reserve(4 * k + 64);
     const int hd = int(heads), di = int(d);
-    const Fp4Filter* flt = t.row < int64_t(filters.size()) && filtered[t.row] ? &filters[t.row] : nullptr;
+    std::vector<Fp4Filter> filters(fmt == kFP4 && heads <= kMaxFilterHeads ? heads : 0);  // the row's heads'
+    bool filtered = !filters.empty();  // filters, if every head has one
+    for (int64_t h = 0; h < int64_t(filters.size()) && filtered; ++h)
+      filtered = make_filter(q.typed_data() + (t.row * heads + h) * d, int(d), filters[h]);
+    const Fp4Filter* flt = filtered ? filters.data() : nullptr;
     switch (fmt) {
       case kF32: topk_row<kF32>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, nullptr, cand); break;
       case kBF16: topk_row<kBF16>(seq, qr, wr, hd, di, t.t0, t.t1, k, bf16_scores, nullptr, cand); break;

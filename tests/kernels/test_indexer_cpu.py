@@ -100,17 +100,19 @@ def test_random_scores_and_picks(fmt, h):
 
 
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fp4_filter_keeps_every_pick(d, dtype):
-    """MXFP4 keys with one head go through the kernel's integer filter (the query rounded to int8 per 32-dim
-    block, plus an error bound) before being scored: it must never drop a key the top-k needs. Queries: large
-    integers (up to 3,000) on a fifth of the dims, small ones (up to 3) elsewhere, which the int8 rounding
-    loses; keys: 40 families sharing their values on the large dims, random on the others, so that within the
-    leading family the picks differ only through the small dims (without the bound the filter drops them: checked
-    by hand). Keys hold e2m1 values with a 6 in every 32-dim block (block scale 1: stored exactly), so every score
-    is an exact fp32 value: picks (ties by slot), scores and signs must equal the definition's exactly, for
-    weights of either sign."""
-    rng = np.random.default_rng(d)
+@pytest.mark.parametrize("h, dtype", [(1, jnp.float32), (1, jnp.bfloat16), (3, jnp.float32), (8, jnp.float32)])
+def test_fp4_filter_keeps_every_pick(d, h, dtype):
+    """MXFP4 keys go through the kernel's integer filter (every head's query rounded to int8 per 32-dim block,
+    plus an error bound) before being scored: it must never drop a key the top-k needs. Queries: large integers
+    (up to 3,000) on a fifth of the dims, small ones (up to 3) elsewhere, which the int8 rounding loses; keys: 40
+    families sharing their values on the large dims, random on the others, so that within the leading family the
+    picks differ only through the small dims (without the bound the filter drops them: checked by hand). Keys hold
+    e2m1 values with a 6 in every 32-dim block (block scale 1: stored exactly), and weights are multiples of 1/8 (one
+    head) or of 1/2 (several, each head its own query, weights of both signs in every row), so every score and every
+    partial sum of one is an exact fp32 value: picks (ties by slot), scores and signs must equal the definition's
+    exactly. Scores rounded to bf16 with one head only: with several, XLA:CPU drops the definition's round trip
+    through bf16 of the sum over heads (its excess-precision simplification), so it keeps fp32 scores there."""
+    rng = np.random.default_rng(d + h)
     b, s, n, k = 1, 4, 6000, 20
     big = np.zeros(d, bool)
     big[rng.permutation(d)[:d // 5]] = True
@@ -121,8 +123,13 @@ def test_fp4_filter_keeps_every_pick(d, dtype):
     values[:, big] = family[rng.integers(0, 40, n)][:, big]
     values[:, ::32] = 6.0
     keys = jnp.asarray(values[None], jnp.float32)
-    q = np.where(big, rng.integers(-3000, 3001, (b, s, 1, d)), rng.integers(-3, 4, (b, s, 1, d)))
-    q, w = jnp.asarray(q, jnp.float32), jnp.asarray([[[1.5], [-0.5], [0.25], [-2.0]]], jnp.float32)
+    q = np.where(big, rng.integers(-3000, 3001, (b, s, h, d)), rng.integers(-3, 4, (b, s, h, d)))
+    if h == 1:
+        w = np.array([[[1.5], [-0.5], [0.25], [-2.0]]])
+    else:
+        w = rng.choice([-1.0, -0.5, 0.5, 1.0], (b, s, h))
+        w[..., 0], w[..., 1] = 1.0, -0.5
+    q, w = jnp.asarray(q, jnp.float32), jnp.asarray(w, jnp.float32)
     lo, hi = jnp.zeros((b, s), jnp.int32), jnp.asarray([[n, n - 77, n // 2, n]], jnp.int32)
     stored = _stored("fp4", keys)
     np.testing.assert_array_equal(kv_cache.read(stored, jnp.float32), keys)
