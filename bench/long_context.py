@@ -7,17 +7,21 @@ BF16 cache and for FP8 entries + FP4 indexer keys (issue 16 item 6).
     .venv/bin/python -m bench.long_context --from-json DIR/long_context.json [--out DIR]   # reprint a saved run
     .venv/bin/python -m bench.long_context --config demo --lengths 1048576 --capacity 0   # the 1M demo alone
 
-Each (config, cache format, length) runs in its own child process (`--child`), so that its peak RSS (the kernel's
-VmHWM of the child: its own high-water mark, not the parent's) belongs to that length alone, and a slow length is
-stopped after `--timeout` seconds and reported as timed out (the longer lengths of that config and format are then
-skipped). In the child, with random weights (bench/decode.build; speed does not depend on them):
+Each (config, length) runs in its own child process (`--child`), so that its peak RSS (the kernel's VmHWM of the
+child: its own high-water mark, not the parent's) belongs to that length alone, and a slow length is stopped after
+`--timeout` seconds and reported as timed out (the longer lengths of that config are then skipped). In the child,
+with random weights (bench/decode.build; speed does not depend on them), one cache per format, every step of the
+formats interleaved (the order alternating, so that each sees the same machine load and none runs first in a cold
+process); the peak RSS is the child's, all caches held (the table gives each cache's own MiB):
 
-- prefill: the length's random tokens in chunks of 2,048 through infer.generate's `_step` (jax.jit of
-  Transformer.step over the split state, cache donated), lowered and compiled once before the first chunk (its
-  compile time is reported apart); prefill seconds are the sum of every chunk's run time (a last partial chunk is
-  padded and fed with n_new < 2,048, so no second compile).
-- decode: the same `_step` compiled for one token; `steps` + 1 single-token steps, the first a warm-up; the median
-  of the others (greedy: each step feeds the argmax of the last logits, outside the timed call).
+- prefill: the length's random tokens (the same for every format) in chunks of 2,048 through infer.generate's
+  `_step` (jax.jit of Transformer.step over the split state, cache donated), lowered and compiled once before the
+  first chunk (its compile time is reported apart); prefill seconds are the sum of every chunk's run time (a last
+  partial chunk is padded and fed with n_new < 2,048, so no second compile).
+- decode: the same `_step` compiled for one token and one warm-up step; then `steps` single-token steps, the median
+  (greedy: each step feeds the argmax of the last logits, outside the timed call); beside it the median over steps
+  of step / the first format's step taken next to it, the comparison of the formats that machine load moves
+  least.
 - bytes per step: the cost model's `v4jax.cost.decode_read_bytes` (what the step must read), XLA's own count
   ("bytes accessed" of the compiled decode step's cost analysis: operands and results of every HLO op,
   intermediates included, so it is no DRAM figure), and an inferred figure: after the timings the child measures
@@ -77,7 +81,8 @@ CHUNK = 2048
 LENGTHS = {"tiny": [4096, 16384, 65536, 262144], "demo": [4096, 16384, 65536, 262144, 1048576]}
 QUICK_LENGTHS = [1024, 4096]
 STEPS, QUICK_STEPS = 16, 4
-TIMEOUT = 2700  # seconds per child: above the 30-minute target, so that a near miss still reports its time
+TIMEOUT = 5400  # seconds per child (every format's prefill): above twice the 30-minute target, so that a near
+# miss still reports its time
 CAPACITY, CAPACITY_FILL = 1 << 20, 4096
 QUICK_CAPACITY, QUICK_CAPACITY_FILL = 1 << 16, 1024
 BANDWIDTH_BYTES = 256 << 20
@@ -154,30 +159,33 @@ def _decode_steps(dec, leaves, cache, token, steps: int):
     return times, cache, token
 
 
-def _prefill(model, static, leaves, length: int, capacity: int, kv_format: str, index_format: str):
-    """Chunked prefill of `length` random tokens into a new cache -> (cache, first decode token, info)."""
+def _prefill(model, static, leaves, length: int, caches: list) -> list:
+    """Chunked prefill of the same `length` random tokens into each of `caches` (new, empty), their chunks
+    interleaved (the order alternating, so that every cache sees the same machine load and none runs first in a
+    cold process) -> [(cache, first decode token, info)], in the order of `caches`."""
     import jax.numpy as jnp
 
-    cache = model.init_cache(1, capacity, kv_format, index_format)
+    from infer.generate import _step
+
     chunk = min(CHUNK, length)
     n_chunks = -(-length // chunk)
     ids = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (1, n_chunks * chunk)).astype(np.int32)
-    from infer.generate import _step
-
-    t0 = time.perf_counter()
-    pre = _step.lower(static, leaves, cache, jnp.asarray(ids[:, :chunk]), jnp.asarray([chunk], jnp.int32)).compile()
-    compile_s = time.perf_counter() - t0
-    chunk_s = []
+    runs = []
+    for cache in caches:
+        t0 = time.perf_counter()
+        pre = _step.lower(static, leaves, cache, jnp.asarray(ids[:, :chunk]), jnp.asarray([chunk], jnp.int32)).compile()
+        runs.append({"pre": pre, "cache": cache, "compile_s": time.perf_counter() - t0, "times": []})
     for c in range(n_chunks):
         n = min(chunk, length - c * chunk)
-        t0 = time.perf_counter()
-        tokens = jnp.asarray(ids[:, c * chunk:(c + 1) * chunk])
-        logits, _, cache = pre(leaves, cache, tokens, jnp.asarray([n], jnp.int32))
-        logits.block_until_ready()
-        chunk_s.append(time.perf_counter() - t0)
-    token = jnp.argmax(logits[:, n - 1], axis=-1).astype(jnp.int32)[:, None]
-    return cache, token, {"prefill_compile_s": compile_s, "prefill_s": sum(chunk_s), "chunk": chunk,
-                          "first_chunk_s": chunk_s[0], "last_chunk_s": chunk_s[-1]}
+        tokens, n_new = jnp.asarray(ids[:, c * chunk:(c + 1) * chunk]), jnp.asarray([n], jnp.int32)
+        for r in runs if c % 2 == 0 else runs[::-1]:
+            t0 = time.perf_counter()
+            r["logits"], _, r["cache"] = r["pre"](leaves, r["cache"], tokens, n_new)
+            r["logits"].block_until_ready()
+            r["times"].append(time.perf_counter() - t0)
+    return [(r["cache"], jnp.argmax(r["logits"][:, n - 1], axis=-1).astype(jnp.int32)[:, None],
+             {"prefill_compile_s": r["compile_s"], "prefill_s": sum(r["times"]), "chunk": chunk,
+              "first_chunk_s": r["times"][0], "last_chunk_s": r["times"][-1]}) for r in runs]
 
 
 def _compile_decode(static, leaves, cache, token):
@@ -189,46 +197,63 @@ def _compile_decode(static, leaves, cache, token):
     return dec, time.perf_counter() - t0
 
 
-def child_length(config: str, fmt: str, length: int, steps: int) -> dict:
-    """Prefill `length` tokens, then decode: the measurements of one (config, format, length)."""
+def _decode_interleaved(leaves, runs: list[dict], steps: int) -> None:
+    """`steps` single-token steps of each run ({"dec", "cache", "token", "times"}), interleaved, the order
+    alternating: every run sees the same machine load."""
+    for i in range(steps):
+        for r in runs if i % 2 == 0 else runs[::-1]:
+            t, r["cache"], r["token"] = _decode_steps(r["dec"], leaves, r["cache"], r["token"], 0)
+            r["times"] += t
+
+
+def child_length(config: str, formats: list[str], length: int, steps: int) -> dict:
+    """A cache of each format prefilled with the same `length` tokens (chunks interleaved), then decoded (steps
+    interleaved) -> {"formats": {format: its measurements}}; the peak RSS is the child's, every cache included."""
+    import jax
+
     from bench.decode import build
     from infer.generate import split
 
-    kv_format, index_format = FORMATS[fmt]
     model = build(CONFIGS[config])
     static, leaves = split(model)
     capacity = capacity_for(length + steps + 1)
-    cache, token, out = _prefill(model, static, leaves, length, capacity, kv_format, index_format)
-    dec, out["decode_compile_s"] = _compile_decode(static, leaves, cache, token)
-    out["xla_bytes_accessed"] = _xla_bytes(dec)
-    times, cache, _ = _decode_steps(dec, leaves, cache, token, steps)
-    assert int(cache.lengths[0]) == length + steps + 1
-    out.update(step_s=statistics.median(times[1:]), step_min_s=min(times[1:]), step_times_s=times[1:],
-               capacity=capacity, peak_rss_mib=peak_rss_mib())  # before the bandwidth array
-    out["bandwidth_gbs"] = measure_bandwidth()
-    return out
+    caches = [model.init_cache(1, capacity, *FORMATS[fmt]) for fmt in formats]
+    runs = []
+    for cache, token, out in _prefill(model, static, leaves, length, caches):
+        dec, out["decode_compile_s"] = _compile_decode(static, leaves, cache, token)
+        out.update(xla_bytes_accessed=_xla_bytes(dec), capacity=capacity,
+                   cache_mib=sum(x.nbytes for x in jax.tree.leaves(cache)) / 2**20)
+        _, cache, token = _decode_steps(dec, leaves, cache, token, 0)  # the warm-up step
+        runs.append({"out": out, "dec": dec, "cache": cache, "token": token, "times": []})
+    _decode_interleaved(leaves, runs, steps)
+    peak = peak_rss_mib()  # before the bandwidth array
+    bandwidth = measure_bandwidth()
+    results = {}
+    for fmt, r in zip(formats, runs):
+        assert int(r["cache"].lengths[0]) == length + steps + 1
+        results[fmt] = {**r["out"], "step_s": statistics.median(r["times"]), "step_min_s": min(r["times"]),
+                        "step_times_s": r["times"], "peak_rss_mib": peak, "bandwidth_gbs": bandwidth,
+                        "paired_base": formats[0],
+                        "paired_ratio": statistics.median(t / b for t, b in zip(r["times"], runs[0]["times"]))}
+    return {"formats": results}
 
 
 def child_capacity(config: str, fmt: str, fill: int, capacity: int, steps: int) -> dict:
     """Step time of a `capacity`-slot cache holding `fill` tokens vs a cache sized for them (one process, the two
-    caches' steps interleaved)."""
+    caches' prefill chunks and steps interleaved)."""
     from bench.decode import build
     from infer.generate import split
 
-    kv_format, index_format = FORMATS[fmt]
     model = build(CONFIGS[config])
     static, leaves = split(model)
     small = capacity_for(fill + steps + 1)
+    caches = [model.init_cache(1, cap, *FORMATS[fmt]) for cap in (small, capacity)]
     runs = {}
-    for name, cap in (("small", small), ("large", capacity)):
-        cache, token, info = _prefill(model, static, leaves, fill, cap, kv_format, index_format)
+    for name, (cache, token, info) in zip(("small", "large"), _prefill(model, static, leaves, fill, caches)):
         dec, _ = _compile_decode(static, leaves, cache, token)
         runs[name] = {"dec": dec, "cache": cache, "token": token, "times": [], "prefill_s": info["prefill_s"],
                       "xla_bytes_accessed": _xla_bytes(dec)}
-    for _ in range(steps + 1):  # interleaved: both see the same machine load
-        for r in runs.values():
-            t, r["cache"], r["token"] = _decode_steps(r["dec"], leaves, r["cache"], r["token"], 0)
-            r["times"] += t
+    _decode_interleaved(leaves, list(runs.values()), steps + 1)
     out = {"fill": fill, "small_capacity": small, "large_capacity": capacity, "peak_rss_mib": peak_rss_mib()}
     for name, r in runs.items():
         out[f"{name}_step_s"] = statistics.median(r["times"][1:])
@@ -292,25 +317,22 @@ def collect(configs, formats, lengths: dict, steps: int, timeout: float, capacit
     rows, caps = [], []
     for config in configs:
         cfg = CONFIGS[config]
-        for fmt in formats:
-            stopped = None
-            for length in sorted(lengths[config]):
+        stopped = None
+        for length in sorted(lengths[config]):
+            res = {"skipped": f"a shorter length ({stopped}) did not finish"} if stopped else spawn(
+                {"kind": "length", "config": config, "formats": formats, "length": length, "steps": steps}, timeout)
+            for fmt in formats:
                 row = {"config": config, "format": fmt, "length": length, **model_figures(cfg, fmt, length)}
-                if stopped:
-                    row["skipped"] = f"a shorter length ({stopped}) did not finish"
-                else:
-                    row.update(spawn({"kind": "length", "config": config, "format": fmt, "length": length,
-                                      "steps": steps}, timeout))
-                    if "step_s" not in row:
-                        stopped = length
+                row.update({**res["formats"][fmt], "wall_s": res["wall_s"]} if "formats" in res else res)
                 print(line(row), flush=True)
                 rows.append(row)
-            if capacity:
-                r = {"config": config, "format": fmt, **spawn({"kind": "capacity", "config": config, "format": fmt,
-                                                               "fill": fill, "capacity": capacity, "steps": steps},
-                                                              timeout)}
-                print(capacity_line(r), flush=True)
-                caps.append(r)
+            stopped = stopped or ("formats" not in res and length)
+        for fmt in formats if capacity else []:
+            r = {"config": config, "format": fmt, **spawn({"kind": "capacity", "config": config, "format": fmt,
+                                                           "fill": fill, "capacity": capacity, "steps": steps},
+                                                          timeout)}
+            print(capacity_line(r), flush=True)
+            caps.append(r)
     result = {"quick": quick, "steps": steps, "chunk": CHUNK, "timeout_s": timeout, "formats": dict(FORMATS),
               "configs": {c: describe_config(CONFIGS[c]) for c in configs}, "rows": rows, "capacity": caps,
               "capacity_args": {"capacity": capacity, "fill": fill}}
@@ -407,18 +429,32 @@ def _min(r: dict) -> str:
     return f" ({1e3 * r['step_min_s']:.2f})" if "step_min_s" in r else ""
 
 
+def _paired(r: dict) -> str:
+    """The median over interleaved steps of step / the same step of the child's first format."""
+    if "paired_ratio" not in r or r["paired_base"] == r["format"]:
+        return "-"
+    return f"**{r['paired_ratio']:.3f}** (vs {r['paired_base']})"
+
+
+def _cache(r: dict) -> str:
+    return f" ({r['cache_mib']:.1f})" if "cache_mib" in r else ""
+
+
 def markdown(result: dict) -> str:
     out = []
     if result.get("quick"):
         out += ["**QUICK RUN: small lengths to check the plumbing; these are not the benchmark's results.**", ""]
     cap = result["capacity_args"]
     out += [
-        f"One sequence; one child process per (config, cache format, length); prefill in chunks of {result['chunk']} "
-        f"through infer.generate's `_step` (jax.jit over the split model state, cache donated; compiled before the "
-        f"first chunk, compile time apart); decode: median of {result['steps']} single-token steps after a warm-up; "
-        f"cache capacity = L + steps rounded up to 128; random weights; per-child limit {result['timeout_s']:.0f} s "
+        f"One sequence; one child process per (config, length), holding a cache of each format, prefilled with the "
+        f"same tokens in chunks of {result['chunk']} through infer.generate's `_step` (jax.jit over the split model "
+        f"state, cache donated; compiled before the first chunk, compile time apart); decode: median of "
+        f"{result['steps']} single-token steps after a warm-up, and the median over steps of step / the first "
+        "format's step beside it; the formats' chunks and steps interleaved, the order alternating; cache capacity "
+        f"= L + steps rounded up to 128; random weights; per-child limit {result['timeout_s']:.0f} s "
         "(bench/long_context.py). Formats: " + ", ".join(f"{k} = kv_format {v[0]}, index_format {v[1]}"
-                                                         for k, v in result["formats"].items()) + ".", "",
+                                                         for k, v in result["formats"].items()) + ". Peak RSS: the "
+        "child's VmHWM, every format's cache held; the cache's own MiB in brackets.", "",
         "Configs: " + "; ".join(f"`{k}`: {v}" for k, v in result["configs"].items()) + ". `demo` is V4's layer plan "
         "cut to one pair (two window-only layers, then one CSA and one HCA layer), window 128 and top-k 512 at small "
         "widths with one indexer head of 64 (V4: 64 x 128), because the indexer's O(L^2) scan dominates prefill at 1M "
@@ -435,20 +471,21 @@ def markdown(result: dict) -> str:
         "GFLOP/s = counted prefill FLOPs (`cost.forward_flops`, mean position, x L) / measured prefill time; the "
         "indexer's own rate is not timed apart: its scan FLOPs over the whole prefill time bound it from below.", "",
         "| config | format | L | prefill s | prefill tok/s | compile s (prefill / decode) | step ms, median (min) | "
-        "step / step(L0) | peak RSS MiB | model MiB/step | model growth MiB | inferred growth MiB (B GB/s) | "
-        "XLA MiB/step | prefill GFLOP/s (indexer share of FLOPs; indexer rate >=) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "step / step(L0) | step / first format's step, interleaved | peak RSS MiB (cache MiB) | "
+        "model MiB/step | model growth MiB | inferred growth MiB (B GB/s) | XLA MiB/step | "
+        "prefill GFLOP/s (indexer share of FLOPs; indexer rate >=) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lead = f"| {r['config']} | {r['format']} | {r['length']} |"
         if "step_s" not in r:
             why = (f"timed out after {r['timed_out']:.0f} s" if "timed_out" in r
                    else r.get("skipped") or f"failed: {r.get('error', '')[:200]}")
-            out.append(f"{lead} {why} |" + " |" * 5 + f" {_mib(r['model_bytes'])} |" + " |" * 4)
+            out.append(f"{lead} {why} |" + " |" * 6 + f" {_mib(r['model_bytes'])} |" + " |" * 4)
             continue
         out.append(
             f"{lead} {_fmt_s(r['prefill_s'])} | {r['prefill_tps']:.0f} | {r['prefill_compile_s']:.1f} / "
             f"{r['decode_compile_s']:.1f} | {1e3 * r['step_s']:.2f}{_min(r)} | {r['step_ratio']:.2f} | "
-            f"{r['peak_rss_mib']:.0f} | "
+            f"{_paired(r)} | {r['peak_rss_mib']:.0f}{_cache(r)} | "
             f"{_mib(r['model_bytes'])} | {_mib(r['model_growth'])} | {_mib(r['inferred_growth'])} "
             f"({r['bandwidth_gbs']:.1f}) | {_mib(r.get('xla_bytes_accessed'))} | {r['gflops']:.1f} "
             f"({r['indexer_flops'] / r['prefill_flops']:.0%}; indexer >= {r['indexer_gflops_lower']:.1f}) |")
@@ -510,7 +547,7 @@ def main(argv=None) -> None:
     if args.child:
         spec = json.loads(args.child)
         if spec["kind"] == "length":
-            res = child_length(spec["config"], spec["format"], spec["length"], spec["steps"])
+            res = child_length(spec["config"], spec["formats"], spec["length"], spec["steps"])
         else:
             res = child_capacity(spec["config"], spec["format"], spec["fill"], spec["capacity"], spec["steps"])
         print("RESULT " + json.dumps(res), flush=True)

@@ -32,6 +32,7 @@ def test_analyse_and_markdown_with_a_timed_out_length():
                 "decode_compile_s": 1.0, "peak_rss_mib": 900.0}
 
     rows = [row(4096, 2.0, 0.010, 1e6), row(16384, 16.0, 0.011, 3e6),
+            {**row(16384, 16.0, 0.0099, 1e6), "format": "fp8+fp4", "paired_base": "bf16", "paired_ratio": 0.9},
             {"config": "tiny", "format": "bf16", "length": 65536, "model_bytes": 9e6, "prefill_flops": 1e13,
              "indexer_flops": 9e12, "timed_out": 900}]
     fits = lc.analyse(rows)
@@ -47,7 +48,8 @@ def test_analyse_and_markdown_with_a_timed_out_length():
     md = lc.markdown(result)
     assert md.startswith("**QUICK RUN")
     table = [ln for ln in md.splitlines() if ln.startswith("| tiny |")]
-    assert len(table) == 3 and "timed out after 900 s" in table[2]
+    assert len(table) == 4 and "timed out after 900 s" in table[3]
+    assert "**0.900** (vs bf16)" in table[2] and "(vs" not in table[1]  # the interleaved ratio, on the other format
     assert {ln.count("|") for ln in table} == {md.splitlines()[[i for i, ln in enumerate(md.splitlines())
                                                                 if ln.startswith("| config |")][0]].count("|")}
     assert "exponent 1.50" in md
