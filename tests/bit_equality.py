@@ -1,6 +1,6 @@
 """Bit equality of the cache path with the full pass inside numerics.batch_invariant(), over random seeds and layer
 plans: for each seed, a random released-layout checkpoint (v4jax.hub.random_hub_tensors) on the layer plan
-PLANS[seed % len(PLANS)], two rows of 600 random tokens, both qat modes; chunked prefill in chunks of 1 (decode),
+PLANS[seed % len(PLANS)], two rows of 320 random tokens, both qat modes; chunked prefill in chunks of 1 (decode),
 64, 129 and 300 tokens, each compared with the full forward pass, logit for logit, bit for bit.
 
 What it relies on: the mode pins every contraction and reduction (v4jax/numerics.py), and XLA:CPU must not contract
@@ -47,7 +47,7 @@ PLANS = {
                                    head_dim=192),
 }
 CHUNKS = (1, 64, 129, 300)
-BATCH, TOKENS = 2, 600
+BATCH, TOKENS = 2, 320  # past 2 HCA windows (128), 80 CSA windows (4), window 16 and top-k 8
 
 
 def build(plan: str, seed: int, qat: bool) -> Transformer:

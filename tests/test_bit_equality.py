@@ -1,6 +1,6 @@
 """Inside numerics.batch_invariant(), on XLA:CPU without FMA contraction, chunked prefill (chunks of 1, 64, 129, 300)
 and decode reproduce the full forward pass bit for bit: 20 random released-layout checkpoints alternating between
-2 four-layer plans (Flash's, and an HCA-first plan with 3 hash layers and head_dim 192), batch 2, 600 tokens, qat
+2 four-layer plans (Flash's, and an HCA-first plan with 3 hash layers and head_dim 192), batch 2, 320 tokens, qat
 off and on (tests/bit_equality.py, one child process per plan, started with XLA_FLAGS=--xla_cpu_max_isa=AVX)."""
 
 from __future__ import annotations
