@@ -13,17 +13,6 @@ from pathlib import Path
 # everything else runs on device 0 as usual.
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
-# One persistent compilation cache for the whole test session, set before jax is imported: the xdist workers and
-# every child process (CLI runs, kill -9 and resume, notebooks) inherit it, so a program that another process or an
-# earlier test already compiled is read back instead of compiled again (the key covers the program, the XLA flags
-# and the jax version). A fresh folder per session, removed at its end by the process that made it; a cached entry
-# is the same executable the compiler gave. A size limit turns on jax's file lock (filelock) for the two workers.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _jit_cache = tempfile.mkdtemp(prefix="v4jax-test-jit-")
-    atexit.register(shutil.rmtree, _jit_cache, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jit_cache
-    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

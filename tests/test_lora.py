@@ -6,6 +6,7 @@ saved alone (PEFT layout) and loaded back, with named mismatches; dropout on the
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from pathlib import Path
 
@@ -96,13 +97,13 @@ def test_zero_b_gives_the_base_logits_exactly_and_the_base_stays_quantized():
     np.testing.assert_array_equal(np.asarray(logits_of(model, ids)), base)
 
 
-@pytest.mark.parametrize("targets", [lora.ATTENTION_TARGETS + ("shared_experts",), ("experts",)])
-def test_adapter_grads_are_the_weight_grads_projected_onto_the_adapters(targets):
-    """dL/da = s b^T G and dL/db = s G a^T, G = dL/dW' of the merged model (W' = W + s b a as a plain dense
-    Param), fp32, 1e-4; then central differences at the largest-gradient coordinates of one a and one b."""
+def test_adapter_grads_are_the_weight_grads_projected_onto_the_adapters():
+    """Adapters on every target at once: dL/da = s b^T G and dL/db = s G a^T, G = dL/dW' of the merged model
+    (W' = W + s b a as a plain dense Param), fp32, 1e-4; then central differences at the largest-gradient
+    coordinate of an a and of a b among the routed experts' adapters, and among the others'."""
     model = quantized_model()
     ids = batch(model.cfg)
-    lora.attach(model, lora.LoraConfig(rank=4, alpha=8.0, targets=targets), nnx.Rngs(1))
+    lora.attach(model, lora.LoraConfig(rank=4, alpha=8.0, targets=ALL), nnx.Rngs(1))
     randomize_b(model)
     loss, grads = adapter_grads(model, ids)
     got = flat(grads)
@@ -124,12 +125,13 @@ def test_adapter_grads_are_the_weight_grads_projected_onto_the_adapters(targets)
     assert max(np.abs(v).max() for v in ref.values()) > 0
     assert_grads_close(got, ref, tol=1e-4)
 
-    # finite differences: the largest-gradient coordinate of the largest a and b gradients
+    # finite differences: the largest-gradient coordinate of the largest a and b gradients, routed experts and others
     graphdef, adapters, rest = nnx.split(model, lora.LoraParam, ...)
     loss_at = jax.jit(lambda ad: loss_fn(nnx.merge(graphdef, ad, rest), ids))
     eps = 3e-3  # a step of 1e-2 already flips a top-k choice (routing / indexer) downstream
-    for leaf in ("a", "b"):
-        path = max((k for k in got if k.endswith("." + leaf)), key=lambda k: np.abs(got[k]).max())
+    for leaf, routed in itertools.product(("a", "b"), (True, False)):
+        path = max((k for k in got if k.endswith("." + leaf) and (".experts." in k) == routed),
+                   key=lambda k: np.abs(got[k]).max())
         coord = np.unravel_index(np.argmax(np.abs(got[path])), got[path].shape)
 
         def shifted(d):
