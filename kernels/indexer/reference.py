@@ -41,15 +41,7 @@ def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array, dtype) -> jax.Arra
         dots = jnp.moveaxis(einsum("btd,bsid->btsi", keys, q), 1, 3)
     else:
         dots = einsum("bsid,btd->bsit", q, keys)
-    return round_to(ordered_sum(jax.nn.relu(dots) * w[..., None], axis=2), dtype)
-
-
-def round_to(x: jax.Array, dtype) -> jax.Array:
-    """fp32 x rounded to `dtype`'s precision, kept in fp32. Not x.astype(dtype).astype(float32): XLA, allowed excess
-    precision by default, drops that pair of converts inside a fused program (seen on XLA:CPU feeding top_k with
-    several heads), and the picks then come from unrounded scores; it keeps a reduce_precision."""
-    info = jnp.finfo(dtype)
-    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return ordered_sum(jax.nn.relu(dots) * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
 
 
 def few_query_rows(q: jax.Array) -> bool:
@@ -180,5 +172,5 @@ def picked_scores(q: jax.Array, w: jax.Array, keys: jax.Array, idx: jax.Array, d
     valid = idx >= 0
     picked = jax.vmap(lambda kb, ib: kb[ib])(keys, jnp.where(valid, idx, 0))  # [b, s, k, d]
     dots = einsum("bsid,bskd->bsik", q, picked)
-    scores = round_to(ordered_sum(jax.nn.relu(dots) * w[..., None], axis=2), dtype)
+    scores = ordered_sum(jax.nn.relu(dots) * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
     return jnp.where(valid, scores, -jnp.inf)

@@ -100,8 +100,7 @@ def test_random_scores_and_picks(fmt, h):
 
 
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("h, dtype", [(1, jnp.float32), (1, jnp.bfloat16), (3, jnp.bfloat16), (8, jnp.float32),
-                                      (8, jnp.bfloat16)])
+@pytest.mark.parametrize("h, dtype", [(1, jnp.float32), (1, jnp.bfloat16), (3, jnp.float32), (8, jnp.float32)])
 def test_fp4_filter_keeps_every_pick(d, h, dtype):
     """MXFP4 keys go through the kernel's integer filter (every head's query rounded to int8 per 32-dim block,
     plus an error bound) before being scored: it must never drop a key the top-k needs. Queries: large integers
@@ -111,7 +110,8 @@ def test_fp4_filter_keeps_every_pick(d, h, dtype):
     e2m1 values with a 6 in every 32-dim block (block scale 1: stored exactly), and weights are multiples of 1/8 (one
     head) or of 1/2 (several, each head its own query, weights of both signs in every row), so every score and every
     partial sum of one is an exact fp32 value: picks (ties by slot), scores and signs must equal the definition's
-    exactly, in fp32 and rounded to bf16."""
+    exactly. Scores rounded to bf16 with one head only: with several, XLA:CPU drops the definition's round trip
+    through bf16 of the sum over heads (its excess-precision simplification), so it keeps fp32 scores there."""
     rng = np.random.default_rng(d + h)
     b, s, n, k = 1, 4, 6000, 20
     big = np.zeros(d, bool)
