@@ -49,9 +49,12 @@ def test_on_device_decode_loop_equals_the_streaming_loop_and_the_full_forward(mo
     rng = np.random.default_rng(5)
     prompts = [list(rng.integers(0, 1024, n)) for n in (7, 19, 12)]
     greedy = generate(model, prompts, SamplingParams(max_new_tokens=10))
-    for row, p in zip(greedy, prompts):  # causal: one full pass over prompt + row scores every generated token
-        logits = forward(model, jnp.asarray([p + row]))[0, len(p) - 1:-1]
-        assert row == np.asarray(jnp.argmax(logits, axis=-1)).tolist()
+    # causal: one full pass over prompt + row (right-padded, the rows in one batch) scores every generated token
+    seqs = [p + row for p, row in zip(prompts, greedy)]
+    width = max(map(len, seqs))
+    logits = forward(model, jnp.asarray([s + [0] * (width - len(s)) for s in seqs]))
+    for i, (row, p) in enumerate(zip(greedy, prompts)):
+        assert row == np.asarray(jnp.argmax(logits[i, len(p) - 1:len(p) - 1 + len(row)], axis=-1)).tolist()
     stop = (greedy[0][3], greedy[2][6])  # row 0 stops at its 4th token (or earlier), row 2 at its 7th at the latest
     results = []
     for params in (SamplingParams(max_new_tokens=10, stop_tokens=stop),
