@@ -617,6 +617,66 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   return ffi::Error::Success();
 }
 
+// running_topk's merge step (reference.py) for rows r: the best k of [vals[r] | scores[r]], the running top k
+// (sorted, best first) at positions 0 .. k - 1 and a span's scores of slots start .. start + m - 1 after them, in
+// XLA's top_k order (total order, equal values lower position first: a running entry before a span slot) ->
+// their values and slots (the running entries' idx, or the span's slot). Exact: only span scores that beat the
+// running k-th (8 compares per instruction) can enter, and they are merged into the running list.
+ffi::Error TopkMergeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx,
+                         ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::S32> start, ffi::ResultBuffer<ffi::F32> out_vals,
+                         ffi::ResultBuffer<ffi::S32> out_idx) {
+  auto vd = vals.dimensions();
+  auto sd = scores.dimensions();
+  if (vd.size() != 2 || sd.size() != 2 || vd[0] != sd[0] || idx.dimensions()[1] != vd[1])
+    return ffi::Error::InvalidArgument("topk_merge: vals and idx must be [rows, k], scores [rows, m]");
+  const int64_t rows = vd[0], k = vd[1], m = sd[1];
+  const int32_t slot0 = start.typed_data()[0];
+  const int64_t parts = std::min<int64_t>(rows, 4 * pool_threads(pool));
+  run_tasks(pool, parts, [&](int64_t p) {
+    std::vector<Cand> cand;
+    for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; ++r) {
+      const float* v = vals.typed_data() + r * k;
+      const int32_t* ix = idx.typed_data() + r * k;
+      const float* sc = scores.typed_data() + r * m;
+      int32_t thr = order_key(v[k - 1]);  // a span slot must beat it; once `cand` was pruned to its best k,
+      cand.clear();                         // its k-th too (a later slot with an equal score ranks below)
+      auto keep = [&](int64_t g) {
+        cand.push_back({order_key(sc[g]), int32_t(slot0 + g), sc[g]});
+        if (int64_t(cand.size()) >= 4 * k + 64) {
+          std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better);
+          cand.resize(k);
+          thr = cand[k - 1].key;  // above the running k-th, as every candidate
+        }
+      };
+      int64_t j = 0;
+      for (; j + 8 <= m; j += 8) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + j));
+        const __m256i key =  // order_key, 8 at a time
+            _mm256_xor_si256(x, _mm256_and_si256(_mm256_srai_epi32(x, 31), _mm256_set1_epi32(0x7FFFFFFF)));
+        int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, _mm256_set1_epi32(thr))));
+        for (; mask; mask &= mask - 1) {
+          const int64_t g = j + __builtin_ctz(mask);
+          if (order_key(sc[g]) > thr) keep(g);
+        }
+      }
+      for (; j < m; ++j)
+        if (order_key(sc[j]) > thr) keep(j);
+      best_first(cand, k);
+      float* ov = out_vals->typed_data() + r * k;
+      int32_t* oi = out_idx->typed_data() + r * k;
+      int64_t a = 0, c = 0;  // next running entry, next candidate
+      for (int64_t o = 0; o < k; ++o) {
+        if (c < int64_t(cand.size()) && cand[c].key > order_key(v[a])) {
+          ov[o] = cand[c].score, oi[o] = cand[c].slot, ++c;
+        } else {
+          ov[o] = v[a], oi[o] = ix[a], ++a;
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(V4jaxIndexerTopk, IndexerTopkImpl,
@@ -632,3 +692,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(V4jaxIndexerTopk, IndexerTopkImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("fmt")
                                   .Attr<bool>("bf16_scores"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(V4jaxTopkMerge, TopkMergeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

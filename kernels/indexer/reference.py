@@ -41,7 +41,15 @@ def index_scores(q: jax.Array, w: jax.Array, keys: jax.Array, dtype) -> jax.Arra
         dots = jnp.moveaxis(einsum("btd,bsid->btsi", keys, q), 1, 3)
     else:
         dots = einsum("bsid,btd->bsit", q, keys)
-    return ordered_sum(jax.nn.relu(dots) * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
+    return round_to(ordered_sum(jax.nn.relu(dots) * w[..., None], axis=2), dtype)
+
+
+def round_to(x: jax.Array, dtype) -> jax.Array:
+    """fp32 x rounded to `dtype`'s precision, kept in fp32. Not x.astype(dtype).astype(float32): XLA, allowed excess
+    precision by default, drops that pair of converts inside a fused program (seen on XLA:CPU feeding top_k with
+    several heads), and the picks then come from unrounded scores; it keeps a reduce_precision."""
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def few_query_rows(q: jax.Array) -> bool:
@@ -113,14 +121,23 @@ def key_rows(keys, start, size: int, dtype) -> jax.Array:
     return part.decode(dtype) if hasattr(part, "decode") else part.astype(dtype)
 
 
-def running_topk(score_span, n: int, spans, lo: jax.Array, hi: jax.Array, k: int):
+def topk_merge(vals: jax.Array, idx: jax.Array, scores: jax.Array, start) -> tuple[jax.Array, jax.Array]:
+    """One merge of running_topk: the running top k (vals [..., k] best first, their slots idx) and a span's scores
+    [..., span] of slots start .. start + span - 1 -> the top k of both (lax.top_k over the running entries, then
+    the span's: equal scores keep the running entry, then the lower slot, first)."""
+    v, pick = jax.lax.top_k(jnp.concatenate([vals, scores], axis=-1), vals.shape[-1])
+    slots = jnp.broadcast_to(start + jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape)
+    return v, jnp.take_along_axis(jnp.concatenate([idx, slots], axis=-1), pick, axis=-1)
+
+
+def running_topk(score_span, n: int, spans, lo: jax.Array, hi: jax.Array, k: int, merge=topk_merge):
     """The top k visible slots of 0 .. n - 1, scored a span at a time over the spans that intersect some [lo, hi)
     only. spans: one span length, or lengths longest first (span_levels), each <= n; the longer levels take
     as many whole spans as fit the visible extent, the shortest covers the rest. score_span(start, span, lo_rel,
     hi_rel) -> [b, s, span] fp32 scores of slots start .. start + span - 1 (span: the level's static length),
     -inf outside [lo_rel, hi_rel) (bounds relative to start). A span that would run past n starts at
-    n - span instead, its slots already merged made invisible. -> (slots [b, s, k] int32, -1 = none; scores
-    [b, s, k] fp32, -inf = none)."""
+    n - span instead, its slots already merged made invisible. merge: topk_merge or a function with its result
+    (cpu_kernel.topk_merge). -> (slots [b, s, k] int32, -1 = none; scores [b, s, k] fp32, -inf = none)."""
     spans = (spans,) if isinstance(spans, int) else tuple(spans)
     b, s = lo.shape
     has = hi > lo
@@ -131,25 +148,23 @@ def running_topk(score_span, n: int, spans, lo: jax.Array, hi: jax.Array, k: int
         shortest = level == len(spans) - 1
         count = jnp.maximum(-(-(last - pos) // span) if shortest else (last - pos) // span, 0)
 
-        def merge(j, carry, span=span, base=pos):
+        def step(j, carry, span=span, base=pos):
             vals, idx = carry
             begin = base + j * span  # this span's first new slot
             start = jnp.minimum(begin, n - span)
-            sc = score_span(start, span, jnp.maximum(lo, begin) - start, hi - start)
-            v, pick = jax.lax.top_k(jnp.concatenate([vals, sc], axis=-1), k)
-            slots = jnp.broadcast_to(start + jnp.arange(span, dtype=jnp.int32), sc.shape)
-            return v, jnp.take_along_axis(jnp.concatenate([idx, slots], axis=-1), pick, axis=-1)
+            return merge(vals, idx, score_span(start, span, jnp.maximum(lo, begin) - start, hi - start), start)
 
-        carry = jax.lax.fori_loop(0, count, merge, carry)
+        carry = jax.lax.fori_loop(0, count, step, carry)
         pos = pos + count * span
     vals, idx = carry
     return jnp.where(vals > -jnp.inf, idx, -1), vals
 
 
-def indexer_topk(q: jax.Array, w: jax.Array, keys, lo: jax.Array, hi: jax.Array, k: int, dtype, span=None):
+def indexer_topk(q: jax.Array, w: jax.Array, keys, lo: jax.Array, hi: jax.Array, k: int, dtype, span=None,
+                 merge=topk_merge):
     """-> (top slots [b, s, k] int32, -1 where fewer than k are visible; their scores [b, s, k] fp32, -inf
     there). keys: [b, n, d] or a packed format (decoded span by span to q's dtype). span: a length or levels
-    for running_topk (default span_levels). No gradient."""
+    for running_topk (default span_levels); merge: running_topk's. No gradient."""
     q, w, keys = (jax.lax.stop_gradient(a) for a in (q, w, keys))  # integer picks: nothing to differentiate
     n = n_slots(keys)
     b, s, i, _ = q.shape
@@ -163,7 +178,7 @@ def indexer_topk(q: jax.Array, w: jax.Array, keys, lo: jax.Array, hi: jax.Array,
         scores = index_scores(q, w, key_rows(keys, start, span, kdt), dtype)
         return jnp.where(range_mask(lo_rel, hi_rel, span), scores, -jnp.inf)
 
-    return running_topk(score_span, n, spans, lo, hi, k)
+    return running_topk(score_span, n, spans, lo, hi, k, merge)
 
 
 def picked_scores(q: jax.Array, w: jax.Array, keys: jax.Array, idx: jax.Array, dtype) -> jax.Array:
@@ -172,5 +187,5 @@ def picked_scores(q: jax.Array, w: jax.Array, keys: jax.Array, idx: jax.Array, d
     valid = idx >= 0
     picked = jax.vmap(lambda kb, ib: kb[ib])(keys, jnp.where(valid, idx, 0))  # [b, s, k, d]
     dots = einsum("bsid,bskd->bsik", q, picked)
-    scores = ordered_sum(jax.nn.relu(dots) * w[..., None], axis=2).astype(dtype).astype(jnp.float32)
+    scores = round_to(ordered_sum(jax.nn.relu(dots) * w[..., None], axis=2), dtype)
     return jnp.where(valid, scores, -jnp.inf)

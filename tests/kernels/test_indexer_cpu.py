@@ -100,7 +100,8 @@ def test_random_scores_and_picks(fmt, h):
 
 
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("h, dtype", [(1, jnp.float32), (1, jnp.bfloat16), (3, jnp.float32), (8, jnp.float32)])
+@pytest.mark.parametrize("h, dtype", [(1, jnp.float32), (1, jnp.bfloat16), (3, jnp.bfloat16), (8, jnp.float32),
+                                      (8, jnp.bfloat16)])
 def test_fp4_filter_keeps_every_pick(d, h, dtype):
     """MXFP4 keys go through the kernel's integer filter (every head's query rounded to int8 per 32-dim block,
     plus an error bound) before being scored: it must never drop a key the top-k needs. Queries: large integers
@@ -110,8 +111,7 @@ def test_fp4_filter_keeps_every_pick(d, h, dtype):
     e2m1 values with a 6 in every 32-dim block (block scale 1: stored exactly), and weights are multiples of 1/8 (one
     head) or of 1/2 (several, each head its own query, weights of both signs in every row), so every score and every
     partial sum of one is an exact fp32 value: picks (ties by slot), scores and signs must equal the definition's
-    exactly. Scores rounded to bf16 with one head only: with several, XLA:CPU drops the definition's round trip
-    through bf16 of the sum over heads (its excess-precision simplification), so it keeps fp32 scores there."""
+    exactly, in fp32 and rounded to bf16."""
     rng = np.random.default_rng(d + h)
     b, s, n, k = 1, 4, 6000, 20
     big = np.zeros(d, bool)
@@ -160,31 +160,79 @@ def test_a_zero_threshold(fmt):
     assert np.asarray(want[0])[0, 0].min() >= n // 2 and np.asarray(want[0])[0, 1].max() < k
 
 
-def _runs_kernel(q, keys, **kw) -> bool:
+@pytest.mark.parametrize("seed", range(6))
+def test_topk_merge_equals_lax_top_k(seed):
+    """cpu_kernel.topk_merge against reference.topk_merge (lax.top_k over [running | span]): values bit for bit
+    and slots, with many ties, both zeros and infinities (integer-valued draws) or normal draws, running lists
+    partly -inf, spans of any length (the 8-wide compares and their tail)."""
+    rng = np.random.default_rng(seed)
+    special = np.array([0.0, -0.0, 1.0, -1.0, 2.0, -np.inf, np.inf], np.float32)
+    for _ in range(20):
+        rows, k, m = (int(x) for x in (rng.integers(1, 40), rng.integers(1, 70), rng.integers(1, 300)))
+        ties = bool(rng.integers(2))
+        draw = (lambda shape: rng.choice(special, shape)) if ties else (
+            lambda shape: rng.standard_normal(shape).astype(np.float32))
+        first = draw((rows, k + int(rng.integers(0, 60))))
+        first[:, int(rng.integers(0, first.shape[1] + 1)):] = -np.inf  # fewer than k seen so far, some rows
+        vals, idx = jax.lax.top_k(jnp.asarray(first), k)
+        idx = jnp.where(vals > -jnp.inf, idx, -1)
+        scores, start = jnp.asarray(draw((rows, m))), jnp.int32(rng.integers(0, 10_000))
+        want = reference.topk_merge(vals, idx, scores, start)
+        got = jax.jit(cpu_kernel.topk_merge)(vals, idx, scores, start)
+        np.testing.assert_array_equal(np.asarray(got[0]).view(np.int32), np.asarray(want[0]).view(np.int32))
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_many_rows_take_the_merge_kernel_with_the_same_picks(fmt):
+    """A prefill-shaped query (more rows than the scan kernel takes) under 'auto': the reference's scores with
+    topk_merge's merges, several spans (span 64 forced) -> the same slots and scores as implementation='reference'
+    (which merges with lax.top_k)."""
+    b, s, h, d, n, k = 2, 24, 2, 64, 700, 20
+    q, w, keys = _inputs(5, b, s, h, d, n, integer=False)
+    lo, hi = _ranges(5, b, s, n, k)
+    stored = _stored(fmt, keys)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        want = reference.indexer_topk(q, w, stored, lo, hi, k, dtype, span=64)
+        got = jax.jit(lambda *a: reference.indexer_topk(*a, k, dtype, span=64, merge=cpu_kernel.topk_merge))(
+            q, w, stored, lo, hi)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(np.asarray(got[1]).view(np.int32), np.asarray(want[1]).view(np.int32))
+        auto = jax.jit(lambda *a: indexer_topk(*a, k, dtype))(q, w, stored, lo, hi)
+        np.testing.assert_array_equal(auto[0], reference.indexer_topk(q, w, stored, lo, hi, k, dtype)[0])
+
+
+def _runs(q, keys, target=cpu_kernel.TARGET, **kw) -> bool:
     b, s = q.shape[:2]
     lo = hi = jnp.zeros((b, s), jnp.int32)
     w = jnp.zeros(q.shape[:3], jnp.float32)
     text = str(jax.make_jaxpr(lambda q, keys: indexer_topk(q, w, keys, lo, hi, 4, jnp.float32, **kw))(q, keys))
-    return cpu_kernel.TARGET in text
+    return target in text
 
 
 def test_when_indexer_topk_runs_the_kernel():
     """'auto' on a CPU: the kernel for up to CPU_KERNEL_ROWS query rows x heads, or CPU_KERNEL_LANE_ROWS with a
     multiple of 8 heads, outside the batch-invariant mode (whose fixed order of additions the kernel does not
-    follow), for the formats it reads; else the reference."""
+    follow), for the formats it reads; else the reference with topk_merge."""
     from kernels.indexer import CPU_KERNEL_LANE_ROWS, CPU_KERNEL_ROWS
     keys = jnp.zeros((1, 64, 64), jnp.bfloat16)
-    assert _runs_kernel(jnp.zeros((1, 1, 1, 64)), keys)
-    assert _runs_kernel(jnp.zeros((1, 1, CPU_KERNEL_ROWS, 64)), _stored("fp4", keys.astype(jnp.float32)))
-    assert not _runs_kernel(jnp.zeros((1, 1, CPU_KERNEL_ROWS + 1, 64)), keys)
-    assert not _runs_kernel(jnp.zeros((1, 2, CPU_KERNEL_ROWS, 64)), keys)
-    assert _runs_kernel(jnp.zeros((1, 1, CPU_KERNEL_LANE_ROWS, 64)), keys)
-    assert _runs_kernel(jnp.zeros((1, CPU_KERNEL_LANE_ROWS // 8, 8, 64)), keys)
-    assert not _runs_kernel(jnp.zeros((1, 2, CPU_KERNEL_LANE_ROWS, 64)), keys)
-    assert not _runs_kernel(jnp.zeros((1, 1, 1, 64)), keys, implementation="reference")
-    assert not _runs_kernel(jnp.zeros((1, 1, 1, 32)), _stored("fp4", jnp.zeros((1, 64, 32))))  # FP4 wants d % 64
+    assert _runs(jnp.zeros((1, 1, 1, 64)), keys)
+    assert _runs(jnp.zeros((1, 1, CPU_KERNEL_ROWS, 64)), _stored("fp4", keys.astype(jnp.float32)))
+    assert not _runs(jnp.zeros((1, 1, CPU_KERNEL_ROWS + 1, 64)), keys)
+    assert not _runs(jnp.zeros((1, 2, CPU_KERNEL_ROWS, 64)), keys)
+    assert _runs(jnp.zeros((1, 1, CPU_KERNEL_LANE_ROWS, 64)), keys)
+    assert _runs(jnp.zeros((1, CPU_KERNEL_LANE_ROWS // 8, 8, 64)), keys)
+    assert not _runs(jnp.zeros((1, 2, CPU_KERNEL_LANE_ROWS, 64)), keys)
+    assert not _runs(jnp.zeros((1, 1, 1, 64)), keys, implementation="reference")
+    assert not _runs(jnp.zeros((1, 1, 1, 32)), _stored("fp4", jnp.zeros((1, 64, 32))))  # FP4 wants d % 64
     with batch_invariant():
-        assert not _runs_kernel(jnp.zeros((1, 1, 1, 64)), keys)
+        assert not _runs(jnp.zeros((1, 1, 1, 64)), keys)
+    # more rows: the reference, its merges by topk_merge (exact, so in the batch-invariant mode too)
+    many = jnp.zeros((1, 2, CPU_KERNEL_LANE_ROWS, 64))
+    assert _runs(many, keys, cpu_kernel.MERGE_TARGET)
+    assert not _runs(many, keys, cpu_kernel.MERGE_TARGET, implementation="reference")
+    with batch_invariant():
+        assert _runs(many, keys, cpu_kernel.MERGE_TARGET)
 
 
 def test_build_errors_name_the_fix(monkeypatch, tmp_path):
