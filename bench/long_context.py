@@ -144,19 +144,15 @@ def _xla_bytes(compiled) -> float | None:
         return None
 
 
-def _decode_steps(dec, leaves, cache, token, steps: int):
-    """steps + 1 timed single-token steps -> (seconds of each, cache, last token)."""
+def _decode_step(dec, leaves, cache, token):
+    """One timed single-token greedy step -> (seconds, cache, next token)."""
     import jax.numpy as jnp
 
-    one = jnp.ones((1,), jnp.int32)
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        logits, _, cache = dec(leaves, cache, token, one)
-        logits.block_until_ready()
-        times.append(time.perf_counter() - t0)
-        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
-    return times, cache, token
+    t0 = time.perf_counter()
+    logits, _, cache = dec(leaves, cache, token, jnp.ones((1,), jnp.int32))
+    logits.block_until_ready()
+    seconds = time.perf_counter() - t0
+    return seconds, cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
 
 
 def _prefill(model, static, leaves, length: int, caches: list) -> list:
@@ -202,8 +198,8 @@ def _decode_interleaved(leaves, runs: list[dict], steps: int) -> None:
     alternating: every run sees the same machine load."""
     for i in range(steps):
         for r in runs if i % 2 == 0 else runs[::-1]:
-            t, r["cache"], r["token"] = _decode_steps(r["dec"], leaves, r["cache"], r["token"], 0)
-            r["times"] += t
+            t, r["cache"], r["token"] = _decode_step(r["dec"], leaves, r["cache"], r["token"])
+            r["times"].append(t)
 
 
 def child_length(config: str, formats: list[str], length: int, steps: int) -> dict:
@@ -223,7 +219,7 @@ def child_length(config: str, formats: list[str], length: int, steps: int) -> di
         dec, out["decode_compile_s"] = _compile_decode(static, leaves, cache, token)
         out.update(xla_bytes_accessed=_xla_bytes(dec), capacity=capacity,
                    cache_mib=sum(x.nbytes for x in jax.tree.leaves(cache)) / 2**20)
-        _, cache, token = _decode_steps(dec, leaves, cache, token, 0)  # the warm-up step
+        _, cache, token = _decode_step(dec, leaves, cache, token)  # the warm-up step
         runs.append({"out": out, "dec": dec, "cache": cache, "token": token, "times": []})
     _decode_interleaved(leaves, runs, steps)
     peak = peak_rss_mib()  # before the bandwidth array
