@@ -16,7 +16,8 @@ running top-k. The spans come in levels (`span_levels`: 1,024 slots times powers
 budget of score elements allows): the longest spans cover the bulk of the visible extent, shorter ones the rest, so
 a short extent is scored in short spans (a cache of capacity 1M holding 4K tokens costs what one of 4K does) and a
 long one in few merges (XLA:CPU's top_k, 256 rows, k = 512: ~53 ns per element over 1.5K elements, ~4.6 ns over 66K,
-measured; 1,024-slot merges spent over half of a demo prefill chunk in top_k). The keys may be a packed cache format
+measured; 1,024-slot merges spent over half of a demo prefill chunk in top_k; on a CPU, `indexer_topk`'s auto
+passes cpu_kernel.topk_merge, same result without the sort). The keys may be a packed cache format
 (v4jax.kv_cache: any pytree of [b, n, ...] leaves with a .decode(dtype) method): each span is decoded as it is
 scored, so no dense copy of the whole buffer is made. The merge returns exactly the global top_k's picks and order:
 spans are merged in slot order (running entries have lower slots than the span's), and top_k keeps the lower
