@@ -19,14 +19,15 @@ libraries), and the allocator and memcpy of libc; the kernels' part (all but lib
 
 Method, one child process per (config, cache format, length), run under `valgrind --tool=callgrind --cache-sim=yes
 --instr-atstart=no` (XLA told to emit AVX2 code: valgrind 3.19 runs no AVX-512): the child builds the model with
-random weights (bench/decode.build), its indexers' head weights made positive (positive_index_weights: why), fills a cache of capacity length + steps + 1 up to `length` tokens with
-random rows (every layer's window ring, compressed entries and indexer keys written through kv_cache.write; which
-rows a step reads does not depend on their values: CSA reads its top-k rows whatever they are), compiles
-infer.generate's `_step` for one token, runs one step uninstrumented, then switches the simulation on (callgrind's
-client requests, through a small C shim that gcc compiles from valgrind's callgrind.h at run time), runs `steps`
-steps and switches it off. Weights, activations and the dispatch are the same at every length: the growth of the
-bytes read over the shortest length L0 is what the cache costs, set beside the model's decode_read_bytes(L) -
-decode_read_bytes(L0). Children run `--jobs` at a time (valgrind runs a process on one core).
+random weights (bench/decode.build), its indexers' head weights made positive (positive_index_weights: why),
+fills a cache of capacity length + steps + 1 up to `length` tokens with random rows (every layer's window ring,
+compressed entries and indexer keys written through kv_cache.write; which rows a step reads does not depend on
+their values: CSA reads its top-k rows whatever they are), compiles infer.generate's `_step` for one token, runs
+one step uninstrumented, then switches the simulation on (callgrind's client requests, through a small C shim that
+gcc compiles from valgrind's callgrind.h at run time), runs `steps` steps and switches it off. Weights, activations
+and the dispatch are the same at every length: the growth of the bytes read over the shortest length L0 is what
+the cache costs, set beside the model's decode_read_bytes(L) - decode_read_bytes(L0).
+Children run `--jobs` at a time (valgrind runs a process on one core).
 
 Configs and formats are bench.long_context's (`demo`: V4's layer plan 0 0 4 128 with one indexer head of 64).
 """

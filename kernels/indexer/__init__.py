@@ -59,8 +59,9 @@ def indexer_topk(q: jax.Array, w: jax.Array, keys: jax.Array, lo: jax.Array, hi:
 
     implementation (ModelConfig.kernels' values): None / "auto" (the Pallas kernel on GPU / TPU; on a CPU the
     compiled CPU kernel for a decode-shaped query (cpu_kernel_fits) outside the batch-invariant mode, else the
-    reference, on a CPU with its running top-k merged by cpu_kernel.topk_merge: same picks, no sort), "pallas" (error elsewhere), "pallas_interpret" (the kernel in Pallas interpret mode: any backend,
-    slow; for tests) or "reference". block_sizes: as tuning.BLOCKS' entries.
+    reference, on a CPU with its running top-k merged by cpu_kernel.topk_merge: same picks, no sort), "pallas"
+    (error elsewhere), "pallas_interpret" (the kernel in Pallas interpret mode: any backend, slow; for tests) or
+    "reference". block_sizes: as tuning.BLOCKS' entries.
     """
     _check(q, w, keys, lo, hi, k)
     impl = resolve("indexer", implementation, PALLAS_BACKENDS)
@@ -69,7 +70,8 @@ def indexer_topk(q: jax.Array, w: jax.Array, keys: jax.Array, lo: jax.Array, hi:
             return per_batch_shard(lambda *a: cpu_kernel.indexer_topk(*a, k, dtype), (q, w, keys, lo, hi))
         if implementation in (None, "auto") and target_platform() == "cpu" and cpu_kernel.merge_usable():
             merge = cpu_kernel.topk_merge  # the reference's picks, its top_k merges compiled (exact)
-            return per_batch_shard(lambda *a: reference.indexer_topk(*a, k, dtype, merge=merge), (q, w, keys, lo, hi))
+            return per_batch_shard(lambda *a: reference.indexer_topk(*a, k, dtype, merge=merge),
+                                   (q, w, keys, lo, hi))
         return reference.indexer_topk(q, w, keys, lo, hi, k, dtype)
     target = target_platform() if impl == "pallas" else "interpret"
     return per_batch_shard(lambda *a: pallas_kernel.indexer_topk(*a, k, dtype, target=target, block_sizes=block_sizes),

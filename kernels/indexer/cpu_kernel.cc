@@ -388,6 +388,13 @@ inline int32_t order_key(float x) {
   return i < 0 ? i ^ 0x7FFFFFFF : i;
 }
 
+// bit g set where order_key(x[g]) > thr, for x[0 .. 7]
+inline int beats8(const float* x, int32_t thr) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i key = _mm256_xor_si256(v, _mm256_and_si256(_mm256_srai_epi32(v, 31), _mm256_set1_epi32(0x7FFFFFFF)));
+  return _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, _mm256_set1_epi32(thr))));
+}
+
 struct Cand {
   int32_t key;  // order_key(score)
   int32_t slot;
@@ -521,11 +528,7 @@ void topk_row(const Keys& keys, const float* qp, const float* w, int heads, int 
       for (int j = 0; j < m; ++j) scores[j] = round_bf16(scores[j]);
     int j = 0;
     for (; pruned && j + 8 <= m; j += 8) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scores + j));
-      const __m256i key =  // order_key, 8 at a time
-          _mm256_xor_si256(x, _mm256_and_si256(_mm256_srai_epi32(x, 31), _mm256_set1_epi32(0x7FFFFFFF)));
-      int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, _mm256_set1_epi32(thr))));
-      for (; mask; mask &= mask - 1) {
+      for (int mask = beats8(scores + j, thr); mask; mask &= mask - 1) {
         const int g = __builtin_ctz(mask);
         if (order_key(scores[j + g]) > thr) keep(order_key(scores[j + g]), t + j + g, scores[j + g]);
       }
@@ -623,8 +626,8 @@ ffi::Error IndexerTopkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 // their values and slots (the running entries' idx, or the span's slot). Exact: only span scores that beat the
 // running k-th (8 compares per instruction) can enter, and they are merged into the running list.
 ffi::Error TopkMergeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx,
-                         ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::S32> start, ffi::ResultBuffer<ffi::F32> out_vals,
-                         ffi::ResultBuffer<ffi::S32> out_idx) {
+                         ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::S32> start,
+                         ffi::ResultBuffer<ffi::F32> out_vals, ffi::ResultBuffer<ffi::S32> out_idx) {
   auto vd = vals.dimensions();
   auto sd = scores.dimensions();
   if (vd.size() != 2 || sd.size() != 2 || vd[0] != sd[0] || idx.dimensions()[1] != vd[1])
@@ -650,11 +653,7 @@ ffi::Error TopkMergeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::
       };
       int64_t j = 0;
       for (; j + 8 <= m; j += 8) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + j));
-        const __m256i key =  // order_key, 8 at a time
-            _mm256_xor_si256(x, _mm256_and_si256(_mm256_srai_epi32(x, 31), _mm256_set1_epi32(0x7FFFFFFF)));
-        int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, _mm256_set1_epi32(thr))));
-        for (; mask; mask &= mask - 1) {
+        for (int mask = beats8(sc + j, thr); mask; mask &= mask - 1) {
           const int64_t g = j + __builtin_ctz(mask);
           if (order_key(sc[g]) > thr) keep(g);
         }

@@ -77,7 +77,8 @@ def topk_merge(vals: jax.Array, idx: jax.Array, scores: jax.Array, start: jax.Ar
     if _registered() is not None:
         raise RuntimeError(_registered())
     *lead, k = vals.shape
-    out = (jax.ShapeDtypeStruct((math.prod(lead), k), jnp.float32), jax.ShapeDtypeStruct((math.prod(lead), k), jnp.int32))
+    rows = math.prod(lead)
+    out = (jax.ShapeDtypeStruct((rows, k), jnp.float32), jax.ShapeDtypeStruct((rows, k), jnp.int32))
     call = jax.ffi.ffi_call(MERGE_TARGET, out, vmap_method="sequential")
     v, i = call(vals.reshape(-1, k), idx.reshape(-1, k).astype(jnp.int32),
                 scores.reshape(-1, scores.shape[-1]).astype(jnp.float32), jnp.asarray(start, jnp.int32).reshape(1))
