@@ -24,7 +24,15 @@ fills a cache of capacity length + steps + 1 up to `length` tokens with random r
 compressed entries and indexer keys written through kv_cache.write; which rows a step reads does not depend on
 their values: CSA reads its top-k rows whatever they are), compiles infer.generate's `_step` for one token, runs
 one step uninstrumented, then switches the simulation on (callgrind's client requests, through a small C shim that
-gcc compiles from valgrind's callgrind.h at run time), runs `steps` steps and switches it off. Weights, activations
+gcc compiles from valgrind's callgrind.h at run time), runs `steps` steps and switches it off. Before each step the
+shim reads 4 MiB of its own with callgrind's collection off (sim_cold: simulated, not counted), so every step starts from a cold simulated cache: without it,
+which weights the previous step left in the cache varied from run to run by up to 0.5 MiB per step (a 256 KiB
+weight read 108-256 KiB), as large as the demo's FP8 + FP4 growth at 256K is small (2.5 MiB). What remains
+of that noise is in XLA's code, libc and Python: two runs of `--configs demo --formats fp8+fp4 --lengths 4096
+262144` (2026-12-07, ending 21:51 and 21:56 UTC) gave whole-process growths of 1.89 and 2.80 MiB, the compiled CPU
+kernels' growths 2.54 and 2.54 MiB (per object: libc -0.35 / +0.32 MiB, XLA's code -0.23 / -0.11 MiB). The
+compiled step reads the buffers that grow with L (compressed entries, indexer keys) only in those kernels
+(cache_readers checks its HLO), so their growth is the figure set beside the model; the others are reported too. Weights, activations
 and the dispatch are the same at every length: the growth of the bytes read over the shortest length L0 is what
 the cache costs, set beside the model's decode_read_bytes(L) - decode_read_bytes(L0).
 Children run `--jobs` at a time (valgrind runs a process on one core).
@@ -38,6 +46,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +67,12 @@ L1 = "--D1=1048576,8,64"  # the simulated cache whose misses are counted (valgri
 SHIM = """#include <valgrind/callgrind.h>
 void sim_on(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
 void sim_off(void) { CALLGRIND_STOP_INSTRUMENTATION; }
+static volatile char cold[4 << 20];
+void sim_cold(void) {
+  CALLGRIND_TOGGLE_COLLECT;
+  for (unsigned long i = 0; i < sizeof cold; i += 64) (void)cold[i];
+  CALLGRIND_TOGGLE_COLLECT;
+}
 """
 
 
@@ -106,12 +121,42 @@ def by_object(path: str) -> dict[str, dict[str, int]]:
     return {o: dict(zip(events, v)) for o, v in sums.items()}
 
 
-def count(objects: dict, event: str, xla_only: bool = False) -> int:
-    """An event's total over by_object's objects, or over the kernels' only: XLA's compiled kernels ("???"),
-    libjax_common.so (its runtime and kernel libraries, e.g. YNNPACK's reductions and dots) and the compiled CPU
-    kernels (kernels/cpu_ffi.build's <op>_cpu_<hash>.so)."""
-    return sum(v.get(event, 0) for o, v in objects.items()
-               if not xla_only or o == "???" or o.endswith("libjax_common.so") or "_cpu_" in os.path.basename(o))
+SCOPES = ("process", "kernels", "cache_kernels")
+
+
+def count(objects: dict, event: str, scope: str = "process") -> int:
+    """An event's total over by_object's objects in a scope: "process" (all), "kernels" (XLA's compiled kernels
+    ("???"), libjax_common.so (its runtime and kernel libraries, e.g. YNNPACK's reductions and dots) and the compiled
+    CPU kernels) or "cache_kernels" (the compiled CPU kernels alone: kernels/cpu_ffi.build's <op>_cpu_<hash>.so, the
+    decode step's only readers of the cache: cache_readers)."""
+    def cpu_kernel(o):
+        return "_cpu_" in os.path.basename(o)
+
+    keep = {"process": lambda o: True, "kernels": lambda o: o == "???" or o.endswith("libjax_common.so") or cpu_kernel(o),
+            "cache_kernels": cpu_kernel}[scope]
+    return sum(v.get(event, 0) for o, v in objects.items() if keep(o))
+
+
+def cache_readers(hlo: str) -> list[str]:
+    """The operations of a compiled step (its optimized HLO text) that take a cache buffer growing with the
+    context (a parameter named cache.layers[..].entries.. / .index_keys..) as an operand, following the scatters
+    that write the new rows in place (their result is the same buffer): a custom call's target, a fusion's called
+    computation without its number, else the opcode; the step's output tuple left out."""
+    entry = hlo[hlo.index("\nENTRY"):]
+    names = set(re.findall(r'%(\S+) = \S+ parameter\(\d+\), metadata=\{op_name="cache\.layers\[\d+\]\.'
+                           r'(?:entries|index_keys)', entry))
+    found = set()
+    for ln in entry.splitlines():  # a scheduled module lists an instruction after its operands
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (?:\([^)]*\)|\S+) ([\w-]+)\(", ln)
+        if not m or m.group(2) in ("parameter", "tuple") or not any(
+                re.search(rf"[(, ]%{re.escape(n)}[,)]", ln) for n in names):
+            continue
+        target = re.search(r'custom_call_target="([^"]+)"', ln) or re.search(r"calls=%([A-Za-z_-]+)", ln)
+        kind = target.group(1).rstrip("_.") if target else m.group(2)
+        found.add(kind)
+        if "scatter" in kind:
+            names.add(m.group(1))
+    return sorted(found)
 
 
 def simulate(python_args: list[str], out: str) -> subprocess.CompletedProcess:
@@ -165,32 +210,41 @@ def positive_index_weights() -> None:
     Indexer.queries = positive
 
 
-def child(spec: dict) -> dict:
-    import ctypes
-
-    import jax
+def compiled_step(config: str, fmt: str, length: int, steps: int, kernels: str = "auto"):
+    """The demo / tiny model (random weights, positive index weights), a cache filled to `length` with room for
+    `steps` more, infer.generate's `_step` compiled for one token -> (step, leaves, cache, token, one)."""
     import jax.numpy as jnp
 
     from bench.decode import build
     from infer.generate import _step, split
 
-    sim = ctypes.CDLL(spec["shim"])
     positive_index_weights()
-    model = build(CONFIGS[spec["config"]])
+    model = build(CONFIGS[config].replace(kernels=kernels))
     static, leaves = split(model)
-    steps, length = spec["steps"], spec["length"]
-    cache = filled_cache(model, capacity_for(length + steps + 1), length, *FORMATS[spec["format"]])
+    cache = filled_cache(model, capacity_for(length + steps + 1), length, *FORMATS[fmt])
     one, token = jnp.ones((1,), jnp.int32), jnp.zeros((1, 1), jnp.int32)
-    step = _step.lower(static, leaves, cache, token, one).compile()
+    return _step.lower(static, leaves, cache, token, one).compile(), leaves, cache, token, one
+
+
+def child(spec: dict) -> dict:
+    import ctypes
+
+    import jax
+
+    sim = ctypes.CDLL(spec["shim"])
+    steps = spec["steps"]
+    step, leaves, cache, token, one = compiled_step(spec["config"], spec["format"], spec["length"], steps)
+    readers = cache_readers(step.as_text())
     _, _, cache = step(leaves, cache, token, one)  # warm-up, not simulated
     jax.block_until_ready(cache)
     t0 = time.perf_counter()
     sim.sim_on()
     for _ in range(steps):
+        sim.sim_cold()
         logits, _, cache = step(leaves, cache, token, one)
         jax.block_until_ready((logits, cache))
     sim.sim_off()
-    return {"simulated_s": time.perf_counter() - t0}
+    return {"simulated_s": time.perf_counter() - t0, "cache_readers": readers}
 
 
 # ---- the parent ----------------------------------------------------------------------------------------------
@@ -205,7 +259,7 @@ def spawn(spec: dict, folder: str) -> dict:
         return {**row, "error": f"exit status {p.returncode}: {p.stderr.strip()[-800:]}"}
     objects, n = by_object(out), spec["steps"]
     return {**row, **json.loads(lines[-1][len("RESULT "):]), "wall_s": time.perf_counter() - t0,
-            "read_bytes": count(objects, "D1mr") * LINE / n, "xla_read_bytes": count(objects, "D1mr", True) * LINE / n,
+            **{f"{scope}_read_bytes": count(objects, "D1mr", scope) * LINE / n for scope in SCOPES},
             "loads": count(objects, "Dr") / n, "instructions": count(objects, "Ir") / n}
 
 
@@ -216,14 +270,14 @@ def analyse(rows: list[dict]) -> None:
         r["model_bytes"] = sum(cost.decode_read_bytes(CONFIGS[r["config"]], r["length"], kv_format,
                                                       index_format).values())
     for key in {(r["config"], r["format"]) for r in rows}:
-        done = sorted((r for r in rows if (r["config"], r["format"]) == key and "read_bytes" in r),
+        done = sorted((r for r in rows if (r["config"], r["format"]) == key and "process_read_bytes" in r),
                       key=lambda r: r["length"])
         for r in done[1:]:
             r["base_length"] = done[0]["length"]
-            r["read_growth"] = r["read_bytes"] - done[0]["read_bytes"]
-            r["xla_growth"] = r["xla_read_bytes"] - done[0]["xla_read_bytes"]
             r["model_growth"] = r["model_bytes"] - done[0]["model_bytes"]
-            r["ratio"] = r["read_growth"] / r["model_growth"]
+            for scope in SCOPES:
+                r[f"{scope}_growth"] = r[f"{scope}_read_bytes"] - done[0][f"{scope}_read_bytes"]
+            r["ratio"] = r["cache_kernels_growth"] / r["model_growth"]
 
 
 def collect(configs, formats, lengths: dict, steps: int, jobs: int, keep: str | None = None) -> dict:
@@ -251,9 +305,11 @@ def line(r: dict) -> str:
     head = f"{r['config']} {r['format']} {r['length']}:"
     if "error" in r:
         return f"{head} {r['error']}"
-    tail = (f"; growth over {r['base_length']} {_mib(r['read_growth'])} (kernels {_mib(r['xla_growth'])}) vs model "
-            f"{_mib(r['model_growth'])} MiB ({r['ratio']:.3f})" if "ratio" in r else "")
-    return f"{head} read {_mib(r['read_bytes'])} MiB/step, model (cache) {_mib(r['model_bytes'])} MiB" + tail
+    tail = (f"; growth over {r['base_length']}: cache kernels {_mib(r['cache_kernels_growth'])} vs model "
+            f"{_mib(r['model_growth'])} MiB ({r['ratio']:.3f}); process {_mib(r['process_growth'])}, kernels "
+            f"{_mib(r['kernels_growth'])}" if "ratio" in r else "")
+    return (f"{head} read {_mib(r['process_read_bytes'])} MiB/step, model (cache) {_mib(r['model_bytes'])} MiB; "
+            f"cache readers {', '.join(r['cache_readers'])}" + tail)
 
 
 def run(out_dir, quick: bool = False) -> dict:
@@ -265,24 +321,31 @@ def markdown(result: dict) -> str:
     lines = [f"Decode steps under valgrind's callgrind cache simulation (bench/cache_reads.py: why and how): *read* "
              f"is the step's read misses x 64 bytes in a simulated {result['l1'][5:]} (bytes, ways, line) cache, one "
              f"core's private caches here, per step: the mean of {result['steps']} simulated steps after an "
-             "unsimulated one, the whole process; *growth* is read(L) - read(L0), L0 the shortest length, beside "
-             "the cost model's decode_read_bytes(L) - decode_read_bytes(L0) (cache bytes only: weights and "
-             "activations are the same at every length); *kernel growth* counts only XLA's compiled kernels, "
-             "libjax_common.so and the compiled CPU kernels (kernels/*/cpu_kernel.cc; the rest is libc's allocator "
-             "and memcpy, and Python). Random weights (the indexers' head weights made positive, so that the "
-             "scan visits every visible key: positive_index_weights) and randomly filled caches; XLA's AVX2 code "
-             "(valgrind runs no AVX-512).", "",
-             "| config | cache | tokens | read MiB/step | model MiB/step | growth MiB | kernel growth MiB | "
-             "model growth MiB | growth / model | kernel growth / model | instructions / step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "unsimulated one, each started from a cold cache; *growth* is read(L) - read(L0), L0 the shortest "
+             "length, beside the cost model's decode_read_bytes(L) - decode_read_bytes(L0) (cache bytes only: "
+             "weights and activations are the same at every length). Counted over three scopes: the *cache "
+             "kernels* (the compiled CPU kernels, kernels/*/cpu_kernel.cc: in the compiled step the only readers "
+             "of the buffers that grow with L, besides the scatters that write the new row in place: *cache "
+             "readers*, from its HLO), all *kernels* (those, XLA's compiled code and libjax_common.so) and the whole "
+             "*process* (also libc's allocator and memcpy, and Python). The last two also move with where the "
+             "allocator puts the weights and buffers (conflict misses in the simulated cache; bench/cache_reads.py: "
+             "how much). Random weights (the indexers' head weights made positive, so that the scan visits every "
+             "visible key: positive_index_weights) and randomly filled caches; XLA's AVX2 code (valgrind runs no "
+             "AVX-512).", "",
+             "| config | cache | tokens | read MiB/step | model MiB/step | cache-kernel growth MiB | model growth MiB | "
+             "cache-kernel growth / model | kernel growth MiB | process growth MiB | instructions / step | "
+             "cache readers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["config"], r["format"], r["length"])):
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['format']} | {r['length']} | failed: {r['error'][:120]} |" + " |" * 7)
+            lines.append(f"| {r['config']} | {r['format']} | {r['length']} | failed: {r['error'][:120]} |" + " |" * 8)
             continue
-        ratios = [f"**{r['ratio']:.3f}**", f"{r['xla_growth'] / r['model_growth']:.3f}"] if "ratio" in r else ["-"] * 2
-        lines.append(f"| {r['config']} | {r['format']} | {r['length']} | {_mib(r['read_bytes'])} | "
-                     f"{_mib(r['model_bytes'])} | {_mib(r.get('read_growth'))} | {_mib(r.get('xla_growth'))} | "
-                     f"{_mib(r.get('model_growth'))} | {' | '.join(ratios)} | {r['instructions'] / 1e6:.1f}M |")
+        ratio = f"**{r['ratio']:.3f}**" if "ratio" in r else "-"
+        lines.append(f"| {r['config']} | {r['format']} | {r['length']} | {_mib(r['process_read_bytes'])} | "
+                     f"{_mib(r['model_bytes'])} | {_mib(r.get('cache_kernels_growth'))} | "
+                     f"{_mib(r.get('model_growth'))} | {ratio} | "
+                     f"{_mib(r.get('kernels_growth'))} | {_mib(r.get('process_growth'))} | "
+                     f"{r['instructions'] / 1e6:.1f}M | {', '.join(r['cache_readers'])} |")
     return "\n".join(lines)
 
 
