@@ -317,6 +317,11 @@ def run(out_dir, quick: bool = False) -> dict:
     return collect(["demo"] if quick else list(LENGTHS), list(FORMATS), lengths, 1 if quick else STEPS, 2)
 
 
+def _readers(names: list[str]) -> str:
+    short = {"wrapped_scatter_computation": "scatter"}
+    return ", ".join(short.get(n, n.removeprefix("v4jax_")) for n in names)
+
+
 def markdown(result: dict) -> str:
     lines = [f"Decode steps under valgrind's callgrind cache simulation (bench/cache_reads.py: why and how): *read* "
              f"is the step's read misses x 64 bytes in a simulated {result['l1'][5:]} (bytes, ways, line) cache, one "
@@ -345,7 +350,7 @@ def markdown(result: dict) -> str:
                      f"{_mib(r['model_bytes'])} | {_mib(r.get('cache_kernels_growth'))} | "
                      f"{_mib(r.get('model_growth'))} | {ratio} | "
                      f"{_mib(r.get('kernels_growth'))} | {_mib(r.get('process_growth'))} | "
-                     f"{r['instructions'] / 1e6:.1f}M | {', '.join(r['cache_readers'])} |")
+                     f"{r['instructions'] / 1e6:.1f}M | {_readers(r['cache_readers'])} |")
     return "\n".join(lines)
 
 
