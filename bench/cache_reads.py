@@ -13,9 +13,10 @@ read misses x 64 in a simulated 1 MiB, 8-way cache of 64-byte lines (valgrind's 
 on this AMD EPYC, whose L2 is 1 MiB, 8-way), i.e. what the step reads from the shared L3 or from memory. Data read
 again after leaving that cache counts again, so a strided, transposed or repeated pass shows up (a transposed
 copy of the BF16 indexer keys did: kernels/indexer/reference.index_scores), while temporaries that live and die
-within it do not. The count covers the whole process during the steps: XLA's compiled kernels (code without a
-file, "???"), its runtime and kernel libraries (libjax_common.so), the compiled CPU kernels (kernels/cpu_ffi.py's
-libraries), and the allocator and memcpy of libc; the kernels' part (all but libc and Python) is reported apart.
+within it do not. Misses are counted per object over three scopes (count): the compiled CPU kernels
+(kernels/cpu_ffi.py's libraries; the figure set beside the model, see below), all kernels (those, XLA's compiled
+code without a file, "???", and its runtime and kernel libraries, libjax_common.so) and the whole process (also
+the allocator and memcpy of libc, and Python).
 
 Method, one child process per (config, cache format, length), run under `valgrind --tool=callgrind --cache-sim=yes
 --instr-atstart=no` (XLA told to emit AVX2 code: valgrind 3.19 runs no AVX-512): the child builds the model with
@@ -24,18 +25,18 @@ fills a cache of capacity length + steps + 1 up to `length` tokens with random r
 compressed entries and indexer keys written through kv_cache.write; which rows a step reads does not depend on
 their values: CSA reads its top-k rows whatever they are), compiles infer.generate's `_step` for one token, runs
 one step uninstrumented, then switches the simulation on (callgrind's client requests, through a small C shim that
-gcc compiles from valgrind's callgrind.h at run time), runs `steps` steps and switches it off. Before each step the
-shim reads 4 MiB of its own with callgrind's collection off (sim_cold: simulated, not counted), so every step starts from a cold simulated cache: without it,
-which weights the previous step left in the cache varied from run to run by up to 0.5 MiB per step (a 256 KiB
-weight read 108-256 KiB), as large as the demo's FP8 + FP4 growth at 256K is small (2.5 MiB). What remains
-of that noise is in XLA's code, libc and Python: two runs of `--configs demo --formats fp8+fp4 --lengths 4096
-262144` (2026-12-07, ending 21:51 and 21:56 UTC) gave whole-process growths of 1.89 and 2.80 MiB, the compiled CPU
-kernels' growths 2.54 and 2.54 MiB (per object: libc -0.35 / +0.32 MiB, XLA's code -0.23 / -0.11 MiB). The
-compiled step reads the buffers that grow with L (compressed entries, indexer keys) only in those kernels
-(cache_readers checks its HLO), so their growth is the figure set beside the model; the others are reported too. Weights, activations
-and the dispatch are the same at every length: the growth of the bytes read over the shortest length L0 is what
-the cache costs, set beside the model's decode_read_bytes(L) - decode_read_bytes(L0).
-Children run `--jobs` at a time (valgrind runs a process on one core).
+gcc compiles from valgrind's callgrind.h at run time), runs `steps` steps and switches it off. Before each step
+the shim reads 4 MiB of its own with callgrind's collection off (sim_cold: simulated, not counted), so every step
+starts from a cold simulated cache: without it, which weights the previous step left in the cache varied from run
+to run by up to 0.5 MiB per step (a 256 KiB weight read 108-256 KiB), as large as the demo's FP8 + FP4 growth at
+256K is small (2.5 MiB). What remains of that noise is in XLA's code, libc and Python: two runs of `--configs demo
+--formats fp8+fp4 --lengths 4096 262144` (2026-12-07, ending 21:51 and 21:56 UTC) gave whole-process growths of
+1.89 and 2.80 MiB, the compiled CPU kernels' growths 2.54 and 2.54 MiB (per object: libc -0.35 / +0.32 MiB, XLA's
+code -0.23 / -0.11 MiB). The compiled step reads the buffers that grow with L (compressed entries, indexer keys)
+only in those kernels (cache_readers checks its HLO), so their growth is the figure set beside the model; the
+others are reported too. Weights, activations and the dispatch are the same at every length: the growth of the
+bytes read over the shortest length L0 is what the cache costs, set beside the model's decode_read_bytes(L) -
+decode_read_bytes(L0). Children run `--jobs` at a time (valgrind runs a process on one core).
 
 Configs and formats are bench.long_context's (`demo`: V4's layer plan 0 0 4 128 with one indexer head of 64).
 """
@@ -132,8 +133,8 @@ def count(objects: dict, event: str, scope: str = "process") -> int:
     def cpu_kernel(o):
         return "_cpu_" in os.path.basename(o)
 
-    keep = {"process": lambda o: True, "kernels": lambda o: o == "???" or o.endswith("libjax_common.so") or cpu_kernel(o),
-            "cache_kernels": cpu_kernel}[scope]
+    keep = {"process": lambda o: True, "cache_kernels": cpu_kernel,
+            "kernels": lambda o: o == "???" or o.endswith("libjax_common.so") or cpu_kernel(o)}[scope]
     return sum(v.get(event, 0) for o, v in objects.items() if keep(o))
 
 
@@ -211,14 +212,13 @@ def positive_index_weights() -> None:
 
 
 def compiled_step(config: str, fmt: str, length: int, steps: int, kernels: str = "auto"):
-    """The demo / tiny model (random weights, positive index weights), a cache filled to `length` with room for
-    `steps` more, infer.generate's `_step` compiled for one token -> (step, leaves, cache, token, one)."""
+    """The demo / tiny model (random weights), a cache filled to `length` with room for `steps` more,
+    infer.generate's `_step` compiled for one token -> (step, leaves, cache, token, one)."""
     import jax.numpy as jnp
 
     from bench.decode import build
     from infer.generate import _step, split
 
-    positive_index_weights()
     model = build(CONFIGS[config].replace(kernels=kernels))
     static, leaves = split(model)
     cache = filled_cache(model, capacity_for(length + steps + 1), length, *FORMATS[fmt])
@@ -232,6 +232,7 @@ def child(spec: dict) -> dict:
     import jax
 
     sim = ctypes.CDLL(spec["shim"])
+    positive_index_weights()  # before tracing; patches this child process only
     steps = spec["steps"]
     step, leaves, cache, token, one = compiled_step(spec["config"], spec["format"], spec["length"], steps)
     readers = cache_readers(step.as_text())
@@ -333,13 +334,13 @@ def markdown(result: dict) -> str:
              "of the buffers that grow with L, besides the scatters that write the new row in place: *cache "
              "readers*, from its HLO), all *kernels* (those, XLA's compiled code and libjax_common.so) and the whole "
              "*process* (also libc's allocator and memcpy, and Python). The last two also move with where the "
-             "allocator puts the weights and buffers (conflict misses in the simulated cache; bench/cache_reads.py: "
-             "how much). Random weights (the indexers' head weights made positive, so that the scan visits every "
-             "visible key: positive_index_weights) and randomly filled caches; XLA's AVX2 code (valgrind runs no "
-             "AVX-512).", "",
-             "| config | cache | tokens | read MiB/step | model MiB/step | cache-kernel growth MiB | model growth MiB | "
-             "cache-kernel growth / model | kernel growth MiB | process growth MiB | instructions / step | "
-             "cache readers |",
+             "allocator puts the weights and buffers (conflict misses in the simulated cache; "
+             "bench/cache_reads.py: how much). Random weights (the indexers' head weights made positive, so that "
+             "the scan visits every visible key: positive_index_weights) and randomly filled caches; XLA's AVX2 "
+             "code (valgrind runs no AVX-512).", "",
+             "| config | cache | tokens | read MiB/step | model MiB/step | cache-kernel growth MiB | "
+             "model growth MiB | cache-kernel growth / model | kernel growth MiB | process growth MiB | "
+             "instructions / step | cache readers |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["config"], r["format"], r["length"])):
         if "error" in r:

@@ -14,7 +14,7 @@ import pytest
 from bench import cache_reads
 
 needs_valgrind = pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("gcc") is None,
-                                reason="bench.cache_reads needs valgrind and gcc (not installed here)")
+                                    reason="bench.cache_reads needs valgrind and gcc (not installed here)")
 
 
 def _sum_reads(tmp_path, nbytes: int, cold: bool) -> tuple[float, float]:
