@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import ml_dtypes
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from test_decode import _model
 from v4jax import cost, kv_cache
 from v4jax.attention import kv_fake_quant
 from v4jax.config import ModelConfig
-from v4jax.formats import e2m1_to_f32, mxfp4_decode
+from v4jax.formats import e2m1_to_f32, e4m3_decode, mxfp4_decode
 from v4jax.hub import E2M1_VALUES
 from v4jax.model import Transformer
 from v4jax.quant import hadamard, mxfp4_fake_quant
@@ -81,6 +82,22 @@ def test_mxfp4_decode_is_the_value_table_times_the_scale():
     for dtype, view in ((jnp.float32, np.uint32), (jnp.bfloat16, np.uint16)):
         got = np.asarray(mxfp4_decode(jnp.asarray(packed), scale, dtype)).view(view)
         np.testing.assert_array_equal(got[finite], want.astype(dtype)[finite].view(view))
+
+
+def test_e4m3_decode_is_the_value_table_times_the_scale():
+    """formats.e4m3_decode (built from bits) equals ml_dtypes' e4m3 value of every non-NaN code times 2^(byte - 127),
+    computed by numpy in float64, for every exponent byte 10 .. 246 (subnormal codes land on normal fp32 values
+    from byte 10 on; 448 x 2^119 is finite), in fp32 and bf16, bit for bit, signs of zero included."""
+    exps = np.arange(10, 247, dtype=np.uint8)
+    codes = np.broadcast_to(np.arange(256, dtype=np.uint8), (exps.size, 256))  # 4 blocks of 64 per exponent byte
+    values = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    want = values[codes] * np.ldexp(1.0, exps.astype(np.int64) - 127)[:, None]
+    keep = ~np.isnan(want)
+    assert np.sum(~keep) == 2 * exps.size and np.any(np.abs(want[keep]) < 2.0**-120)
+    scale = jnp.asarray(np.broadcast_to(exps[:, None], (exps.size, 4)))
+    for dtype, view in ((jnp.float32, np.uint32), (jnp.bfloat16, np.uint16)):
+        got = np.asarray(e4m3_decode(jnp.asarray(codes), scale, 64, dtype)).view(view)
+        np.testing.assert_array_equal(got[keep], want.astype(dtype)[keep].view(view))
 
 
 def test_fp8_index_keys_are_132_bytes_within_half_an_e4m3_step():

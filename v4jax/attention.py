@@ -518,12 +518,15 @@ class Attention(nnx.Module):
                           index=self.indexer.compressor.project(xi, pos) if self.indexes else None)
         # New entries and keys are encoded into the cache's storage format first and read from it: this step's
         # own tokens see stored entries exactly as later steps will. Keys are the rows of [window ring (W) ; this
-        # chunk (C)], then the entries each query chunk reads from the cache (Attention._attend).
-        new_cache = self.commit(cache, pending, start, n_new)
+        # chunk (C)], then the entries each query chunk reads from the cache (Attention._attend). The ring is
+        # read as it was before this step's writes; the barrier orders that read before commit's in-place write
+        # (without it XLA copies every layer's ring twice per step).
+        kv_rows, window = jax.lax.optimization_barrier(
+            (jnp.concatenate([kv_cache.read(cache.window, kv.dtype), kv], axis=1), cache.window))
+        new_cache = self.commit(cache._replace(window=window), pending, start, n_new)
         index = None
         if self.indexes:
             index = IndexInputs(*self.indexer.queries(xi, qri, pos), new_cache.index_keys)
-        kv_rows = jnp.concatenate([kv_cache.read(cache.window, kv.dtype), kv], axis=1)
         queries = Queries(q, pos, None, jnp.broadcast_to(start[:, None], pos.shape))
         keys = StepKeys(n_slots(new_cache.entries) if m else 0)
         o, topk = self._attend(queries, kv_rows, index, keys, W + C, False, stored=new_cache.entries, topk=topk)

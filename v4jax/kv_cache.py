@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from v4jax.formats import FP4_MAX, FP8_MAX, block_dequantize, block_quantize, mxfp4_decode
+from v4jax.formats import FP4_MAX, FP8_MAX, block_quantize, e4m3_decode, mxfp4_decode
 
 PLAIN = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 KV_FORMATS = ("fp32", "bf16", "fp8")
@@ -67,7 +67,7 @@ class Fp8Entries(NamedTuple):
 
     def decode(self, dtype) -> jax.Array:
         n_blocks = self.nope.shape[-1] // 64
-        nope = block_dequantize(_as_fp8(self.nope), self.scale[..., :n_blocks], 64, dtype)
+        nope = e4m3_decode(self.nope, self.scale[..., :n_blocks], 64, dtype)
         return jnp.concatenate([nope, self.rope.astype(dtype)], axis=-1)
 
 
