@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import jax
-import ml_dtypes
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx

@@ -3,7 +3,8 @@ UE8M0 power-of-two block scales.
 
   * block_quantize / block_dequantize: the activation quantiser of the official kernels (one scale per 1 x block
     run along the last dim, chosen by the kernel's fp32 arithmetic), which the qat simulation (quant.py) and the
-    FP8 / FP4 inference cache (kv_cache.py) both use;
+    FP8 / FP4 inference cache (kv_cache.py) both use; the cache decodes with e4m3_decode / mxfp4_decode (the same
+    values, built from bits);
   * Fp8Weight / Mxfp4Weight: released weights kept in their storage inside the parameter tree (128 x 128 FP8
     blocks, 1 x 32 MXFP4 blocks), dequantized where a matmul reads them.
 
